@@ -1,0 +1,249 @@
+"""The AuRA adapter directory: a PEFT LoRA folder plus the audio embedding layer.
+
+```
+<adapter>/
+  adapter_config.json          PEFT LoRA config     } vLLM loads these two as they are
+  adapter_model.safetensors    PEFT LoRA weights    }
+  aura_config.json             AuraConfig below
+  audio_embedding.safetensors  AudioEmbedding state dict
+```
+The LoRA and the audio layer are one unit: they are saved, checksummed, validated and loaded
+together, so a server can never pair one version's LoRA with another's audio layer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from safetensors.torch import load_file, save_file
+
+from adapters.audio_layer import AudioEmbedding, AudioLayerConfig
+from adapters.base_model import BaseModelInfo, read_base_model
+from adapters.features import FeatureConfig
+from adapters.prompt import PromptLayout
+
+FORMAT_VERSION = 1
+AURA_CONFIG = "aura_config.json"
+AUDIO_WEIGHTS = "audio_embedding.safetensors"
+LORA_CONFIG = "adapter_config.json"
+LORA_WEIGHTS = "adapter_model.safetensors"
+CHECKSUMMED = (LORA_CONFIG, LORA_WEIGHTS, AUDIO_WEIGHTS)
+
+
+class BaseModelRef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    fingerprint: str
+    architecture: str
+    hidden_size: int
+    num_hidden_layers: int
+    vocab_size: int
+
+
+class AuraConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    format_version: int = FORMAT_VERSION
+    base_model: BaseModelRef
+    features: FeatureConfig = Field(default_factory=FeatureConfig)
+    audio_layer: AudioLayerConfig
+    prompt: PromptLayout = Field(default_factory=PromptLayout)
+    trained: bool = False
+    training: dict[str, Any] = Field(default_factory=dict, description="Provenance: data, steps, losses, teacher.")
+    files: dict[str, str] = Field(default_factory=dict, description="sha256 of each weight/config file.")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class AuraAdapter:
+    """A loaded adapter: its config, its audio layer (eval mode) and where its LoRA lives."""
+
+    name: str
+    path: Path
+    config: AuraConfig
+    audio_layer: AudioEmbedding
+    lora_rank: int
+    lora_alpha: float
+    target_modules: tuple[str, ...]
+
+    @property
+    def trained(self) -> bool:
+        return self.config.trained
+
+
+def read_aura_config(path: Path) -> AuraConfig:
+    return AuraConfig.model_validate_json((Path(path) / AURA_CONFIG).read_text())
+
+
+def load_adapter(path: str | Path, name: str | None = None, *, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32) -> AuraAdapter:
+    """Load an adapter directory that has already passed validation."""
+    path = Path(path).resolve()
+    config = read_aura_config(path)
+    lora = json.loads((path / LORA_CONFIG).read_text())
+    layer = AudioEmbedding(config.audio_layer)
+    layer.load_state_dict(load_file(str(path / AUDIO_WEIGHTS)))
+    layer.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    targets = lora.get("target_modules") or []
+    if isinstance(targets, str):
+        targets = [targets]
+    return AuraAdapter(
+        name=name or path.name,
+        path=path,
+        config=config,
+        audio_layer=layer,
+        lora_rank=int(lora["r"]),
+        lora_alpha=float(lora.get("lora_alpha", lora["r"])),
+        target_modules=tuple(targets),
+    )
+
+
+def save_adapter(
+    out_dir: str | Path,
+    *,
+    config: AuraConfig,
+    audio_layer: AudioEmbedding,
+    lora_dir: str | Path | None = None,
+    peft_model: Any = None,
+) -> Path:
+    """Write an adapter directory atomically (temp dir + rename), with per-file checksums.
+
+    The LoRA comes either from a PEFT model (``save_pretrained``) or from a folder that already
+    holds ``adapter_config.json`` + ``adapter_model.safetensors``.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        if peft_model is not None:
+            peft_model.save_pretrained(str(tmp), safe_serialization=True)
+            # PEFT may nest under the adapter name when it is not "default".
+            for f in (LORA_CONFIG, LORA_WEIGHTS):
+                if not (tmp / f).exists():
+                    nested = next(tmp.glob(f"*/{f}"), None)
+                    if nested is not None:
+                        shutil.move(str(nested), tmp / f)
+        elif lora_dir is not None:
+            for f in (LORA_CONFIG, LORA_WEIGHTS):
+                shutil.copy2(Path(lora_dir) / f, tmp / f)
+        else:
+            raise ValueError("save_adapter needs peft_model or lora_dir")
+        for extra in tmp.iterdir():
+            if extra.is_dir():
+                shutil.rmtree(extra)
+            elif extra.name not in (LORA_CONFIG, LORA_WEIGHTS):
+                extra.unlink()
+        state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in audio_layer.state_dict().items()}
+        save_file(state, str(tmp / AUDIO_WEIGHTS), metadata={"format": "pt"})
+        files = {f: sha256_file(tmp / f) for f in CHECKSUMMED}
+        config = config.model_copy(update={"files": files})
+        (tmp / AURA_CONFIG).write_text(config.model_dump_json(indent=2) + "\n")
+        if out_dir.exists():
+            backup = out_dir.with_name(f".{out_dir.name}.old")
+            shutil.rmtree(backup, ignore_errors=True)
+            os.replace(out_dir, backup)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def base_model_ref(info: BaseModelInfo, name: str | None = None) -> BaseModelRef:
+    return BaseModelRef(
+        name=name or Path(info.path).name,
+        fingerprint=info.fingerprint,
+        architecture=info.architecture,
+        hidden_size=info.hidden_size,
+        num_hidden_layers=info.num_hidden_layers,
+        vocab_size=info.vocab_size,
+    )
+
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def new_lora_config(base: BaseModelInfo, *, rank: int, alpha: float, target_modules: tuple[str, ...],
+                    layers: list[int] | None = None) -> Any:
+    from peft import LoraConfig
+
+    missing = [t for t in target_modules if t not in base.linear_modules]
+    if missing:
+        raise ValueError(
+            f"LoRA targets {missing} are not linear modules of {base.architecture} "
+            f"(it has {list(base.linear_modules)})"
+        )
+    return LoraConfig(
+        r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(target_modules),
+        layers_to_transform=layers, bias="none", task_type="CAUSAL_LM",
+    )
+
+
+def init_adapter(
+    base_model: str | Path,
+    out_dir: str | Path,
+    *,
+    rank: int = 8,
+    alpha: float = 16.0,
+    target_modules: tuple[str, ...] = DEFAULT_TARGETS,
+    features: FeatureConfig | None = None,
+    conv_channels: int = 384,
+    stack_factor: int = 4,
+    prompt: PromptLayout | None = None,
+    seed: int = 0,
+    lora_init_std: float = 0.0,
+    base_name: str | None = None,
+) -> Path:
+    """Create a fresh (untrained) adapter for ``base_model``.
+
+    ``lora_init_std`` > 0 makes LoRA B non-zero, so two fresh adapters really change the model
+    differently (tests need that); 0 is PEFT's no-op start, the right start for training.
+    """
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = read_base_model(base_model)
+    features = features or FeatureConfig()
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(str(base_model), dtype=torch.float32)
+    peft_model = get_peft_model(model, new_lora_config(base, rank=rank, alpha=alpha, target_modules=target_modules))
+    if lora_init_std > 0:
+        with torch.no_grad():
+            for n, p in peft_model.named_parameters():
+                if "lora_B" in n:
+                    p.copy_(torch.randn(p.shape, generator=gen) * lora_init_std)
+    layer_cfg = AudioLayerConfig(n_mels=features.n_mels, conv_channels=conv_channels,
+                                 stack_factor=stack_factor, hidden_size=base.hidden_size)
+    layer = AudioEmbedding(layer_cfg)
+    embed = model.get_input_embeddings().weight
+    layer.match_output_scale(float(embed.float().pow(2).mean().sqrt()))
+    config = AuraConfig(
+        base_model=base_model_ref(base, base_name),
+        features=features,
+        audio_layer=layer_cfg,
+        prompt=prompt or PromptLayout(),
+        trained=False,
+        training={"kind": "initialised", "seed": seed, "lora_init_std": lora_init_std},
+    )
+    return save_adapter(out_dir, config=config, audio_layer=layer, peft_model=peft_model)

@@ -1,0 +1,1 @@
+"""AuRA serve: the HTTP server for AuRA speech LLMs."""

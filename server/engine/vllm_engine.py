@@ -1,0 +1,145 @@
+"""vLLM's AsyncLLM behind the engine interface.
+
+Each request goes in as an embeds prompt with ``prompt_token_ids`` + ``prompt_is_token_ids``: text
+positions use the model's own embedding (and stay eligible for prefix caching by token id),
+audio positions take the vectors the server computed with the request's adapter. The LoRA part
+of the adapter rides along as a ``LoRARequest``, so requests for different adapters share
+batches through vLLM's multi-LoRA kernels.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+import torch
+
+from server.engine.base import (
+    Engine, EngineDead, GenerationChunk, GenerationRequest, LoraHandle,
+)
+
+log = logging.getLogger(__name__)
+
+
+class VLLMEngine(Engine):
+    name = "vllm"
+
+    def __init__(self, *, model: str, tokenizer: Any, hidden_size: int, dtype: str = "auto",
+                 max_model_len: int = 2048, max_num_seqs: int = 64, max_lora_rank: int = 64,
+                 max_loras: int = 4, max_cpu_loras: int | None = None, enable_prefix_caching: bool = True,
+                 gpu_memory_utilization: float = 0.85, cpu_kv_cache_gib: float = 1.0,
+                 enforce_eager: bool = True, disable_log_stats: bool = False, seed: int = 0,
+                 lora_target_modules: list[str] | None = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.hidden_size = hidden_size
+        self._args = dict(
+            model=model, dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+            enable_lora=True, max_lora_rank=max_lora_rank, max_loras=max_loras,
+            max_cpu_loras=max_cpu_loras, enable_prompt_embeds=True,
+            enable_prefix_caching=enable_prefix_caching,
+            gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager,
+            disable_log_stats=disable_log_stats, seed=seed,
+            # Restricting LoRA to the linear layers keeps vLLM from wrapping the token embedding
+            # with a LoRA layer; that wrapper indexes the whole batch's tokens and breaks when only
+            # some positions are token ids (mixed prompt_embeds). AuRA never adapts embeddings.
+            lora_target_modules=lora_target_modules,
+        )
+        self._cpu_kv_cache_gib = cpu_kv_cache_gib
+        self._llm: Any = None
+        self._model_dtype: torch.dtype = torch.float32
+
+    async def start(self) -> None:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.platforms import current_platform
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        if current_platform.is_cpu():
+            # The CPU backend reads its KV cache size from the environment (GiB); its default
+            # derives from gpu_memory_utilization of the whole NUMA node and fails on small hosts.
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(round(self._cpu_kv_cache_gib)))))
+        args = AsyncEngineArgs(**{k: v for k, v in self._args.items() if v is not None})
+        self._llm = AsyncLLM.from_engine_args(args)
+        self._model_dtype = self._llm.model_config.dtype
+        log.info("vllm engine started", extra={"model": self.model, "dtype": str(self._model_dtype)})
+
+    async def shutdown(self) -> None:
+        if self._llm is not None:
+            self._llm.shutdown()
+            self._llm = None
+
+    def _lora_request(self, lora: LoraHandle | None) -> Any:
+        if lora is None:
+            return None
+        from vllm.lora.request import LoRARequest
+
+        return LoRARequest(lora_name=f"{lora.name}@{lora.lora_id}", lora_int_id=lora.lora_id, lora_path=str(lora.path))
+
+    def _prompt(self, request: GenerationRequest) -> dict[str, Any]:
+        embeds = torch.zeros(len(request.token_ids), self.hidden_size, dtype=self._model_dtype)
+        audio_positions = [i for i, is_tok in enumerate(request.is_token_ids) if not is_tok]
+        if audio_positions:
+            embeds[audio_positions] = request.audio_embeds.to(self._model_dtype)
+        return {
+            "prompt_embeds": embeds,
+            "prompt_token_ids": request.token_ids,
+            "prompt_is_token_ids": request.is_token_ids,
+        }
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        if self._llm is None or self._llm.errored:
+            raise EngineDead("the vLLM engine is not running")
+        s = request.sampling
+        params = SamplingParams(
+            max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p, seed=s.seed,
+            stop=list(s.stop) or None, output_kind=RequestOutputKind.DELTA,
+        )
+        finished = False
+        n_out = 0
+        try:
+            async for out in self._llm.generate(
+                self._prompt(request), params, request.request_id, lora_request=self._lora_request(request.lora)
+            ):
+                completion = out.outputs[0]
+                n_out += len(completion.token_ids)
+                finished = out.finished
+                yield GenerationChunk(
+                    token_ids=list(completion.token_ids), text=completion.text,
+                    finish_reason=completion.finish_reason if out.finished else None,
+                    num_prompt_tokens=len(request.token_ids), num_output_tokens=n_out,
+                )
+        except Exception as e:
+            if self._llm is not None and self._llm.errored:
+                raise EngineDead(f"the vLLM engine failed: {e}") from e
+            raise
+        finally:
+            if not finished and self._llm is not None:
+                await self._llm.abort(request.request_id)
+
+    async def abort(self, request_id: str) -> None:
+        if self._llm is not None:
+            await self._llm.abort(request_id)
+
+    async def add_lora(self, lora: LoraHandle, *, pin: bool = False) -> None:
+        await self._llm.add_lora(self._lora_request(lora))
+        if pin:
+            await self._llm.pin_lora(lora.lora_id)
+
+    async def remove_lora(self, lora: LoraHandle) -> None:
+        await self._llm.remove_lora(lora.lora_id)
+
+    async def check_health(self) -> None:
+        if self._llm is None:
+            raise EngineDead("the vLLM engine is not running")
+        try:
+            await self._llm.check_health()
+        except Exception as e:
+            raise EngineDead(f"the vLLM engine failed: {e}") from e
+
+    def num_running(self) -> int:
+        return self._llm.get_num_unfinished_requests() if self._llm is not None else 0

@@ -1,0 +1,95 @@
+"""One error type for everything the server answers with a 4xx/5xx.
+
+Every failure a client can cause or see is raised as an :class:`APIError` (or a subclass) and
+rendered by one exception handler as ``{"error": {"message", "type", "code"}}`` — the OpenAI
+error shape, so stock clients surface the message.
+"""
+
+from __future__ import annotations
+
+
+class APIError(Exception):
+    status_code: int = 500
+    type: str = "server_error"
+    code: str = "internal_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int | None = None,
+        type: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+        param: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        if status_code is not None:
+            self.status_code = status_code
+        if type is not None:
+            self.type = type
+        if code is not None:
+            self.code = code
+        self.headers = headers or {}
+        self.param = param
+
+    def to_dict(self) -> dict:
+        err = {"message": self.message, "type": self.type, "code": self.code}
+        if self.param is not None:
+            err["param"] = self.param
+        return {"error": err}
+
+
+class BadRequest(APIError):
+    status_code = 400
+    type = "invalid_request_error"
+    code = "bad_request"
+
+
+class Unauthorized(APIError):
+    status_code = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class Forbidden(APIError):
+    status_code = 403
+    type = "permission_error"
+    code = "forbidden"
+
+
+class NotFound(APIError):
+    status_code = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class PayloadTooLarge(APIError):
+    status_code = 413
+    type = "invalid_request_error"
+    code = "payload_too_large"
+
+
+class UnsupportedMedia(APIError):
+    status_code = 415
+    type = "invalid_request_error"
+    code = "unsupported_media"
+
+
+class Unprocessable(APIError):
+    status_code = 422
+    type = "invalid_request_error"
+    code = "validation_error"
+
+
+class TooManyRequests(APIError):
+    status_code = 429
+    type = "rate_limit_error"
+    code = "too_many_requests"
+
+
+class ServiceUnavailable(APIError):
+    status_code = 503
+    type = "server_error"
+    code = "service_unavailable"
