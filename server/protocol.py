@@ -60,6 +60,7 @@ class ChatCompletionRequest(BaseModel):
     seed: int | None = None
     stop: str | list[str] | None = None
     n: int = Field(1, ge=1, le=1, description="Only one choice per request is supported.")
+    return_token_ids: bool = Field(False, description="AuRA extension: include generated token ids (as vLLM does).")
 
 
 # ---- responses --------------------------------------------------------------------------------
@@ -86,6 +87,7 @@ class Choice(BaseModel):
     index: int = 0
     message: AssistantMessage
     finish_reason: str | None
+    token_ids: list[int] | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -106,6 +108,7 @@ class ChunkChoice(BaseModel):
     index: int = 0
     delta: Delta
     finish_reason: str | None = None
+    token_ids: list[int] | None = None
 
 
 class ChatCompletionChunk(BaseModel):

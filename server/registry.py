@@ -13,8 +13,6 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,7 +50,6 @@ class AdapterRegistry:
         self.max_lora_rank = max_lora_rank
         self.device = device
         self._current: dict[str, AdapterVersion] = {}
-        self._retiring: list[AdapterVersion] = []
         self._ids = itertools.count(1)
         self._versions: dict[str, int] = {}
         self._lock = asyncio.Lock()
@@ -74,17 +71,16 @@ class AdapterRegistry:
     def __contains__(self, name: str) -> bool:
         return name in self._current
 
-    @contextmanager
-    def acquire(self, name: str) -> Iterator[AdapterVersion]:
-        """Pin the current version of ``name`` for the duration of one request."""
+    def lease(self, name: str) -> "Lease":
+        """Hold the current version of ``name`` for one request; call ``release()`` when done."""
         version = self.get(name)
         version.active += 1
-        try:
-            yield version
-        finally:
-            version.active -= 1
-            if version.retired and version.active == 0:
-                asyncio.get_running_loop().create_task(self._drop(version))
+        return Lease(self, version)
+
+    def _release(self, version: AdapterVersion) -> None:
+        version.active -= 1
+        if version.retired and version.active == 0:
+            asyncio.get_running_loop().create_task(self._drop(version))
 
     async def load(self, name: str, path: str | Path, *, pin: bool = False, source: str | None = None) -> AdapterVersion:
         """Validate, load and install ``path`` as the new current version of ``name``."""
@@ -129,3 +125,17 @@ class AdapterRegistry:
             await self.engine.remove_lora(version.lora)
         except Exception:  # the engine may already have evicted it from its LRU
             log.debug("remove_lora failed", exc_info=True, extra={"adapter": version.name})
+
+
+class Lease:
+    """A request's hold on one adapter version; releasing twice is harmless."""
+
+    def __init__(self, registry: AdapterRegistry, version: AdapterVersion) -> None:
+        self._registry = registry
+        self.version = version
+        self._held = True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._registry._release(self.version)

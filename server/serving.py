@@ -72,6 +72,7 @@ class ChatJob:
     stop: tuple[str, ...] = ()
     stream: bool = False
     include_usage: bool = True
+    return_token_ids: bool = False
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
@@ -124,6 +125,7 @@ def job_from_openai(req: ChatCompletionRequest, request_id: str | None = None) -
         adapter=req.model, turns=turns, max_tokens=req.max_completion_tokens or req.max_tokens,
         temperature=req.temperature, top_p=req.top_p, seed=req.seed, stop=stop, stream=req.stream,
         include_usage=req.stream_options.include_usage if req.stream_options else True,
+        return_token_ids=req.return_token_ids,
     )
     if request_id:
         job.request_id = request_id
@@ -223,8 +225,8 @@ class ChatService:
             except Exception:
                 log.exception("observer failed")
 
-    async def _generate(self, p: Prepared) -> AsyncIterator[tuple[str, str | None, int]]:
-        """(text delta, finish_reason, completion tokens so far), recording latency as it goes."""
+    async def _generate(self, p: Prepared) -> AsyncIterator[tuple[str, list[int], str | None, int]]:
+        """(text delta, new token ids, finish_reason, completion tokens so far), timing as it goes."""
         record = RequestRecord(adapter=p.version.name, status="ok", audio_seconds=p.audio_seconds,
                                prompt_tokens=p.request.num_prompt_tokens, frontend=p.timings)
         last = None
@@ -238,7 +240,7 @@ class ChatService:
                         record.itl_s.append((now - last) / len(chunk.token_ids))
                     last = now
                 record.completion_tokens = chunk.num_output_tokens
-                yield chunk.text, chunk.finish_reason, chunk.num_output_tokens
+                yield chunk.text, chunk.token_ids, chunk.finish_reason, chunk.num_output_tokens
         except EngineDead as e:
             record.status = "engine_dead"
             raise ServiceUnavailable(str(e), code="engine_unavailable") from e
@@ -251,13 +253,16 @@ class ChatService:
 
     async def complete(self, p: Prepared) -> ChatCompletion:
         texts: list[str] = []
+        ids: list[int] = []
         finish, n = None, 0
-        async for text, finish_reason, n in self._generate(p):
+        async for text, token_ids, finish_reason, n in self._generate(p):
             texts.append(text)
+            ids += token_ids
             finish = finish_reason or finish
         return ChatCompletion(
             id=f"chatcmpl-{p.job.request_id}", model=p.version.name,
-            choices=[Choice(message=AssistantMessage(content="".join(texts)), finish_reason=finish)],
+            choices=[Choice(message=AssistantMessage(content="".join(texts)), finish_reason=finish,
+                            token_ids=ids if p.job.return_token_ids else None)],
             usage=self._usage(p, n),
         )
 
@@ -273,9 +278,10 @@ class ChatService:
         yield event([ChunkChoice(delta=Delta(role="assistant", content=""))])
         n = 0
         try:
-            async for text, finish, n in self._generate(p):
-                if text or finish:
-                    yield event([ChunkChoice(delta=Delta(content=text or None), finish_reason=finish)])
+            async for text, token_ids, finish, n in self._generate(p):
+                if text or finish or (token_ids and p.job.return_token_ids):
+                    yield event([ChunkChoice(delta=Delta(content=text or None), finish_reason=finish,
+                                             token_ids=token_ids if p.job.return_token_ids else None)])
         except APIError as e:
             yield f"data: {json.dumps(e.to_dict())}\n\n"
             return

