@@ -1,0 +1,1 @@
+"""Clients for AuRA serve: they speak HTTP only."""
