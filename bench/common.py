@@ -1,0 +1,107 @@
+"""Shared pieces of the benchmark scripts: speech clips, percentiles, a streaming client."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+QUESTIONS = [
+    "What is the capital of France?", "How many legs does a spider have?",
+    "What color is the sky on a clear day?", "What is two plus two?",
+    "Which planet is closest to the sun?", "What do bees make?",
+    "How many days are in a week?", "What is the largest ocean on Earth?",
+    "What animal says moo?", "What is the opposite of hot?",
+    "How many hours are in a day?", "What is frozen water called?",
+    "Which season comes after winter?", "What is the capital of Italy?",
+    "How many wheels does a bicycle have?", "What color are bananas?",
+]
+VOICES = ["en-us", "en-gb", "en-us+f3", "en-gb+m3"]
+
+
+def make_clips(out: Path, n: int) -> list[Path]:
+    """``n`` distinct spoken questions (question x voice), made with espeak-ng once."""
+    if shutil.which("espeak-ng") is None:
+        sys.exit("espeak-ng is needed to make benchmark audio (apt-get install espeak-ng)")
+    out.mkdir(parents=True, exist_ok=True)
+    clips = []
+    for i in range(n):
+        q, v = QUESTIONS[i % len(QUESTIONS)], VOICES[(i // len(QUESTIONS)) % len(VOICES)]
+        path = out / f"q{i:03d}.wav"
+        if not path.exists():
+            subprocess.run(["espeak-ng", "-v", v, "-s", "160", "-w", str(path), q], check=True, capture_output=True)
+        clips.append(path)
+    return clips
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+@dataclass
+class StreamResult:
+    ttft_s: float
+    itl_s: list[float] = field(default_factory=list)
+    tokens: int = 0
+    total_s: float = 0.0
+
+
+@dataclass
+class RunStats:
+    results: list[StreamResult]
+    wall_s: float
+
+    def summary(self) -> dict[str, float]:
+        ttft = [r.ttft_s for r in self.results]
+        itl = [x for r in self.results for x in r.itl_s]
+        toks = sum(r.tokens for r in self.results)
+        return {
+            "requests": len(self.results),
+            "ttft_p50_ms": pct(ttft, 50) * 1e3, "ttft_p99_ms": pct(ttft, 99) * 1e3,
+            "itl_p50_ms": pct(itl, 50) * 1e3, "itl_p99_ms": pct(itl, 99) * 1e3,
+            "output_tok_s": toks / self.wall_s if self.wall_s else float("nan"),
+        }
+
+
+async def stream_http(client: httpx.AsyncClient, wav: bytes, adapter: str | None, max_tokens: int,
+                      headers: dict[str, str] | None = None) -> StreamResult:
+    data = {"stream": "true", "max_tokens": str(max_tokens), "return_token_ids": "true"}
+    if adapter:
+        data["adapter"] = adapter
+    t0 = time.perf_counter()
+    first = last = None
+    itl: list[float] = []
+    tokens = 0
+    async with client.stream("POST", "/v1/audio/chat", files={"file": ("q.wav", wav)}, data=data,
+                             headers=headers) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            n = sum(len(c.get("token_ids") or []) for c in chunk.get("choices", []))
+            if not n:
+                continue
+            now = time.perf_counter()
+            if first is None:
+                first = now
+            else:
+                itl.append((now - last) / n)
+            last = now
+            tokens += n
+    end = time.perf_counter()
+    return StreamResult(ttft_s=(first or end) - t0, itl_s=itl, tokens=tokens, total_s=end - t0)
+
+
+def machine() -> str:
+    import os
+    import platform
+
+    return f"{platform.machine()} {os.cpu_count()} cores, {platform.python_version()}"
