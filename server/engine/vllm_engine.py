@@ -78,15 +78,14 @@ class VLLMEngine(Engine):
         return LoRARequest(lora_name=f"{lora.name}@{lora.lora_id}", lora_int_id=lora.lora_id, lora_path=str(lora.path))
 
     def _prompt(self, request: GenerationRequest) -> dict[str, Any]:
+        """An engine input built directly (no renderer pass: the prompt is already tokenised)."""
+        from vllm.inputs.engine import embeds_input
+
         embeds = torch.zeros(len(request.token_ids), self.hidden_size, dtype=self._model_dtype)
         audio_positions = [i for i, is_tok in enumerate(request.is_token_ids) if not is_tok]
         if audio_positions:
             embeds[audio_positions] = request.audio_embeds.to(self._model_dtype)
-        return {
-            "prompt_embeds": embeds,
-            "prompt_token_ids": request.token_ids,
-            "prompt_is_token_ids": request.is_token_ids,
-        }
+        return embeds_input(embeds, prompt_token_ids=request.token_ids, is_token_ids=request.is_token_ids)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         from vllm import SamplingParams
@@ -126,12 +125,19 @@ class VLLMEngine(Engine):
             await self._llm.abort(request_id)
 
     async def add_lora(self, lora: LoraHandle, *, pin: bool = False) -> None:
-        await self._llm.add_lora(self._lora_request(lora))
+        await self._llm.add_lora(self._lora_request(lora))  # loads into the host cache and a slot
         if pin:
-            await self._llm.pin_lora(lora.lora_id)
+            try:
+                await self._llm.pin_lora(lora.lora_id)
+            except BaseException:  # do not leave a half-installed version in the engine
+                await self._llm.remove_lora(lora.lora_id)
+                raise
 
     async def remove_lora(self, lora: LoraHandle) -> None:
         await self._llm.remove_lora(lora.lora_id)
+
+    async def list_loras(self) -> set[int] | None:
+        return set(await self._llm.list_loras())
 
     async def check_health(self) -> None:
         if self._llm is None:
