@@ -61,7 +61,8 @@ def validate_adapter(
     path = Path(path)
     if not path.is_dir():
         raise _fail("not_found", None, f"{path} is not a directory; point at an AuRA adapter folder")
-    pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    # Anywhere in the folder, not just the top: a nested pickle is just as able to run code.
+    pickles = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.suffix.lower() in PICKLE_SUFFIXES)
     if pickles:
         raise _fail("pickle_weights", pickles[0],
                     "pickled weights are refused (they can run code when loaded); save with safetensors")
@@ -125,6 +126,19 @@ def validate_adapter(
     if max_lora_rank is not None and rank > max_lora_rank:
         raise _fail("rank_too_large", LORA_CONFIG,
                     f"LoRA rank {rank} exceeds this server's max_lora_rank {max_lora_rank}; retrain with a smaller rank or raise --max-lora-rank")
+    alpha = lora.get("lora_alpha", rank)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
+        raise _fail("bad_lora_config", LORA_CONFIG, f"'lora_alpha' must be a positive number, got {alpha!r}")
+    if lora.get("bias", "none") not in ("none", None):
+        raise _fail("bad_lora_config", LORA_CONFIG,
+                    f"bias={lora.get('bias')!r} is not supported by the engine; train with bias='none'")
+    layers_cfg = lora.get("layers_to_transform")
+    if layers_cfg is not None:
+        layers_list = [layers_cfg] if isinstance(layers_cfg, int) else layers_cfg
+        n_layers = base.num_hidden_layers if base is not None else config.base_model.num_hidden_layers
+        if not isinstance(layers_list, list) or any(not isinstance(i, int) or not 0 <= i < n_layers for i in layers_list):
+            raise _fail("bad_lora_config", LORA_CONFIG,
+                        f"layers_to_transform={layers_cfg!r} must list layer indices in [0, {n_layers})")
     if lora.get("use_dora"):
         raise _fail("bad_lora_config", LORA_CONFIG, "DoRA adapters are not supported by the engine; train plain LoRA")
     if lora.get("modules_to_save"):
@@ -142,7 +156,7 @@ def validate_adapter(
 
     header = _safetensors_header(path / LORA_WEIGHTS, LORA_WEIGHTS)
     if not header:
-        raise _fail("bad_lora_weights", LORA_WEIGHTS, "holds no tensors")
+        raise _fail("bad_lora_weights", LORA_WEIGHTS, "holds no tensors; save the PEFT LoRA weights (lora_A/lora_B) with safetensors")
     num_layers = base.num_hidden_layers if base is not None else config.base_model.num_hidden_layers
     for key, (shape, dtype) in header.items():
         m = _LORA_KEY.match(key)
@@ -164,6 +178,17 @@ def validate_adapter(
             if (ab == "A" and shape[1] != in_f) or (ab == "B" and shape[0] != out_f):
                 raise _fail("bad_lora_weights", LORA_WEIGHTS,
                             f"'{key}' has shape {list(shape)}, which does not fit {module} ({out_f}x{in_f}) of the base model")
+
+    pairs: dict[str, set[str]] = {}
+    for key in header:
+        m = _LORA_KEY.match(key)
+        assert m is not None
+        stem = key[: m.start(3) - len("lora_")]
+        pairs.setdefault(stem, set()).add(m.group(3))
+    lonely = sorted(stem for stem, ab in pairs.items() if ab != {"A", "B"})
+    if lonely:
+        raise _fail("bad_lora_weights", LORA_WEIGHTS,
+                    f"'{lonely[0]}' has lora_A without lora_B (or the reverse); every adapted module needs both")
 
     audio_header = _safetensors_header(path / AUDIO_WEIGHTS, AUDIO_WEIGHTS)
     expected = {k: tuple(v.shape) for k, v in AudioEmbedding(config.audio_layer).state_dict().items()}

@@ -93,3 +93,21 @@ class ServiceUnavailable(APIError):
     status_code = 503
     type = "server_error"
     code = "service_unavailable"
+
+
+class Conflict(APIError):
+    status_code = 409
+    type = "invalid_request_error"
+    code = "conflict"
+
+
+class BadGateway(APIError):
+    status_code = 502
+    type = "server_error"
+    code = "upstream_failed"
+
+
+class GatewayTimeout(APIError):
+    status_code = 504
+    type = "server_error"
+    code = "upstream_timeout"

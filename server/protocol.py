@@ -61,6 +61,8 @@ class ChatCompletionRequest(BaseModel):
     stop: str | list[str] | None = None
     n: int = Field(1, ge=1, le=1, description="Only one choice per request is supported.")
     return_token_ids: bool = Field(False, description="AuRA extension: include generated token ids (as vLLM does).")
+    timeout: float | None = Field(None, gt=0, description="AuRA extension: seconds this request may take "
+                                  "(capped by the server's request_timeout_s); past it the request is aborted (504).")
 
 
 # ---- responses --------------------------------------------------------------------------------
@@ -153,3 +155,65 @@ class ErrorResponse(BaseModel):
 class HealthStatus(BaseModel):
     status: str
     detail: dict[str, Any] = Field(default_factory=dict)
+
+
+# ---- adapter management (/v1/adapters) ----------------------------------------------------------
+
+class AdapterLoadRequest(BaseModel):
+    """Load ``source`` as adapter ``name``; if the name is loaded, this installs a new version."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+                      description="Adapter name clients put in `model` (letters, digits, . _ -).")
+    source: str = Field(..., min_length=1, description="Path, file://, s3://bucket/prefix/ or https://…/adapter.tar.gz.")
+    pin: bool = Field(False, description="Keep this adapter in an engine LoRA slot (never LRU-evicted).")
+    sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$",
+                               description="Expected sha256 of the archive (or of the folder digest).")
+
+
+class AdapterVersionInfo(BaseModel):
+    version: int
+    lora_id: int
+    status: Literal["serving", "draining", "unloaded"]
+    active_requests: int
+
+
+class AdapterInfo(BaseModel):
+    object: Literal["adapter"] = "adapter"
+    name: str
+    version: int
+    lora_id: int
+    status: Literal["serving", "draining", "unloaded"]
+    rank: int
+    alpha: float
+    target_modules: list[str]
+    base_model: str
+    base_model_fingerprint: str
+    trained: bool
+    pinned: bool
+    default: bool
+    source: str
+    loaded_at: int
+    resident: Literal["engine", "disk", "unknown"] = Field(
+        ..., description="engine: in vLLM's host LoRA cache (and a slot when in use); disk: evicted by the "
+                         "LRU, reloaded from the local adapter cache on next use.")
+    active_requests: int
+    draining: list[AdapterVersionInfo] = Field(default_factory=list,
+                                               description="Older versions still finishing requests.")
+    previous_version: int | None = None
+
+
+class AdapterList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[AdapterInfo]
+    engine_lora_ids: list[int] | None = Field(
+        None, description="Admins only: every LoRA id the engine holds, to audit that unloads free memory.")
+
+
+class AdapterDeleted(BaseModel):
+    object: Literal["adapter.deleted"] = "adapter.deleted"
+    name: str
+    version: int
+    deleted: bool = True
+    draining_requests: int = 0

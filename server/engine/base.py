@@ -88,6 +88,13 @@ class Engine(ABC):
     @abstractmethod
     async def remove_lora(self, lora: LoraHandle) -> None: ...
 
+    async def list_loras(self) -> set[int] | None:
+        """LoRA ids the engine holds in memory (its host-side LRU cache), or None if it cannot tell.
+
+        Used to show where an adapter is resident and to prove that unloading frees the engine's copy.
+        """
+        return None
+
     @abstractmethod
     async def check_health(self) -> None:
         """Raise :class:`EngineDead` if the engine cannot serve."""

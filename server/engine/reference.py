@@ -114,6 +114,9 @@ class ReferenceEngine(Engine):
     async def abort(self, request_id: str) -> None:
         self._aborted.add(request_id)
 
+    async def list_loras(self) -> set[int] | None:
+        return set(self._loaded)
+
     async def check_health(self) -> None:
         return None
 

@@ -16,13 +16,14 @@ async def list_models(request: Request) -> ModelList:
     state = request.app.state.aura
     principal = getattr(request.state, "principal", None)
     created = int(state.started_at)
+    default = getattr(principal, "default_adapter", None) or state.registry.default
     cards = [ModelCard(id=state.model_name, created=created, kind="base", root=str(state.model_path))]
     for v in state.registry.versions():
         if principal is not None and not principal.may_use(v.name):
             continue
         cards.append(ModelCard(
             id=v.name, created=int(v.loaded_at), kind="adapter", root=v.source, parent=state.model_name,
-            trained=v.trained, version=v.version, default=v.name == state.registry.default,
+            trained=v.trained, version=v.version, default=v.name == default,
             description=None if v.trained else UNTRAINED_NOTE,
         ))
     return ModelList(data=cards)

@@ -1,0 +1,184 @@
+"""Adapter sources into the content-addressed cache: local, file://, http(s) archives on loopback,
+and s3:// against a real S3-compatible server (moto's server mode) on loopback — no mocks."""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from adapter_helpers import (
+    file_server, make_tarball, moto_s3, s3_client, self_signed_cert, sha256_of, upload_adapter,
+)
+from adapters.validate import validate_adapter
+from server.sources import AdapterCache, SourceError, tree_digest
+
+
+@pytest.fixture
+def cache(tmp_path) -> AdapterCache:
+    return AdapterCache(tmp_path / "cache", max_bytes=50 * 1024**2, timeout_s=30, allow_http=True)
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+async def test_local_path_and_file_url_share_one_immutable_copy(cache, tiny):
+    src = tiny.adapters["alpha"]
+    a = await cache.fetch(str(src))
+    b = await cache.fetch(src.as_uri())
+    assert a.path == b.path and a.path.parent == cache.root
+    assert a.path.name == a.digest == tree_digest(src)
+    assert _files(a.path) == _files(src)
+    validate_adapter(a.path)
+    beta = await cache.fetch(str(tiny.adapters["beta"]))
+    assert beta.path != a.path
+
+
+async def test_folder_sha256_is_checked(cache, tiny):
+    src = tiny.adapters["alpha"]
+    ok = await cache.fetch(str(src), sha256=tree_digest(src))
+    assert ok.path.is_dir()
+    with pytest.raises(SourceError) as e:
+        await cache.fetch(str(src), sha256="0" * 64)
+    assert e.value.kind == "checksum_mismatch"
+
+
+async def test_missing_and_unsupported_sources(cache, tmp_path):
+    for source, kind in [(str(tmp_path / "nope"), "not_found"), ("ftp://host/a.tar.gz", "bad_source"),
+                         (str(tmp_path), "not_found")]:
+        if source == str(tmp_path):
+            (tmp_path / "plain.txt").write_text("x")
+            source = str(tmp_path / "plain.txt")
+            kind = "bad_source"
+        with pytest.raises(SourceError) as e:
+            await cache.fetch(source)
+        assert e.value.kind == kind, source
+
+
+async def test_http_archive_with_sha256_and_zip(cache, tiny, tmp_path):
+    www = tmp_path / "www"
+    www.mkdir()
+    tgz = make_tarball(tiny.adapters["beta"], www / "beta.tar.gz")
+    flat = make_tarball(tiny.adapters["beta"], www / "flat.tgz", top=None)
+    with zipfile.ZipFile(www / "beta.zip", "w") as z:
+        for f in tiny.adapters["beta"].iterdir():
+            z.write(f, f"beta/{f.name}")
+    with file_server(www) as url:
+        got = await cache.fetch(f"{url}/beta.tar.gz", sha256=sha256_of(tgz))
+        assert _files(got.path) == _files(tiny.adapters["beta"])
+        assert (await cache.fetch(f"{url}/flat.tgz")).path == got.path  # same content, one copy
+        assert (await cache.fetch(f"{url}/beta.zip")).path == got.path
+        with pytest.raises(SourceError) as e:
+            await cache.fetch(f"{url}/beta.tar.gz", sha256="f" * 64)
+        assert e.value.kind == "checksum_mismatch"
+        with pytest.raises(SourceError) as e:
+            await cache.fetch(f"{url}/missing.tar.gz")
+        assert e.value.kind == "not_found"
+
+
+async def test_https_with_a_real_tls_server(tiny, tmp_path):
+    certfile, keyfile = self_signed_cert(tmp_path)
+    www = tmp_path / "www"
+    www.mkdir()
+    make_tarball(tiny.adapters["alpha"], www / "alpha.tar.gz")
+    cache = AdapterCache(tmp_path / "cache", max_bytes=50 * 1024**2, timeout_s=30, verify=str(certfile))
+    with file_server(www, certfile=certfile, keyfile=keyfile) as url:
+        assert url.startswith("https://")
+        got = await cache.fetch(f"{url}/alpha.tar.gz")
+        assert _files(got.path) == _files(tiny.adapters["alpha"])
+        untrusting = AdapterCache(tmp_path / "cache2", max_bytes=50 * 1024**2, timeout_s=30)
+        with pytest.raises(SourceError) as e:  # the system trust store does not know our cert
+            await untrusting.fetch(f"{url}/alpha.tar.gz")
+        assert e.value.kind == "fetch_failed"
+
+
+async def test_plain_http_is_refused_unless_allowed(tmp_path):
+    strict = AdapterCache(tmp_path / "c", max_bytes=1 << 20, timeout_s=5)
+    with pytest.raises(SourceError) as e:
+        await strict.fetch("http://127.0.0.1:9/a.tar.gz")
+    assert e.value.kind == "bad_source" and "https" in e.value.message
+
+
+def _evil_tar(path: Path, member: str, *, symlink: bool = False) -> Path:
+    with tarfile.open(path, "w:gz") as tar:
+        info = tarfile.TarInfo(member)
+        if symlink:
+            info.type = tarfile.SYMTYPE
+            info.linkname = "/etc/passwd"
+            tar.addfile(info)
+        else:
+            data = b"owned"
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+@pytest.mark.parametrize("member, symlink", [("../escape.json", False), ("/abs/path.json", False),
+                                             ("adapter/link.json", True)])
+async def test_unsafe_archives_are_refused(cache, tmp_path, member, symlink):
+    evil = _evil_tar(tmp_path / "evil.tar.gz", member, symlink=symlink)
+    with pytest.raises(SourceError) as e:
+        await cache.fetch(str(evil))
+    assert e.value.kind == "unsafe_archive"
+    assert not (tmp_path / "escape.json").exists()
+
+
+async def test_size_cap_and_timeout(tiny, tmp_path):
+    small = AdapterCache(tmp_path / "small", max_bytes=1000, timeout_s=30, allow_http=True)
+    with pytest.raises(SourceError) as e:
+        await small.fetch(str(tiny.adapters["alpha"]))
+    assert e.value.kind == "too_large"
+    www = tmp_path / "www"
+    www.mkdir()
+    make_tarball(tiny.adapters["alpha"], www / "alpha.tar.gz")
+    hasty = AdapterCache(tmp_path / "hasty", max_bytes=50 * 1024**2, timeout_s=1, allow_http=True)
+    with file_server(www) as url:
+        with pytest.raises(SourceError) as e:
+            await hasty.fetch(f"{url}/slow/alpha.tar.gz")  # the test server sleeps 5 s first
+    assert e.value.kind == "timeout"
+    assert not [p for p in (tmp_path / "hasty").iterdir() if not p.name.startswith(".")]
+
+
+async def test_cache_trim_keeps_versions_in_use(tiny, tmp_path):
+    cache = AdapterCache(tmp_path / "cache", max_bytes=50 * 1024**2, timeout_s=30)
+    a = await cache.fetch(str(tiny.adapters["alpha"]))
+    b = await cache.fetch(str(tiny.adapters["beta"]))
+    os.utime(a.path, (1, 1))  # alpha is the least recently used
+    cache.max_bytes = a.bytes + 10
+    cache.trim(keep={a.path})
+    assert a.path.is_dir() and not b.path.exists()  # b went although newer: a is in use
+    cache.trim(keep=set())
+    assert a.path.is_dir()  # exactly at the cap: nothing more to evict
+
+
+async def test_s3_prefix_and_archive_against_a_real_s3_server(tiny, tmp_path, monkeypatch):
+    with moto_s3() as env:
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        client = s3_client(env)
+        client.create_bucket(Bucket="adapters")
+        upload_adapter(client, "adapters", "beta/v1", tiny.adapters["beta"])
+        tgz = make_tarball(tiny.adapters["alpha"], tmp_path / "alpha.tar.gz")
+        client.upload_file(str(tgz), "adapters", "packed/alpha.tar.gz")
+        cache = AdapterCache(tmp_path / "cache", max_bytes=50 * 1024**2, timeout_s=30)
+
+        beta = await cache.fetch("s3://adapters/beta/v1/")
+        assert _files(beta.path) == _files(tiny.adapters["beta"])
+        alpha = await cache.fetch("s3://adapters/packed/alpha.tar.gz", sha256=sha256_of(tgz))
+        assert _files(alpha.path) == _files(tiny.adapters["alpha"])
+        for missing in ("s3://adapters/nothing/here/", "s3://adapters/packed/none.tar.gz", "s3://no-bucket/x/"):
+            with pytest.raises(SourceError) as e:
+                await cache.fetch(missing)
+            assert e.value.kind == "not_found", missing
+
+
+def test_credentials_in_sources_are_never_echoed():
+    from server.sources import redact
+
+    assert redact("https://user:secret@example.com:8443/a.tar.gz") == "https://example.com:8443/a.tar.gz"
+    assert redact("s3://bucket/prefix/") == "s3://bucket/prefix/"
