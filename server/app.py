@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from server.config import Settings
 from server.errors import APIError, Unprocessable
-from server.logs import request_id_var, setup_logging
-from server.routes import chat, health, models
+from server.logs import setup_logging
+from server.metrics import ObservabilityMiddleware, ServerMetrics, log_record
+from server.routes import adapters, chat, health, models
+from server.routes import metrics as metrics_route
 from server.state import build_state
+from server.tenancy import authenticate
 
 log = logging.getLogger("server")
 
@@ -30,6 +32,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         state = await build_state(settings)
         state.started_at = time.time()
         app.state.aura = state
+        limiter = state.limiter
+        metrics.bind(in_flight=lambda: limiter.running if limiter else 0,
+                     queued=lambda: limiter.waiting if limiter else 0,
+                     engine_requests=state.engine.num_running)
+        state.service.observers.append(metrics.observe)
+        if settings.log_requests:
+            state.service.observers.append(log_record)
         log.info("server ready", extra={
             "model": state.model_name, "engine": state.engine.name, "adapters": state.registry.names(),
             "default_adapter": state.registry.default, "startup_s": round(time.perf_counter() - t0, 1),
@@ -41,20 +50,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await state.engine.shutdown()
 
     app = FastAPI(title="AuRA serve", version="0.1.0", lifespan=lifespan)
-    app.include_router(chat.router)
-    app.include_router(models.router)
+    # Every /v1 route authenticates (sets request.state.principal); /health, /ready, /metrics stay open.
+    v1_auth = [Depends(authenticate)]
+    app.include_router(chat.router, dependencies=v1_auth)
+    app.include_router(models.router, dependencies=v1_auth)
+    app.include_router(adapters.router, dependencies=v1_auth)
     app.include_router(health.router)
-
-    @app.middleware("http")
-    async def request_id(request: Request, call_next):
-        rid = request.headers.get("x-request-id") or uuid.uuid4().hex
-        token = request_id_var.set(rid[:128])
-        try:
-            response = await call_next(request)
-        finally:
-            request_id_var.reset(token)
-        response.headers["X-Request-ID"] = rid[:128]
-        return response
+    app.include_router(metrics_route.router)
+    # Request ids on every log line + X-Request-ID + status counts (pure ASGI: see server/metrics.py).
+    metrics = ServerMetrics(settings.metrics_max_label_values)
+    app.state.metrics = metrics
+    app.add_middleware(ObservabilityMiddleware, metrics=metrics)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:

@@ -40,6 +40,13 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", help="front-end device: auto, cpu, cuda")
     p.add_argument("--max-upload-bytes", type=int)
     p.add_argument("--max-audio-seconds", type=float)
+    p.add_argument("--max-concurrent-requests", type=int, help="requests in the pipeline at once (beyond: queue)")
+    p.add_argument("--max-queued-requests", type=int, help="requests waiting for a slot (beyond: 429)")
+    p.add_argument("--tenant-max-concurrent", type=int, help="pipeline slots one tenant may hold")
+    p.add_argument("--request-timeout", dest="request_timeout_s", type=float, help="deadline of a request (s)")
+    p.add_argument("--drain-timeout", dest="drain_timeout_s", type=float,
+                   help="on SIGTERM, how long in-flight requests may finish (s)")
+    p.add_argument("--tenant-header", help="header naming the tenant when no API key does (trusted setups only)")
     p.add_argument("--log-level")
     p.add_argument("--log-format", choices=["json", "text"])
     p.set_defaults(func=cmd_serve)
@@ -54,13 +61,12 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from server.app import create_app
+    from server.lifecycle import serve
 
     settings = settings_from_args(args)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None,
-                access_log=settings.access_log, timeout_graceful_shutdown=30)
+    serve(create_app(settings), host=settings.host, port=settings.port, access_log=settings.access_log,
+          drain_timeout_s=settings.drain_timeout_s)
     return 0
 
 
@@ -101,10 +107,17 @@ def cmd_adapter_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_adapter_inspect(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
     from adapters.adapter import read_aura_config
 
-    lora = json.loads((args.path / "adapter_config.json").read_text())
-    config = read_aura_config(args.path)
+    try:
+        lora = json.loads((args.path / "adapter_config.json").read_text())
+        config = read_aura_config(args.path)
+    except (OSError, ValueError, ValidationError) as e:
+        print(f"{args.path}: not a readable AuRA adapter folder ({e}); "
+              f"'aura adapter validate {args.path}' says what is wrong", file=sys.stderr)
+        return 2
     files = {p.name: p.stat().st_size for p in sorted(args.path.iterdir()) if p.is_file()}
     print(json.dumps({"aura": config.model_dump(), "lora": {k: lora.get(k) for k in
                       ("r", "lora_alpha", "target_modules", "layers_to_transform")}, "files": files}, indent=2))
@@ -120,11 +133,42 @@ def cmd_adapter_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_ask(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("ask", help="send a spoken question to a running server and stream the answer")
+    p.add_argument("audio", type=Path, help="audio file (any container FFmpeg reads)")
+    p.add_argument("prompt", nargs="?", help="optional text to go with the audio")
+    p.add_argument("--url", default="http://127.0.0.1:8000")
+    p.add_argument("--adapter")
+    p.add_argument("--api-key", default=None, help="or AURA_API_KEY")
+    p.add_argument("--max-tokens", type=int)
+    p.add_argument("--temperature", type=float)
+    p.set_defaults(func=cmd_ask)
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    import os
+
+    from clients import AuraClient, AuraError
+
+    key = args.api_key or os.environ.get("AURA_API_KEY")
+    try:
+        with AuraClient(args.url, api_key=key) as client:
+            for delta in client.chat_stream(args.audio, args.prompt, adapter=args.adapter,
+                                            max_tokens=args.max_tokens, temperature=args.temperature):
+                print(delta, end="", flush=True)
+    except AuraError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aura", description="AuRA serve: speech LLMs as LoRA adapters.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_serve(sub)
     _add_adapter_tools(sub)
+    _add_ask(sub)
     try:
         from adapters.cli import add_commands
     except ImportError:

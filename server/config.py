@@ -20,6 +20,12 @@ class Settings(BaseSettings):
     config_file: Path | None = Field(None, description="Tenancy/adapters YAML file.")
     home: Path = Field(Path.home() / ".cache" / "aura", description="Models, demo adapter and adapter cache.")
 
+    # Adapter sources (server/sources.py): fetched into home/adapter-cache, content-addressed.
+    adapter_cache_bytes: int = Field(10 * 1024**3, ge=1, description="Size cap of the adapter cache (LRU; live versions stay).")
+    adapter_fetch_timeout_s: float = Field(300.0, gt=0, description="Deadline for fetching one adapter source.")
+    adapter_allow_http: bool = Field(False, description="Accept plain http:// sources (trusted networks and tests only).")
+    adapter_ca_bundle: Path | None = Field(None, description="CA bundle for https:// sources (default: system trust).")
+
     host: str = "127.0.0.1"
     port: int = 8000
 
@@ -49,9 +55,29 @@ class Settings(BaseSettings):
     default_max_tokens: int = 256
     max_tokens_limit: int = 2048
 
+    # Backpressure, deadlines and drain (server/limits.py, server/lifecycle.py).
+    max_concurrent_requests: int = Field(64, ge=1, description="Requests in the pipeline (decode..last token) at once.")
+    max_queued_requests: int = Field(128, ge=0, description="Requests waiting for a pipeline slot; beyond: 429.")
+    queue_timeout_s: float = Field(30.0, gt=0, description="Longest wait for a pipeline slot before 429.")
+    tenant_max_concurrent: int | None = Field(
+        None, ge=1, description="Pipeline slots one tenant may hold; default: 3/4 of max_concurrent_requests.")
+    request_timeout_s: float = Field(300.0, gt=0, description="Default and maximum deadline of one request.")
+    drain_timeout_s: float = Field(30.0, ge=0, description="On SIGTERM: how long in-flight requests may finish.")
+    tenant_header: str | None = Field(
+        None, description="Header naming the tenant when no API key does (tests/trusted proxies only).")
+    metrics_max_label_values: int = Field(16, ge=1, description="Distinct adapters/tenants in metric labels; rest: 'other'.")
+    log_requests: bool = Field(True, description="One structured log line per finished request.")
+
     log_level: str = "INFO"
     log_format: Literal["json", "text"] = "json"
     access_log: bool = False
 
     def resolved_max_cpu_loras(self) -> int:
         return self.max_cpu_loras or max(self.max_loras, 16)
+
+    def resolved_tenant_max_concurrent(self) -> int:
+        """3/4 of the pipeline by default: a lone tenant gets most of it, and a quarter of the slots
+        stay free for others however hard one tenant pushes."""
+        if self.tenant_max_concurrent is not None:
+            return self.tenant_max_concurrent
+        return max(1, (3 * self.max_concurrent_requests) // 4)

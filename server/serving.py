@@ -10,6 +10,7 @@ instead of a broken event stream.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -30,6 +31,7 @@ from server.errors import (
     APIError, BadRequest, PayloadTooLarge, ServiceUnavailable, UnsupportedMedia, Unprocessable,
 )
 from server.frontend import AudioFrontend, FrontendTimings
+from server.limits import Deadline
 from server.protocol import (
     AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice, ChunkChoice,
     Delta, PromptTokensDetails, Usage,
@@ -74,6 +76,13 @@ class ChatJob:
     include_usage: bool = True
     return_token_ids: bool = False
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # Set by the route (server/limits.py): whose request it is, how long it may take, and when it
+    # arrived (perf_counter, before waiting for admission) so TTFT/e2e include the queue.
+    timeout_s: float | None = None
+    tenant: str = "default"
+    deadline: Deadline | None = None
+    arrived_at: float | None = None
+    admission_wait_s: float | None = None
 
 
 @dataclass
@@ -100,6 +109,8 @@ class RequestRecord:
     e2e_s: float = 0.0
     itl_s: list[float] = field(default_factory=list)
     frontend: FrontendTimings | None = None
+    tenant: str = "default"
+    admission_wait_s: float | None = None
 
 
 def job_from_openai(req: ChatCompletionRequest, request_id: str | None = None) -> ChatJob:
@@ -125,7 +136,7 @@ def job_from_openai(req: ChatCompletionRequest, request_id: str | None = None) -
         adapter=req.model, turns=turns, max_tokens=req.max_completion_tokens or req.max_tokens,
         temperature=req.temperature, top_p=req.top_p, seed=req.seed, stop=stop, stream=req.stream,
         include_usage=req.stream_options.include_usage if req.stream_options else True,
-        return_token_ids=req.return_token_ids,
+        return_token_ids=req.return_token_ids, timeout_s=req.timeout,
     )
     if request_id:
         job.request_id = request_id
@@ -143,8 +154,12 @@ class ChatService:
         self.model_name = model_name
         self.observers: list[Any] = []
 
-    def resolve_adapter(self, name: str | None) -> str:
+    def resolve_adapter(self, name: str | None, default: str | None = None) -> str:
+        """The adapter a request runs on: the one it names, else ``default`` (the caller's tenant
+        default), else the server's default. The base model's name also means "the default"."""
         if name in (None, "", self.model_name) or name == "default":
+            if default:
+                return default
             if self.registry.default is None:
                 raise ServiceUnavailable("no adapter is loaded; load one with POST /v1/adapters", code="no_adapter")
             return self.registry.default
@@ -164,7 +179,7 @@ class ChatService:
         return min(wanted, room)
 
     async def prepare(self, job: ChatJob, version: AdapterVersion) -> Prepared:
-        received = time.perf_counter()
+        received = job.arrived_at or time.perf_counter()
         adapter = version.adapter
         sr = adapter.config.features.sample_rate
         timings = FrontendTimings(batch_size=0)
@@ -186,6 +201,8 @@ class ChatService:
                     raise PayloadTooLarge(
                         f"the request holds {audio_seconds + decoded.duration_s:.1f} s of audio; the limit is "
                         f"{self.settings.max_audio_seconds:g} s", code="audio_too_long", param="file")
+                if job.deadline is not None:
+                    job.deadline.check("decoding audio")
                 vectors, t = await self.frontend.embed(adapter, decoded.samples)
                 audio_seconds += decoded.duration_s
                 timings.decode_s += decode_s
@@ -228,10 +245,24 @@ class ChatService:
     async def _generate(self, p: Prepared) -> AsyncIterator[tuple[str, list[int], str | None, int]]:
         """(text delta, new token ids, finish_reason, completion tokens so far), timing as it goes."""
         record = RequestRecord(adapter=p.version.name, status="ok", audio_seconds=p.audio_seconds,
-                               prompt_tokens=p.request.num_prompt_tokens, frontend=p.timings)
+                               prompt_tokens=p.request.num_prompt_tokens, frontend=p.timings,
+                               tenant=p.job.tenant, admission_wait_s=p.job.admission_wait_s)
         last = None
+        deadline = p.job.deadline
+        stream = self.engine.generate(p.request)
         try:
-            async for chunk in self.engine.generate(p.request):
+            while True:
+                if deadline is None:
+                    chunk = await anext(stream, None)
+                else:
+                    try:
+                        # Cancelling the pending read on timeout aborts the engine request.
+                        chunk = await asyncio.wait_for(anext(stream, None), max(0.0, deadline.remaining()))
+                    except asyncio.TimeoutError:
+                        record.status = "deadline"
+                        raise deadline.error("generating") from None
+                if chunk is None:
+                    break
                 now = time.perf_counter()
                 if chunk.token_ids:
                     if record.ttft_s is None:
@@ -245,11 +276,15 @@ class ChatService:
             record.status = "engine_dead"
             raise ServiceUnavailable(str(e), code="engine_unavailable") from e
         except BaseException:
-            record.status = "aborted"
+            if record.status == "ok":
+                record.status = "aborted"
             raise
         finally:
             record.e2e_s = time.perf_counter() - p.received_at
-            self._notify(record)
+            try:
+                await stream.aclose()  # no-op when finished; aborts the engine request otherwise
+            finally:
+                self._notify(record)
 
     async def complete(self, p: Prepared) -> ChatCompletion:
         texts: list[str] = []

@@ -14,6 +14,7 @@ from adapters.base_model import BaseModelInfo, read_base_model
 from server.config import Settings
 from server.engine.base import Engine
 from server.frontend import AudioFrontend
+from server.limits import AdmissionController
 from server.registry import AdapterRegistry
 from server.serving import ChatService
 
@@ -35,6 +36,10 @@ class ServerState:
     service: ChatService
     started_at: float = 0.0
     draining: bool = False
+    # Admission control (server/limits.py); None only for states built without one (in-process tests).
+    limiter: AdmissionController | None = None
+    tenancy: Any = None  # server.tenancy.Tenancy: API keys -> tenants (open when no --config)
+    adapter_cache: Any = None  # server.sources.AdapterCache: where adapter sources are materialised
     extras: dict[str, Any] = field(default_factory=dict)
 
 
@@ -99,7 +104,19 @@ def default_adapter_path(settings: Settings, model_path: Path, base: BaseModelIn
 async def build_state(settings: Settings) -> ServerState:
     from transformers import AutoTokenizer
 
+    from server.adapter_admin import load_from_source
+    from server.errors import APIError
+    from server.sources import AdapterCache
+    from server.tenancy import Tenancy, load_config
+
+    # Read the config first: a typo in it should fail in a second, not after the engine started.
+    tenancy_config = load_config(settings.config_file) if settings.config_file else None
+    tenancy = Tenancy(tenancy_config)
     model_path, model_name = resolve_model(settings)
+    if settings.model is None and settings.dtype == "auto" and resolve_device(settings.device) == "cpu":
+        # The demo adapter was trained in fp32 on the CPU; vLLM's CPU bf16 kernels flip the demo
+        # model's near-ties (e.g. "The" vs "L" as the first answer token), so serve what was trained.
+        settings = settings.model_copy(update={"dtype": "float32"})
     base = read_base_model(model_path)
     tokenizer = AutoTokenizer.from_pretrained(str(model_path))
     if settings.engine == "vllm":
@@ -107,24 +124,47 @@ async def build_state(settings: Settings) -> ServerState:
     engine = build_engine(settings, model_path, tokenizer, base)
     await engine.start()
     device = resolve_device(settings.device)
-    registry = AdapterRegistry(engine, base, max_lora_rank=settings.max_lora_rank, device=device)
+    registry = AdapterRegistry(engine, base, max_lora_rank=settings.max_lora_rank, device=device,
+                               max_pinned=max(0, settings.max_loras - 1))
     frontend = AudioFrontend(device=device, max_batch=settings.embed_max_batch,
                              window_ms=settings.embed_batch_window_ms, threads=settings.frontend_threads,
                              max_upload_bytes=settings.max_upload_bytes,
                              max_audio_seconds=settings.max_audio_seconds)
     service = ChatService(settings, engine, registry, frontend, tokenizer, model_name)
-    state = ServerState(settings, model_path, model_name, base, tokenizer, engine, registry, frontend, service)
+    state = ServerState(settings, model_path, model_name, base, tokenizer, engine, registry, frontend, service,
+                        limiter=AdmissionController.from_settings(settings))
+    state.tenancy = tenancy
+    state.adapter_cache = AdapterCache(
+        settings.home / "adapter-cache", max_bytes=settings.adapter_cache_bytes,
+        timeout_s=settings.adapter_fetch_timeout_s, allow_http=settings.adapter_allow_http,
+        verify=str(settings.adapter_ca_bundle) if settings.adapter_ca_bundle else True)
 
-    adapters = dict(settings.adapters)
-    if not adapters:
+    # (name, source, pin, sha256): --adapter flags first, then the config file's preloads.
+    # Flag adapters stay pinned while slots allow (a server's few named adapters should not be
+    # LRU-evicted); every load goes through the cache so a version's files never change under it.
+    preloads: list[tuple[str, str, bool | None, str | None]] = [
+        (name, str(path), None, None) for name, path in settings.adapters.items()]  # pin: None = if room
+    preloads += [(a.name, a.source, a.pin, a.sha256) for a in (tenancy_config.adapters if tenancy_config else [])]
+    if not preloads:
         path, trained = default_adapter_path(settings, model_path, base)
-        adapters = {"default" if not trained else "aura-demo": str(path)}
-    for name, path in adapters.items():
-        version = await registry.load(name, path, pin=True)
+        preloads = [("default" if not trained else "aura-demo", str(path), None, None)]
+    for name, source, pin_wish, sha in preloads:
+        pin = bool(pin_wish)
+        if pin_wish is None:
+            pinned = sum(v.pinned for v in registry.live_versions())
+            pin = registry.max_pinned is None or pinned < registry.max_pinned
+        try:
+            version, _ = await load_from_source(registry, state.adapter_cache, name, source, pin=pin, sha256=sha)
+        except APIError as e:
+            raise RuntimeError(f"cannot load adapter '{name}' from {source}: {e.message}") from None
         if not version.trained:
             log.warning(
                 "adapter is UNTRAINED: it was freshly initialised, so answers to speech are noise until "
-                "a trained adapter is loaded", extra={"adapter": name, "path": str(path)})
+                "a trained adapter is loaded", extra={"adapter": name, "path": source})
+    if tenancy_config is not None and tenancy_config.default_adapter:
+        registry.get(tenancy_config.default_adapter)
+        registry.default = tenancy_config.default_adapter
+    tenancy.log_startup(settings.config_file)
     if settings.default_adapter:
         registry.get(settings.default_adapter)
         registry.default = settings.default_adapter

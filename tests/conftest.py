@@ -63,12 +63,14 @@ def server(tiny: Tiny, tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
-async def reference(tiny: Tiny):
+async def reference(tiny: Tiny, tmp_path_factory: pytest.TempPathFactory):
     """The same service in-process on the plain-PyTorch reference engine (the parity oracle)."""
     from server.config import Settings
     from server.state import build_state
 
+    # home: a temp dir, so the adapter cache (server/sources.py) does not land in ~/.cache/aura.
     settings = Settings(engine="reference", model=tiny.llm, dtype="float32", max_model_len=1024,
+                        home=tmp_path_factory.mktemp("ref-home"),
                         adapters={k: str(v) for k, v in tiny.adapters.items()})
     state = await build_state(settings)
     yield state

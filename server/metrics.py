@@ -1,0 +1,195 @@
+"""The server's own Prometheus metrics, and the ASGI middleware that tags and counts requests.
+
+Why a private registry: the server's families live in their own ``CollectorRegistry`` so two
+apps in one process (tests) never collide, while vLLM's ``PrometheusStatLogger`` registers its
+``vllm:*`` families in prometheus_client's default registry; ``GET /metrics`` renders both.
+
+Label sets are bounded: the first ``max_label_values`` distinct adapters (and tenants) keep their
+own label value, later ones are folded into ``"other"``, so a churn of hot-swapped adapter names
+or many tenants cannot grow the series count without limit.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import REGISTRY as DEFAULT_REGISTRY
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server.logs import request_id_var
+
+log = logging.getLogger("server.requests")
+
+# Sub-millisecond (decode of a short clip, a queue hop) to tens of seconds (a long answer on CPU).
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.175, 0.25, 0.5,
+                   0.75, 1.0, 1.5, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
+# Inter-token gaps: a batched decode step is ~1-100 ms; stalls show up in the top buckets.
+ITL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1,
+               0.15, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+CHAT_PATHS = frozenset({"/v1/audio/chat", "/v1/chat/completions"})
+OTHER = "other"
+
+
+class LabelCap:
+    """The first ``limit`` distinct values keep their own label value; later ones read 'other'."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._seen: set[str] = set()
+
+    def __call__(self, value: str | None) -> str:
+        value = value or "none"
+        if value in self._seen:
+            return value
+        if len(self._seen) < self.limit:
+            self._seen.add(value)
+            return value
+        return OTHER
+
+
+class ServerMetrics:
+    """Histograms, counters and gauges of the serving path, labelled by adapter and tenant."""
+
+    def __init__(self, max_label_values: int = 16) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.adapter_label = LabelCap(max_label_values)
+        self.tenant_label = LabelCap(max_label_values)
+        at = ["adapter", "tenant"]
+        r = self.registry
+
+        def hist(name: str, doc: str, buckets: tuple[float, ...] = LATENCY_BUCKETS,
+                 extra: tuple[str, ...] = ()) -> Histogram:
+            return Histogram(name, doc, [*at, *extra], buckets=buckets, registry=r)
+
+        self.e2e = hist("aura_request_duration_seconds",
+                        "Request received to last token (or error) for requests that reached the engine.")
+        self.ttft = hist("aura_time_to_first_token_seconds",
+                         "Request received (after admission) to the first generated token; includes audio work.")
+        self.itl = hist("aura_inter_token_latency_seconds", "Gap between consecutive generated tokens.",
+                        ITL_BUCKETS)
+        self.queue_wait = hist("aura_queue_wait_seconds",
+                               "Waiting: stage=admission (for a pipeline slot), stage=embed (for the audio-layer batch).",
+                               extra=("stage",))
+        self.decode = hist("aura_audio_decode_seconds", "Decoding + resampling the uploaded audio.")
+        self.features = hist("aura_audio_features_seconds", "Log-mel features of the request's batch.")
+        self.embed = hist("aura_audio_embed_seconds", "The adapter's audio embedding layer on the request's batch.")
+        self.requests = Counter("aura_requests", "Chat requests answered, by HTTP status code.",
+                                [*at, "code"], registry=r)
+        self.generations = Counter(
+            "aura_generations", "Engine generations by outcome: ok, aborted (client left), deadline, engine_dead.",
+            [*at, "outcome"], registry=r)
+        self.audio_seconds = Counter("aura_audio_seconds", "Seconds of input audio processed.", at, registry=r)
+        self.prompt_tokens = Counter("aura_prompt_tokens", "Prompt tokens (text + audio positions).", at, registry=r)
+        self.completion_tokens = Counter("aura_completion_tokens", "Generated tokens.", at, registry=r)
+        self.in_flight = Gauge("aura_requests_in_flight", "Requests holding a pipeline slot (decode .. last token).",
+                               registry=r)
+        self.queued = Gauge("aura_requests_queued", "Requests waiting for a pipeline slot.", registry=r)
+        self.engine_requests = Gauge("aura_engine_requests_unfinished",
+                                     "Requests the engine holds (queued or running in vLLM).", registry=r)
+
+    def bind(self, *, in_flight: Callable[[], float], queued: Callable[[], float],
+             engine_requests: Callable[[], float]) -> None:
+        """Gauges read live values at scrape time, so they can never drift from the truth."""
+        self.in_flight.set_function(in_flight)
+        self.queued.set_function(queued)
+        self.engine_requests.set_function(engine_requests)
+
+    def labels(self, adapter: str | None, tenant: str | None) -> tuple[str, str]:
+        return self.adapter_label(adapter), self.tenant_label(tenant or "default")
+
+    def count_request(self, adapter: str | None, tenant: str | None, code: int) -> None:
+        self.requests.labels(*self.labels(adapter, tenant), str(code)).inc()
+
+    def observe(self, record: Any) -> None:
+        """A :class:`server.serving.RequestRecord` observer: one finished generation."""
+        a, t = self.labels(record.adapter, getattr(record, "tenant", None))
+        self.generations.labels(a, t, record.status).inc()
+        self.e2e.labels(a, t).observe(record.e2e_s)
+        if record.ttft_s is not None:
+            self.ttft.labels(a, t).observe(record.ttft_s)
+        itl = self.itl.labels(a, t)
+        for gap in record.itl_s:
+            itl.observe(gap)
+        self.prompt_tokens.labels(a, t).inc(record.prompt_tokens)
+        self.completion_tokens.labels(a, t).inc(record.completion_tokens)
+        self.audio_seconds.labels(a, t).inc(record.audio_seconds)
+        admission = getattr(record, "admission_wait_s", None)
+        if admission is not None:
+            self.queue_wait.labels(a, t, "admission").observe(admission)
+        fe = record.frontend
+        if fe is not None and fe.batch_size:  # batch_size 0: a text-only request, no audio work
+            self.queue_wait.labels(a, t, "embed").observe(fe.queue_s)
+            self.decode.labels(a, t).observe(fe.decode_s)
+            self.features.labels(a, t).observe(fe.features_s)
+            self.embed.labels(a, t).observe(fe.embed_s)
+
+    def render(self) -> bytes:
+        """The server's families, then vLLM's (and the process collectors) from the default registry."""
+        return generate_latest(self.registry) + generate_latest(DEFAULT_REGISTRY)
+
+
+def log_record(record: Any) -> None:
+    """One quiet structured line per finished generation (the request id comes from the context)."""
+    log.info("request finished", extra={
+        "adapter": record.adapter, "tenant": getattr(record, "tenant", None), "outcome": record.status,
+        "prompt_tokens": record.prompt_tokens, "completion_tokens": record.completion_tokens,
+        "audio_s": round(record.audio_seconds, 3),
+        "ttft_ms": None if record.ttft_s is None else round(record.ttft_s * 1000, 1),
+        "e2e_ms": round(record.e2e_s * 1000, 1),
+    })
+
+
+class ObservabilityMiddleware:
+    """Pure ASGI (no BaseHTTPMiddleware): sets the request id for every log line of the request,
+    returns it as ``X-Request-ID``, and counts chat requests by status code.
+
+    Pure ASGI matters: it adds no task hop between the server and the route, so client disconnects
+    reach the streaming response directly and the context variable is visible everywhere below.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: ServerMetrics | None = None) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = ""
+        for k, v in scope.get("headers", ()):
+            if k == b"x-request-id":
+                rid = v.decode("latin-1")[:128]
+                break
+        rid = rid or uuid.uuid4().hex
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = [h for h in message.get("headers", ()) if h[0].lower() != b"x-request-id"]
+                headers.append((b"x-request-id", rid.encode("latin-1")))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        token = request_id_var.set(rid)
+        try:
+            await self.app(scope, receive, send_with_id)
+        except BaseException:
+            # Left set on purpose: the outer error handler logs "unhandled error" in this same task
+            # and should carry the id too (the task ends with the request, so nothing leaks).
+            token = None
+            raise
+        finally:
+            if token is not None:
+                request_id_var.reset(token)
+            if self.metrics is not None and scope.get("path") in CHAT_PATHS:
+                state = scope.get("state") or {}
+                principal = state.get("principal")
+                tenant = state.get("aura_tenant") or getattr(principal, "tenant", None)
+                self.metrics.count_request(state.get("aura_adapter"), tenant, status)

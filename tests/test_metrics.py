@@ -1,0 +1,99 @@
+"""GET /metrics: the server's own families by adapter and tenant, plus vLLM's ``vllm:*`` families."""
+
+from __future__ import annotations
+
+import re
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from server.frontend import FrontendTimings
+from server.metrics import LATENCY_BUCKETS, OTHER, LabelCap, ServerMetrics
+from server.serving import RequestRecord
+
+
+def scrape(url: str) -> dict[str, list]:
+    r = httpx.get(f"{url}/metrics", timeout=10)
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/plain")
+    return {f.name: f.samples for f in text_string_to_metric_families(r.text)}
+
+
+def value(families: dict, name: str, sample: str | None = None, **labels: str) -> float:
+    sample = sample or name
+    for s in families.get(name, []):
+        if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items()):
+            return s.value
+    return 0.0
+
+
+def test_metrics_count_a_request_by_adapter_and_tenant(server, speech):
+    before = scrape(server.url)
+    wav = speech["capital"].read_bytes()
+    for stream in ("false", "true"):
+        r = httpx.post(f"{server.url}/v1/audio/chat", files={"file": ("q.wav", wav)},
+                       data={"adapter": "beta", "max_tokens": "6", "stream": stream}, timeout=120)
+        assert r.status_code == 200
+    bad = httpx.post(f"{server.url}/v1/audio/chat", files={"file": ("q.wav", wav)}, data={"adapter": "nope"})
+    assert bad.status_code == 404
+    after = scrape(server.url)
+    # No API keys configured: every request is the open tenant's.
+    tenant = next(s.labels["tenant"] for s in after["aura_requests"] if s.labels.get("adapter") == "beta")
+    lab = {"adapter": "beta", "tenant": tenant}
+
+    def delta(name: str, sample: str | None = None, **extra: str) -> float:
+        return value(after, name, sample, **lab, **extra) - value(before, name, sample, **lab, **extra)
+
+    assert delta("aura_requests", "aura_requests_total", code="200") == 2
+    assert value(after, "aura_requests", "aura_requests_total", adapter="nope", code="404") >= 1
+    assert delta("aura_generations", "aura_generations_total", outcome="ok") == 2
+    assert delta("aura_completion_tokens", "aura_completion_tokens_total") == 12
+    assert delta("aura_prompt_tokens", "aura_prompt_tokens_total") > 12
+    assert 2 * 1.5 < delta("aura_audio_seconds", "aura_audio_seconds_total") < 2 * 5
+    for hist in ("aura_request_duration_seconds", "aura_time_to_first_token_seconds",
+                 "aura_audio_decode_seconds", "aura_audio_features_seconds", "aura_audio_embed_seconds"):
+        assert delta(hist, f"{hist}_count") == 2, hist
+    assert delta("aura_inter_token_latency_seconds", "aura_inter_token_latency_seconds_count") == 2 * 5
+    assert delta("aura_queue_wait_seconds", "aura_queue_wait_seconds_count", stage="admission") == 2
+    assert delta("aura_queue_wait_seconds", "aura_queue_wait_seconds_count", stage="embed") == 2
+    # TTFT is at least the audio work, and never more than the whole request
+    ttft = delta("aura_time_to_first_token_seconds", "aura_time_to_first_token_seconds_sum")
+    e2e = delta("aura_request_duration_seconds", "aura_request_duration_seconds_sum")
+    assert 0 < ttft < e2e
+    buckets = {s.labels["le"] for s in after["aura_time_to_first_token_seconds"] if s.name.endswith("_bucket")}
+    assert {"0.0005", "80.0", "+Inf"} <= buckets
+    assert value(after, "aura_requests_in_flight") == 0
+    assert value(after, "aura_requests_queued") == 0
+    assert value(after, "aura_engine_requests_unfinished") == 0
+
+
+def test_vllm_families_are_on_the_same_endpoint(server, speech):
+    httpx.post(f"{server.url}/v1/audio/chat", files={"file": ("q.wav", speech["sky"].read_bytes())},
+               data={"adapter": "alpha", "max_tokens": "4"}, timeout=120)
+    text = httpx.get(f"{server.url}/metrics").text
+    for name in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:lora_requests_info",
+                 "vllm:time_to_first_token_seconds_count", "vllm:generation_tokens_total",
+                 "process_resident_memory_bytes"):
+        assert re.search(rf"^{re.escape(name)}[{{ ]", text, re.M), f"{name} missing"
+    # vLLM names adapters '<name>@<lora id>' in its LoRA info gauge
+    assert re.search(r'^vllm:lora_requests_info\{[^}]*running_lora_adapters="[^"]*alpha@', text, re.M) or \
+        re.search(r'^vllm:lora_requests_info\{[^}]*max_lora="\d+"', text, re.M)
+
+
+def test_label_values_are_bounded():
+    cap = LabelCap(2)
+    assert [cap(x) for x in ("a", "b", "c", "a", "d", None)] == ["a", "b", OTHER, "a", OTHER, OTHER]
+    m = ServerMetrics(max_label_values=3)
+    for i in range(50):
+        m.observe(RequestRecord(adapter=f"adapter-{i}", status="ok", prompt_tokens=10, completion_tokens=3,
+                                audio_seconds=1.0, ttft_s=0.05, e2e_s=0.1, itl_s=[0.01, 0.01],
+                                frontend=FrontendTimings(0.001, 0.002, 0.003, 0.004, batch_size=1),
+                                tenant=f"tenant-{i}", admission_wait_s=0.0))
+        m.count_request(f"adapter-{i}", f"tenant-{i}", 200)
+    fams = {f.name: f.samples for f in text_string_to_metric_families(m.render().decode())}
+    adapters = {s.labels["adapter"] for s in fams["aura_request_duration_seconds"]}
+    tenants = {s.labels["tenant"] for s in fams["aura_requests"]}
+    assert adapters == {"adapter-0", "adapter-1", "adapter-2", OTHER}
+    assert tenants == {"tenant-0", "tenant-1", "tenant-2", OTHER}
+    assert value(fams, "aura_requests", "aura_requests_total", adapter=OTHER, tenant=OTHER, code="200") == 47
+    assert LATENCY_BUCKETS[0] < 0.001 and LATENCY_BUCKETS[-1] >= 60
