@@ -33,7 +33,6 @@ Rank-0 variables are not weights but model options (``decoder/num_heads``, ``dec
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -53,6 +52,8 @@ from typing import Any
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+from adapters.adapter import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -161,19 +162,11 @@ def _atomic_dir(out_dir: Path, *, overwrite: bool) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _write_provenance(folder: Path, *, kind: str, source: Path, files: list[Path], extra: dict[str, Any]) -> None:
     record = {
         "converter": f"adapters.convert.{kind}",
         "source": str(source),
-        "source_files": {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files},
+        "source_files": {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in files},
         "converted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **extra,
     }

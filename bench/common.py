@@ -70,8 +70,19 @@ class RunStats:
         }
 
 
+class StreamFailed(Exception):
+    """A streamed request that did not end in ``[DONE]``; ``reason`` is a short tally key."""
+
+    def __init__(self, reason: str, status: int = 0, retry_after: float = 0.0) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.status = status
+        self.retry_after = retry_after
+
+
 async def stream_http(client: httpx.AsyncClient, wav: bytes, adapter: str | None, max_tokens: int,
                       headers: dict[str, str] | None = None) -> StreamResult:
+    """One streamed /v1/audio/chat request, timed per token; raises :class:`StreamFailed`."""
     data = {"stream": "true", "max_tokens": str(max_tokens), "return_token_ids": "true"}
     if adapter:
         data["adapter"] = adapter
@@ -79,13 +90,21 @@ async def stream_http(client: httpx.AsyncClient, wav: bytes, adapter: str | None
     first = last = None
     itl: list[float] = []
     tokens = 0
+    done = False
     async with client.stream("POST", "/v1/audio/chat", files={"file": ("q.wav", wav)}, data=data,
                              headers=headers) as r:
-        r.raise_for_status()
+        if r.status_code != 200:
+            await r.aread()
+            raise StreamFailed(f"http_{r.status_code}", r.status_code, float(r.headers.get("retry-after", "0")))
         async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
+            if not line.startswith("data: "):
+                continue
+            if line == "data: [DONE]":
+                done = True
                 continue
             chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise StreamFailed(f"stream_{chunk['error'].get('code')}")
             n = sum(len(c.get("token_ids") or []) for c in chunk.get("choices", []))
             if not n:
                 continue
@@ -96,6 +115,8 @@ async def stream_http(client: httpx.AsyncClient, wav: bytes, adapter: str | None
                 itl.append((now - last) / n)
             last = now
             tokens += n
+    if not done:
+        raise StreamFailed("stream_truncated")
     end = time.perf_counter()
     return StreamResult(ttft_s=(first or end) - t0, itl_s=itl, tokens=tokens, total_s=end - t0)
 

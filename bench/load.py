@@ -25,7 +25,7 @@ from urllib.parse import urlparse
 
 import httpx
 
-from bench.common import make_clips, pct
+from bench.common import StreamFailed, make_clips, pct, stream_http
 
 _RSS = re.compile(r"^process_resident_memory_bytes ([0-9.e+]+)$", re.M)
 
@@ -44,54 +44,22 @@ class Tally:
 async def one_request(client: httpx.AsyncClient, wav: bytes, adapter: str, max_tokens: int, tally: Tally,
                       tenant: str) -> float:
     """One streamed request; returns how long to back off (Retry-After on 429, else 0)."""
-    data = {"stream": "true", "max_tokens": str(max_tokens), "return_token_ids": "true", "adapter": adapter}
-    t0 = time.perf_counter()
-    first = last = None
-    tokens = 0
-    itl: list[float] = []
     try:
-        async with client.stream("POST", "/v1/audio/chat", files={"file": ("q.wav", wav)}, data=data,
-                                 headers={"X-Tenant": tenant}) as r:
-            if r.status_code == 429:
-                tally.throttled += 1
-                await r.aread()
-                return float(r.headers.get("retry-after", "1"))
-            if r.status_code != 200:
-                tally.errors[f"http_{r.status_code}"] += 1
-                await r.aread()
-                return 0.5
-            done = False
-            async for line in r.aiter_lines():
-                if not line.startswith("data: "):
-                    continue
-                if line == "data: [DONE]":
-                    done = True
-                    continue
-                chunk = json.loads(line[6:])
-                if "error" in chunk:
-                    tally.errors[f"stream_{chunk['error'].get('code')}"] += 1
-                    return 0.5
-                n = sum(len(c.get("token_ids") or []) for c in chunk.get("choices", []))
-                if not n:
-                    continue
-                now = time.perf_counter()
-                if first is None:
-                    first = now
-                else:
-                    itl.append((now - last) / n)
-                last = now
-                tokens += n
-            if not done:
-                tally.errors["stream_truncated"] += 1
-                return 0.5
+        result = await stream_http(client, wav, adapter, max_tokens, headers={"X-Tenant": tenant})
+    except StreamFailed as e:
+        if e.status == 429:
+            tally.throttled += 1
+            return e.retry_after or 1.0
+        tally.errors[e.reason] += 1
+        return 0.5
     except httpx.HTTPError as e:
         tally.errors[type(e).__name__] += 1
         return 0.5
     tally.served += 1
-    tally.tokens += tokens
-    if first is not None:
-        tally.ttft.append(first - t0)
-    tally.itl.extend(itl)
+    tally.tokens += result.tokens
+    if result.tokens:
+        tally.ttft.append(result.ttft_s)
+    tally.itl.extend(result.itl_s)
     return 0.0
 
 

@@ -43,7 +43,7 @@ def tenancy(tmp_path) -> Tenancy:
 
 
 def test_keys_map_to_tenants_hashed_or_plain(tenancy):
-    assert tenancy.authenticate(f"Bearer acme-key").tenant == "acme"
+    assert tenancy.authenticate("Bearer acme-key").tenant == "acme"
     assert tenancy.authenticate("Bearer acme-plain-key").tenant == "acme"
     assert tenancy.authenticate("bearer   globex-key ").tenant == "globex"
     root = tenancy.authenticate("Bearer root-key")

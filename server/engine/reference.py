@@ -11,7 +11,6 @@ import asyncio
 import logging
 import threading
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import torch
