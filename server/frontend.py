@@ -1,10 +1,11 @@
 """Audio front end: decode -> log-mel -> the adapter's audio layer, micro-batched per adapter.
 
 Decoding runs per request on the default thread pool (it is I/O-shaped and releases the GIL in
-FFmpeg). Features and the audio layer run batched: requests for the same adapter version that
-arrive within ``window_ms`` of each other share one log-mel + one audio-layer forward on a
-single dedicated thread, so a burst of N clips costs about one forward, and torch work in this
-process never fights the engine for cores. Batching cannot change results: the layer and the
+FFmpeg). Features and the audio layer run batched on a single dedicated thread, so torch work in
+this process never fights the engine for cores. Batching is adaptive, like continuous batching:
+when the thread is idle a clip runs at once (no added latency at low load); while a batch runs,
+clips for the same adapter version queue up and go together as the next batch (a burst of N
+clips costs about one forward). ``window_ms`` only caps how long a queued clip may wait. Batching cannot change results: the layer and the
 features mask each example to its own length (tested).
 """
 
@@ -57,6 +58,7 @@ class AudioFrontend:
         self._pending: dict[int, list[_Pending]] = {}
         self._flushers: dict[int, asyncio.TimerHandle] = {}
         self._adapters: dict[int, AuraAdapter] = {}
+        self._running = 0  # batches submitted to the torch thread and not finished
 
     def close(self) -> None:
         self._torch_pool.shutdown(wait=False, cancel_futures=True)
@@ -77,7 +79,7 @@ class AudioFrontend:
         item = _Pending(samples, loop.create_future())
         queue = self._pending.setdefault(key, [])
         queue.append(item)
-        if len(queue) >= self.max_batch:
+        if len(queue) >= self.max_batch or self._running == 0:
             self._flush(key)
         elif key not in self._flushers:
             self._flushers[key] = loop.call_later(self.window_s, self._flush, key)
@@ -92,9 +94,14 @@ class AudioFrontend:
             return
         adapter = self._adapters.pop(key)
         loop = asyncio.get_running_loop()
+        self._running += 1
         work = loop.run_in_executor(self._torch_pool, self._run_batch, adapter, [p.samples for p in batch])
 
         def done(fut: asyncio.Future) -> None:
+            self._running -= 1
+            if self._running == 0:
+                for waiting in list(self._pending):
+                    self._flush(waiting)
             exc = fut.exception()
             for i, p in enumerate(batch):
                 if p.future.done():
