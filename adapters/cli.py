@@ -1,0 +1,185 @@
+"""Training-side subcommands of ``aura``: train, eval, data (responses, demo), models (demo).
+
+``server/cli.py`` owns the ``aura`` entry point and calls :func:`add_commands`. Heavy imports
+(torch, transformers, vLLM) happen inside the command functions so ``aura --help`` stays fast.
+Progress goes to stderr; each command's last stdout line is one JSON object for scripts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import typing
+from pathlib import Path
+from typing import Any
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, default=str), flush=True)
+
+
+def _demo_paths() -> tuple[Path, Path]:
+    from adapters.models import DEMO_LLM_NAME, DEMO_TEACHER_NAME, demo_models_dir
+
+    root = demo_models_dir()
+    return root / DEMO_LLM_NAME, root / DEMO_TEACHER_NAME
+
+
+def _model_or_demo(path: str | None, which: str) -> Path:
+    """An explicit path, else the prepared demo model (with a hint if it is not prepared yet)."""
+    if path:
+        return Path(path)
+    llm, teacher = _demo_paths()
+    chosen = llm if which == "llm" else teacher
+    if not (chosen / "config.json").is_file():
+        raise SystemExit(f"no --{'model' if which == 'llm' else 'teacher'} given and the demo model is not at {chosen}; "
+                         "run `aura models demo` first or pass a path")
+    return chosen
+
+
+# ---------------------------------------------------------------------------- train
+def _add_config_overrides(parser: argparse.ArgumentParser) -> None:
+    from adapters.training.config import TrainConfig
+
+    for name, info in TrainConfig.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        help_ = info.description or ""
+        if info.annotation is bool:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_)
+        else:
+            parser.add_argument(flag, dest=name, default=None, metavar=name.upper(), help=help_)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from adapters.training.config import TrainConfig, load_train_config
+    from adapters.training.trainer import ConfigError, Trainer
+
+    overrides = {k: getattr(args, k) for k in TrainConfig.model_fields if getattr(args, k, None) is not None}
+    try:
+        config = load_train_config(Path(args.config) if args.config else None, overrides)
+        trainer = Trainer(config)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"aura train: {e}", file=sys.stderr)
+        return 2
+    result = trainer.run()
+    _print_json({"adapter": str(result.output), "steps": result.steps, "final": result.final,
+                 "eval": result.eval, "steps_per_s": round(result.steps_per_s, 4)})
+    return 0
+
+
+# ----------------------------------------------------------------------------- eval
+def cmd_eval(args: argparse.Namespace) -> int:
+    from adapters.training.evaluate import EvalOptions, run_eval
+
+    model = _model_or_demo(args.model, "llm")
+    teacher = None if args.no_cascade else _model_or_demo(args.teacher, "teacher")
+    opts = EvalOptions(manifest=Path(args.manifest), adapter=Path(args.adapter) if args.adapter else None,
+                       model=model, teacher=teacher, limit=args.limit, max_tokens=args.max_tokens,
+                       threads=args.threads, transcribe_prompt=args.transcribe_prompt,
+                       reference=args.reference, progress=not args.quiet, details=Path(args.details) if args.details else None)
+    result = run_eval(opts)
+    _print_json(result)
+    return 0
+
+
+# ----------------------------------------------------------------------------- data
+def cmd_data_responses(args: argparse.Namespace) -> int:
+    from adapters.training.responses import fill_responses
+
+    model = _model_or_demo(args.model, "llm")
+    n = fill_responses(Path(args.manifest), model, out=Path(args.out) if args.out else None,
+                       max_tokens=args.max_tokens, overwrite=args.overwrite)
+    _print_json({"manifest": str(args.out or args.manifest), "filled": n})
+    return 0
+
+
+def cmd_data_demo(args: argparse.Namespace) -> int:
+    from adapters.models import aura_home
+    from adapters.training.demo_data import make_demo_data
+
+    out = Path(args.out) if args.out else aura_home() / "demo_data"
+    paths = make_demo_data(out, n_train=args.train, n_heldout=args.heldout, seed=args.seed, workers=args.workers)
+    filled = {}
+    if not args.no_responses:
+        from adapters.training.responses import fill_responses
+
+        model = _model_or_demo(args.model, "llm")
+        for split, p in paths.items():
+            filled[split] = fill_responses(p, model, max_tokens=args.max_tokens)
+    _print_json({"out": str(out), **{k: str(v) for k, v in paths.items()}, "responses_filled": filled})
+    return 0
+
+
+# --------------------------------------------------------------------------- models
+def cmd_models_demo(args: argparse.Namespace) -> int:
+    from adapters.models import prepare_demo_models
+
+    models = prepare_demo_models(Path(args.home) if args.home else None, force=args.force, progress=not args.quiet)
+    _print_json({"llm": str(models.llm), "teacher": str(models.teacher)})
+    return 0
+
+
+def add_commands(subparsers: Any) -> None:
+    """Register train / eval / data / models on the ``aura`` parser's subparsers."""
+    p = subparsers.add_parser("train", help="train an AuRA adapter (distillation from a Whisper teacher)",
+                              description="Every config field can be given in --config YAML and overridden here.")
+    p.add_argument("--config", help="YAML file with TrainConfig fields")
+    _add_config_overrides(p)
+    p.set_defaults(func=cmd_train)
+
+    p = subparsers.add_parser("eval", help="AuRA adapter vs ASR->LLM cascade: WER, answer agreement, latency")
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--adapter", help="AuRA adapter directory (omit to evaluate the cascade only)")
+    p.add_argument("--model", help="base LLM folder (default: the demo model)")
+    p.add_argument("--teacher", help="Whisper folder for the cascade baseline (default: the demo teacher)")
+    p.add_argument("--no-cascade", action="store_true", help="skip the cascade baseline")
+    p.add_argument("--limit", type=int, default=None, help="evaluate the first N rows only")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--transcribe-prompt", default=None, help="default: the adapter's training prompt")
+    p.add_argument("--reference", choices=("engine", "manifest"), default="engine",
+                   help="qa reference answers: recomputed by the same engine from the transcript, or the manifest's response")
+    p.add_argument("--details", help="write per-clip results as JSONL here")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+    data = subparsers.add_parser("data", help="training data tools")
+    dsub = data.add_subparsers(dest="data_command", required=True)
+    p = dsub.add_parser("responses", help="fill qa rows' response with the base LLM's own answer (vLLM)")
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--model", help="base LLM folder (default: the demo model)")
+    p.add_argument("--out", help="write here instead of rewriting the manifest")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--overwrite", action="store_true", help="also refill rows that already have a response")
+    p.set_defaults(func=cmd_data_responses)
+    p = dsub.add_parser("demo", help="make a spoken demo corpus with espeak-ng (+ responses)")
+    p.add_argument("--out", help="default: $AURA_HOME/demo_data")
+    p.add_argument("--train", type=int, default=1200)
+    p.add_argument("--heldout", type=int, default=80)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--model", help="LLM for responses (default: the demo model)")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--no-responses", action="store_true")
+    p.set_defaults(func=cmd_data_demo)
+
+    models = subparsers.add_parser("models", help="model preparation")
+    msub = models.add_subparsers(dest="models_command", required=True)
+    p = msub.add_parser("demo", help="convert the demo student (SmolLM2-135M-Instruct) and teacher (Whisper tiny.en)")
+    p.add_argument("--home", help="default: $AURA_HOME or ~/.cache/aura")
+    p.add_argument("--force", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_models_demo)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry (``python -m adapters.cli``) until/besides ``server/cli.py``."""
+    parser = argparse.ArgumentParser(prog="aura")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

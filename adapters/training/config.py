@@ -1,0 +1,146 @@
+"""What a training run is: one pydantic model, loadable from YAML, every field a CLI override.
+
+A run is fully described by this object (plus the data it points at), which is why it is stored
+in each checkpoint: resuming with a different config would silently train something else, so
+the trainer refuses it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
+
+from adapters.adapter import DEFAULT_TARGETS
+
+DistillLoss = Literal["cosine", "mse", "none"]
+Precision = Literal["fp32", "bf16"]
+
+
+class TrainConfig(BaseModel):
+    """Settings of one AuRA training run (paths are resolved relative to the YAML file)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # --- models and data
+    student: Path = Field(..., description="Local HF causal LM folder (Llama/Qwen2/Mistral).")
+    teacher: Path = Field(..., description="Local HF Whisper folder; only its encoder is used.")
+    manifest: Path = Field(..., description="JSONL: audio, task (transcribe|qa), text, [prompt], [response].")
+    eval_manifest: Path | None = Field(None, description="Held-out JSONL for periodic evaluation loss.")
+    output: Path = Field(..., description="Where the finished adapter directory is written.")
+    work_dir: Path | None = Field(None, description="Checkpoints and logs; default <output>.work.")
+    teacher_cache: Path | None = Field(None, description="Per-clip teacher targets; default <work_dir>/teacher_cache.")
+    init_from: Path | None = Field(None, description="Start from an existing AuRA adapter instead of a fresh one.")
+
+    # --- LoRA
+    lora_rank: PositiveInt = 8
+    lora_alpha: float = 16.0
+    lora_targets: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGETS))
+    lora_layers: list[int] | None = Field(None, description="Student layers that get LoRA; None = all.")
+
+    # --- audio layer
+    stack_factor: int = Field(4, ge=1, le=32)
+    conv_channels: int | None = Field(None, description="Default: the teacher's width, so its stem can initialise ours.")
+
+    # --- distillation
+    layer_map: dict[int, int] | None = Field(
+        None, description="student layer -> teacher layer (0-based outputs of each block). "
+        "Default: teacher layers spread over the student's first third.")
+    distill_loss: DistillLoss = "cosine"
+    distill_weight: float = Field(1.0, ge=0.0)
+
+    # --- targets
+    transcribe_prompt: str = "Transcribe the audio."
+    max_response_tokens: PositiveInt = 64
+
+    # --- optimisation
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    warmup_steps: int = Field(20, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    grad_clip: float = Field(1.0, gt=0.0)
+    steps: PositiveInt = 500
+    batch_size: PositiveInt = 8
+    precision: Precision = "fp32"
+    device: str = Field("auto", description="auto = cuda if present, else cpu.")
+    threads: int | None = Field(None, description="torch CPU threads (None = torch default).")
+    seed: int = 0
+
+    # --- bookkeeping
+    log_every: PositiveInt = 10
+    eval_every: int = Field(100, ge=0, description="0 disables periodic evaluation.")
+    eval_examples: PositiveInt = 32
+    save_every: int = Field(100, ge=0, description="Checkpoint interval in steps; 0 = only at the end.")
+    keep_checkpoints: PositiveInt = 2
+    resume: bool = Field(True, description="Continue from the newest checkpoint in work_dir if there is one.")
+    progress: bool = Field(True, description="tqdm progress bar on stderr.")
+
+    @field_validator("layer_map", mode="before")
+    @classmethod
+    def _parse_layer_map(cls, value: Any) -> Any:
+        """Accept {s: t}, [[s, t], ...] or "s:t,s:t" (the CLI form)."""
+        if value is None or isinstance(value, dict):
+            return value
+        if isinstance(value, str):
+            pairs = [p.split(":") for p in value.replace(" ", "").split(",") if p]
+            return {int(s): int(t) for s, t in pairs}
+        return {int(s): int(t) for s, t in value}
+
+    @field_validator("lora_targets", mode="before")
+    @classmethod
+    def _split_targets(cls, value: Any) -> Any:
+        return value.split(",") if isinstance(value, str) else value
+
+    @field_validator("lora_layers", mode="before")
+    @classmethod
+    def _split_layers(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [int(v) for v in value.split(",") if v]
+        return value
+
+    @property
+    def resolved_work_dir(self) -> Path:
+        return self.work_dir or self.output.with_name(self.output.name + ".work")
+
+    @property
+    def resolved_teacher_cache(self) -> Path:
+        return self.teacher_cache or self.resolved_work_dir / "teacher_cache"
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def fingerprint(self) -> str:
+        """Hash of what changes the optimisation trajectory (not bookkeeping like log_every)."""
+        skip = {"log_every", "eval_every", "eval_examples", "save_every", "keep_checkpoints", "resume",
+                "progress", "threads", "output", "work_dir", "teacher_cache", "steps"}
+        data = {k: v for k, v in json.loads(self.model_dump_json()).items() if k not in skip}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_train_config(path: Path | None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """YAML (relative paths resolved against its folder) + overrides (relative to the cwd)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"training config {path} does not exist")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: expected a mapping of settings at the top level")
+        base = path.resolve().parent
+        for key in ("student", "teacher", "manifest", "eval_manifest", "output", "work_dir", "teacher_cache", "init_from"):
+            if loaded.get(key) is not None and not Path(loaded[key]).expanduser().is_absolute():
+                loaded[key] = str(base / Path(loaded[key]).expanduser())
+        data.update(loaded)
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            data[key] = value
+    return TrainConfig.model_validate(data)

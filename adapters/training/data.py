@@ -1,0 +1,188 @@
+"""Manifest rows -> training examples, laid out exactly as the server lays out a request.
+
+The prompt comes from :func:`adapters.prompt.build_prompt` with the adapter's own
+:class:`PromptLayout` and ``user_turn`` (audio, then optional text), so the token sequence the
+LoRA is trained on is the one vLLM later sees. The answer tokens follow the generation prompt
+and end with the tokenizer's end-of-turn token, so the adapter learns to stop.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from adapters.audio import load_audio_file
+from adapters.audio_layer import AudioLayerConfig
+from adapters.features import FeatureConfig, log_mel
+from adapters.prompt import PromptLayout, build_prompt, user_turn
+
+
+class ManifestRow(BaseModel):
+    """One JSONL line. ``audio`` is relative to the manifest; extra keys (voice, split...) are kept."""
+
+    model_config = ConfigDict(extra="allow")
+
+    audio: str
+    task: Literal["transcribe", "qa"]
+    text: str
+    prompt: str | None = None
+    response: str | None = None
+
+    def audio_path(self, manifest_dir: Path) -> Path:
+        p = Path(self.audio).expanduser()
+        return p if p.is_absolute() else manifest_dir / p
+
+
+def read_manifest(path: str | Path, *, check_audio: bool = True) -> list[ManifestRow]:
+    """Parse and check a manifest up front, so a typo fails in a second, not an hour into training."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"manifest {path} does not exist")
+    rows: list[ManifestRow] = []
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = ManifestRow.model_validate(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
+        except ValidationError as e:
+            first = e.errors()[0]
+            raise ValueError(f"{path}:{lineno}: field '{'.'.join(map(str, first['loc']))}': {first['msg']}") from e
+        if check_audio and not row.audio_path(path.parent).is_file():
+            raise FileNotFoundError(f"{path}:{lineno}: audio file {row.audio_path(path.parent)} does not exist")
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"manifest {path} has no rows")
+    return rows
+
+
+def write_manifest(path: str | Path, rows: list[ManifestRow]) -> None:
+    """Atomic rewrite (temp + rename) so an interrupted ``aura data responses`` never truncates data."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(r.model_dump_json(exclude_none=True) + "\n" for r in rows))
+    tmp.replace(path)
+
+
+def row_prompt_text(row: ManifestRow, transcribe_prompt: str) -> str | None:
+    """The text that follows the audio in the user turn: fixed for transcription, optional for QA."""
+    if row.task == "transcribe":
+        return row.prompt or transcribe_prompt
+    return row.prompt
+
+
+def row_target(row: ManifestRow, where: str) -> str:
+    if row.task == "transcribe":
+        return row.text
+    if row.response is None:
+        raise ValueError(f"{where}: qa row has no 'response'; fill it with `aura data responses --manifest ...`")
+    return row.response
+
+
+def text_question(row: ManifestRow) -> str:
+    """What the base LLM is asked for a qa row's reference answer: the transcript in place of the audio."""
+    return row.text if not row.prompt else row.text + "\n" + row.prompt
+
+
+@dataclass
+class Example:
+    """One clip ready for the student: features, prompt ids with the audio span, answer ids."""
+
+    index: int
+    key: str  # stable per clip, used for the teacher cache
+    audio_path: Path
+    features: torch.Tensor  # (n_mels, frames)
+    num_frames: int
+    num_audio_tokens: int
+    prompt_ids: list[int]
+    audio_start: int
+    target_ids: list[int]
+    task: str
+
+
+def end_of_turn_id(tokenizer: Any) -> int:
+    """The token that ends an assistant turn (``<|im_end|>`` for ChatML models): what generation stops on."""
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the student's tokenizer has no eos token; the adapter could not learn to stop")
+    return int(tokenizer.eos_token_id)
+
+
+def build_example(
+    index: int, row: ManifestRow, manifest_dir: Path, *, tokenizer: Any, layout: PromptLayout,
+    features: FeatureConfig, audio_layer: AudioLayerConfig, transcribe_prompt: str, max_response_tokens: int,
+    samples: torch.Tensor | None = None,
+) -> Example:
+    path = row.audio_path(manifest_dir)
+    if samples is None:
+        samples = torch.from_numpy(load_audio_file(path, sample_rate=features.sample_rate).samples.copy())
+    feats, frames = log_mel([samples.float()], features)
+    n_frames = int(frames[0])
+    if n_frames == 0:
+        raise ValueError(f"{path}: clip is shorter than one feature frame")
+    n_tok = audio_layer.num_tokens(n_frames)
+    prompt = build_prompt(tokenizer, layout, [user_turn(n_tok, row_prompt_text(row, transcribe_prompt))])
+    target = tokenizer.encode(row_target(row, str(path)), add_special_tokens=False)[:max_response_tokens - 1]
+    target.append(end_of_turn_id(tokenizer))
+    stat = path.stat()
+    return Example(
+        index=index, key=f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}", audio_path=path,
+        features=feats[0, :, :n_frames].contiguous(), num_frames=n_frames, num_audio_tokens=n_tok,
+        prompt_ids=prompt.token_ids, audio_start=prompt.audio_spans[0][0], target_ids=target, task=row.task,
+    )
+
+
+@dataclass
+class Batch:
+    """Right-padded batch. Right padding keeps every example's positions and causal mask identical
+    to serving it alone, so padding never changes what an example is trained on."""
+
+    input_ids: torch.Tensor  # (B, L) with placeholder ids at audio positions
+    attention_mask: torch.Tensor  # (B, L)
+    labels: torch.Tensor  # (B, L) next-token targets aligned to positions (-100 = ignored)
+    features: torch.Tensor  # (B, n_mels, T)
+    frame_lengths: torch.Tensor  # (B,)
+    audio_starts: torch.Tensor  # (B,)
+    audio_tokens: torch.Tensor  # (B,)
+    teacher: torch.Tensor | None  # (B, n_layers, N, d_teacher) pooled teacher states, zero past audio_tokens
+
+    def to(self, device: str | torch.device) -> "Batch":
+        return Batch(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()})
+
+
+def collate(examples: list[Example], pad_id: int, teacher: list[torch.Tensor] | None = None) -> Batch:
+    seqs = [e.prompt_ids + e.target_ids for e in examples]
+    length = max(len(s) for s in seqs)
+    b = len(examples)
+    input_ids = torch.full((b, length), pad_id, dtype=torch.long)
+    mask = torch.zeros((b, length), dtype=torch.long)
+    labels = torch.full((b, length), -100, dtype=torch.long)
+    for i, (e, s) in enumerate(zip(examples, seqs)):
+        input_ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+        p = len(e.prompt_ids)
+        # position p-1 (last prompt token) predicts the first answer token, and so on
+        labels[i, p - 1 : p - 1 + len(e.target_ids)] = torch.tensor(e.target_ids)
+    frames = max(e.num_frames for e in examples)
+    n_mels = examples[0].features.shape[0]
+    feats = torch.zeros((b, n_mels, frames))
+    for i, e in enumerate(examples):
+        feats[i, :, : e.num_frames] = e.features
+    teach = None
+    if teacher is not None:
+        n_tok = max(e.num_audio_tokens for e in examples)
+        n_layers, _, width = teacher[0].shape
+        teach = torch.zeros((b, n_layers, n_tok, width))
+        for i, t in enumerate(teacher):
+            teach[i, :, : t.shape[1]] = t.float()
+    return Batch(
+        input_ids=input_ids, attention_mask=mask, labels=labels, features=feats,
+        frame_lengths=torch.tensor([e.num_frames for e in examples]),
+        audio_starts=torch.tensor([e.audio_start for e in examples]),
+        audio_tokens=torch.tensor([e.num_audio_tokens for e in examples]), teacher=teach,
+    )

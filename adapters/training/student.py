@@ -1,0 +1,121 @@
+"""The student: the base LLM with LoRA, the adapter's audio layer, and the distillation heads.
+
+Audio vectors replace the placeholder embeddings at the positions ``build_prompt`` reserved, the
+LLM runs with its ordinary causal mask, and forward hooks read the chosen decoder blocks'
+outputs at those positions for the heads (RMSNorm + Linear to the teacher's width, as in VoRA).
+The heads exist only for training; the exported adapter is LoRA + audio layer, nothing else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from adapters.audio_layer import AudioEmbedding
+from adapters.training.data import Batch
+
+
+class DistillHead(nn.Module):
+    """Maps student hidden states to the teacher's width; RMSNorm first because the LLM's residual
+    stream has a very different (and growing) scale from the teacher's."""
+
+    def __init__(self, hidden: int, width: int) -> None:
+        super().__init__()
+        self.norm = nn.RMSNorm(hidden, eps=1e-6)
+        self.proj = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.norm(x))
+
+
+@dataclass
+class StudentOutput:
+    answer_logits: torch.Tensor  # (n_answer_tokens, V)
+    answer_targets: torch.Tensor  # (n_answer_tokens,)
+    audio_hidden: dict[int, torch.Tensor]  # student layer -> (B, N, hidden) at audio positions
+    audio_mask: torch.Tensor  # (B, N) bool
+
+
+def decoder_layers(causal_lm: Any) -> nn.ModuleList:
+    """The list of decoder blocks of a Llama/Qwen2/Mistral-style model (``model.layers``)."""
+    inner = getattr(causal_lm, "model", None)
+    layers = getattr(inner, "layers", None)
+    if layers is None:
+        raise ValueError(f"{type(causal_lm).__name__} has no model.layers; use a Llama/Qwen2/Mistral-style causal LM")
+    return layers
+
+
+class AuraStudent(nn.Module):
+    def __init__(self, peft_model: Any, audio_layer: AudioEmbedding, heads: dict[int, DistillHead]) -> None:
+        super().__init__()
+        self.peft_model = peft_model
+        self.audio_layer = audio_layer
+        self.heads = nn.ModuleDict({str(k): v for k, v in heads.items()})
+        self.layer_ids = sorted(heads)
+
+    @property
+    def causal_lm(self) -> Any:
+        """The transformers model with LoRA layers injected (PEFT's wrapped model)."""
+        return self.peft_model.get_base_model()
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in self.named_parameters() if p.requires_grad}
+
+    def embed(self, input_ids: torch.Tensor, features: torch.Tensor, frame_lengths: torch.Tensor,
+              audio_starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token embeddings with the audio vectors written over each example's audio span."""
+        embeds = self.causal_lm.get_input_embeddings()(input_ids)
+        audio, n_tok = self.audio_layer(features, frame_lengths)
+        audio = audio.to(embeds.dtype)
+        embeds = embeds.clone()
+        for b in range(input_ids.shape[0]):
+            s, n = int(audio_starts[b]), int(n_tok[b])
+            embeds[b, s : s + n] = audio[b, :n]
+        return embeds, n_tok
+
+    def forward(self, batch: Batch) -> StudentOutput:
+        embeds, n_tok = self.embed(batch.input_ids, batch.features, batch.frame_lengths, batch.audio_starts)
+        captured: dict[int, torch.Tensor] = {}
+        blocks = decoder_layers(self.causal_lm)
+        hooks = []
+        for layer in self.layer_ids:
+            def hook(_m: nn.Module, _inp: Any, out: Any, layer: int = layer) -> None:
+                captured[layer] = out[0] if isinstance(out, tuple) else out
+            hooks.append(blocks[layer].register_forward_hook(hook))
+        try:
+            out = self.causal_lm.model(inputs_embeds=embeds, attention_mask=batch.attention_mask, use_cache=False)
+        finally:
+            for h in hooks:
+                h.remove()
+        # The LM head only where there is an answer token: it is the largest matmul per position.
+        sel = batch.labels != -100
+        logits = self.causal_lm.lm_head(out.last_hidden_state[sel])
+        n_max = int(n_tok.max())
+        mask = torch.arange(n_max, device=n_tok.device)[None, :] < n_tok[:, None]
+        audio_hidden: dict[int, torch.Tensor] = {}
+        for layer, h in captured.items():
+            rows = [torch.nn.functional.pad(h[b, int(s) : int(s) + int(n)], (0, 0, 0, n_max - int(n)))
+                    for b, (s, n) in enumerate(zip(batch.audio_starts, n_tok))]
+            audio_hidden[layer] = torch.stack(rows)
+        return StudentOutput(logits, batch.labels[sel], audio_hidden, mask)
+
+    @torch.inference_mode()
+    def greedy(self, prompt_ids: list[int], audio_start: int, features: torch.Tensor, num_frames: int,
+               *, max_new_tokens: int, eos_ids: set[int]) -> list[int]:
+        """Greedy decoding with a KV cache, step for step what the reference engine does."""
+        device = next(self.audio_layer.parameters()).device
+        ids = torch.tensor([prompt_ids], device=device)
+        embeds, _ = self.embed(ids, features[None].to(device), torch.tensor([num_frames], device=device),
+                               torch.tensor([audio_start], device=device))
+        lm = self.peft_model
+        out = lm(inputs_embeds=embeds, use_cache=True)
+        tokens: list[int] = []
+        while True:
+            token = int(torch.argmax(out.logits[0, -1].float()))
+            tokens.append(token)
+            if token in eos_ids or len(tokens) >= max_new_tokens:
+                return tokens
+            out = lm(input_ids=torch.tensor([[token]], device=device), past_key_values=out.past_key_values, use_cache=True)

@@ -1,0 +1,119 @@
+"""The frozen Whisper teacher: encoder hidden states at chosen layers, aligned to audio tokens.
+
+Whisper's encoder sees every clip padded to 30 s (it has fixed position embeddings) and emits
+one frame per two mel frames. The student has one audio token per ``2 * stack_factor`` mel
+frames, so the teacher's *valid* frames are average-pooled in groups of ``stack_factor`` (the
+last group over the frames it has): token i of the student is compared with exactly the span
+of audio it was built from. The teacher is frozen, so its targets are a pure function of
+(clip, teacher, layers, stack factor) and are cached per clip on disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from adapters.features import FeatureConfig, log_mel
+
+
+@dataclass
+class TeacherInfo:
+    path: Path
+    width: int
+    num_layers: int
+    n_mels: int
+    input_frames: int  # mel frames the encoder expects (2 * max_source_positions)
+    fingerprint: str
+
+
+def teacher_info(path: str | Path) -> TeacherInfo:
+    """Read the teacher's shape from config.json without loading weights (for early config checks)."""
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"teacher {path}: not a model folder (no config.json)")
+    cfg = json.loads(cfg_file.read_text())
+    if cfg.get("model_type") != "whisper":
+        raise ValueError(f"teacher {path}: model_type is {cfg.get('model_type')!r}; a Whisper model is required")
+    h = hashlib.sha256(cfg_file.read_bytes())
+    for w in sorted(path.glob("*.safetensors")):
+        h.update(f"{w.name}:{w.stat().st_size}".encode())
+        with open(w, "rb") as f:
+            h.update(f.read(1 << 20))
+    return TeacherInfo(
+        path=path, width=int(cfg["d_model"]), num_layers=int(cfg["encoder_layers"]),
+        n_mels=int(cfg.get("num_mel_bins", 80)), input_frames=2 * int(cfg.get("max_source_positions", 1500)),
+        fingerprint="sha256:" + h.hexdigest()[:32],
+    )
+
+
+def load_teacher_encoder(path: str | Path, device: str | torch.device = "cpu") -> Any:
+    """The encoder half of a Whisper checkpoint, frozen, eval mode, float32."""
+    from transformers import WhisperModel
+
+    model = WhisperModel.from_pretrained(str(path), dtype=torch.float32)
+    encoder = model.get_encoder().to(device).eval().requires_grad_(False)
+    return encoder
+
+
+def pool_frames(hidden: torch.Tensor, valid: int, group: int) -> torch.Tensor:
+    """(T, d) teacher frames -> (ceil(valid / group), d) means over consecutive groups of valid frames."""
+    x = hidden[:valid]
+    n = -(-valid // group)
+    pad = n * group - valid
+    counts = torch.full((n,), float(group), device=x.device)
+    if pad:
+        x = torch.nn.functional.pad(x, (0, 0, 0, pad))
+        counts[-1] = group - pad
+    return x.reshape(n, group, -1).sum(1) / counts[:, None]
+
+
+@torch.no_grad()
+def teacher_targets(
+    encoder: Any, samples: list[torch.Tensor], layers: list[int], *, stack_factor: int,
+    features: FeatureConfig, input_frames: int,
+) -> list[torch.Tensor]:
+    """Per clip: (len(layers), num_audio_tokens, width) pooled outputs of encoder blocks ``layers`` (0-based)."""
+    device = next(encoder.parameters()).device
+    feats, frames = log_mel([s.float() for s in samples], features, pad_to_frames=input_frames)
+    out = encoder(feats.to(device), output_hidden_states=True)
+    hs = out.hidden_states  # embeddings, then each block's output
+    result = []
+    for b, n_frames in enumerate(frames.tolist()):
+        valid = (int(n_frames) + 1) // 2  # Whisper's conv2 has stride 2, same as the student stem
+        result.append(torch.stack([pool_frames(hs[layer + 1][b], valid, stack_factor) for layer in layers]).cpu())
+    return result
+
+
+class TeacherCache:
+    """Pooled teacher targets per clip as small safetensors files; keyed so a stale entry is never used."""
+
+    def __init__(self, root: Path, info: TeacherInfo, layers: list[int], stack_factor: int,
+                 features: FeatureConfig) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.salt = json.dumps([info.fingerprint, layers, stack_factor, features.model_dump()], sort_keys=True)
+
+    def path(self, clip_key: str) -> Path:
+        return self.root / (hashlib.sha256((self.salt + clip_key).encode()).hexdigest()[:32] + ".safetensors")
+
+    def get(self, clip_key: str) -> torch.Tensor | None:
+        p = self.path(clip_key)
+        if not p.is_file():
+            return None
+        try:
+            return load_file(str(p))["t"]
+        except Exception:  # a torn write from a killed run: recompute
+            return None
+
+    def put(self, clip_key: str, value: torch.Tensor) -> None:
+        p = self.path(clip_key)
+        tmp = p.with_name(p.name + ".tmp")
+        save_file({"t": value.to(torch.float32).contiguous()}, str(tmp))
+        tmp.replace(p)

@@ -1,0 +1,417 @@
+"""The AuRA training loop: setup checks, teacher targets, steps, checkpoints, resume, export.
+
+Only the LoRA, the audio layer and the distillation heads have gradients; the base LLM and the
+teacher are frozen. Everything that decides the trajectory is derived from the config and the
+step number (the data order included), so a run resumed from a checkpoint continues exactly as
+if it had never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from adapters.adapter import AuraConfig, base_model_ref, load_adapter, new_lora_config, save_adapter, sha256_file
+from adapters.audio_layer import AudioEmbedding, AudioLayerConfig
+from adapters.base_model import BaseModelInfo, read_base_model
+from adapters.features import FeatureConfig
+from adapters.prompt import PromptLayout
+from adapters.training.config import TrainConfig
+from adapters.training.data import Example, ManifestRow, build_example, collate, read_manifest
+from adapters.training.losses import distill_loss, next_token_loss
+from adapters.training.student import AuraStudent, DistillHead
+from adapters.training.teacher import (
+    TeacherCache, TeacherInfo, load_teacher_encoder, teacher_info, teacher_targets,
+)
+
+log = logging.getLogger(__name__)
+CHECKPOINT_GLOB = "ckpt-*.pt"
+
+
+class ConfigError(ValueError):
+    """A training config that cannot work; raised before any model is loaded."""
+
+
+def default_layer_map(student_layers: int, teacher_layers: int) -> dict[int, int]:
+    """Every teacher block, spread evenly over the student's first third (at least one block each).
+
+    The early LLM layers are where VoRA-style alignment pays: later layers are left to the
+    next-token loss, which must turn the audio into answers.
+    """
+    span = max(teacher_layers, student_layers // 3)
+    span = min(span, student_layers)
+    mapping: dict[int, int] = {}
+    for t in range(teacher_layers):
+        s = min(student_layers - 1, ((t + 1) * span) // teacher_layers - 1)
+        mapping[max(s, 0)] = t
+    return mapping
+
+
+@dataclass
+class Setup:
+    """What the config resolves to once the model folders have been read (no weights loaded)."""
+
+    base: BaseModelInfo
+    teacher: TeacherInfo
+    layer_map: dict[int, int]
+    audio_cfg: AudioLayerConfig
+    features: FeatureConfig
+    layout: PromptLayout
+    rows: list[ManifestRow]
+    eval_rows: list[ManifestRow] = field(default_factory=list)
+
+
+def check_config(config: TrainConfig) -> Setup:
+    """Fail early, with a message that says what to change, on anything that cannot work."""
+    try:
+        base = read_base_model(config.student)
+    except FileNotFoundError as e:
+        raise ConfigError(f"student: {e}") from e
+    teacher = teacher_info(config.teacher)
+    layer_map = config.layer_map if config.layer_map is not None else default_layer_map(base.num_hidden_layers, teacher.num_layers)
+    if config.distill_loss != "none" and config.distill_weight > 0 and not layer_map:
+        raise ConfigError("layer_map is empty; map at least one student layer to a teacher layer, or set distill_loss: none")
+    for s, t in layer_map.items():
+        if not 0 <= s < base.num_hidden_layers:
+            raise ConfigError(f"layer_map: student layer {s} is out of range (the student has layers 0..{base.num_hidden_layers - 1})")
+        if not 0 <= t < teacher.num_layers:
+            raise ConfigError(f"layer_map: teacher layer {t} is out of range (the teacher has layers 0..{teacher.num_layers - 1})")
+    if config.lora_layers is not None:
+        bad = [i for i in config.lora_layers if not 0 <= i < base.num_hidden_layers]
+        if bad:
+            raise ConfigError(f"lora_layers {bad} are out of range (the student has layers 0..{base.num_hidden_layers - 1})")
+    missing = [t for t in config.lora_targets if t not in base.linear_modules]
+    if missing:
+        raise ConfigError(f"lora_targets {missing} are not linear modules of the student (it has {list(base.linear_modules)})")
+
+    features = FeatureConfig(n_mels=teacher.n_mels)
+    layout = PromptLayout()
+    audio_cfg = AudioLayerConfig(n_mels=features.n_mels, conv_channels=config.conv_channels or teacher.width,
+                                 stack_factor=config.stack_factor, hidden_size=base.hidden_size)
+    if config.init_from is not None:
+        init = AuraConfig.model_validate_json((Path(config.init_from) / "aura_config.json").read_text())
+        if init.audio_layer.hidden_size != base.hidden_size or init.base_model.hidden_size != base.hidden_size:
+            raise ConfigError(
+                f"init_from {config.init_from}: hidden size mismatch: the adapter was built for hidden size "
+                f"{init.audio_layer.hidden_size}, the student has {base.hidden_size}")
+        if init.base_model.fingerprint != base.fingerprint:
+            raise ConfigError(f"init_from {config.init_from}: built for another base model ({init.base_model.name})")
+        features, layout, audio_cfg = init.features, init.prompt, init.audio_layer
+        if features.n_mels != teacher.n_mels:
+            raise ConfigError(f"init_from: the adapter uses {features.n_mels} mel bins, the teacher {teacher.n_mels}")
+    if audio_cfg.hidden_size != base.hidden_size:
+        raise ConfigError(f"hidden size mismatch: audio layer {audio_cfg.hidden_size} vs student {base.hidden_size}")
+
+    rows = read_manifest(config.manifest)
+    for i, r in enumerate(rows, 1):
+        if r.task == "qa" and r.response is None:
+            raise ConfigError(f"{config.manifest}:{i}: qa row has no 'response'; run `aura data responses --manifest {config.manifest}` first")
+    eval_rows = read_manifest(config.eval_manifest) if config.eval_manifest else []
+    return Setup(base, teacher, dict(sorted(layer_map.items())), audio_cfg, features, layout, rows, eval_rows)
+
+
+class DataOrder:
+    """Shuffled epochs derived from (seed, epoch) only: the batch of step s is a pure function of s."""
+
+    def __init__(self, n: int, batch_size: int, seed: int) -> None:
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self._perms: dict[int, list[int]] = {}
+
+    def _perm(self, epoch: int) -> list[int]:
+        if epoch not in self._perms:
+            g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
+            self._perms = {epoch: torch.randperm(self.n, generator=g).tolist()}
+        return self._perms[epoch]
+
+    def batch(self, step: int) -> list[int]:
+        out = []
+        for j in range(self.batch_size):
+            g = step * self.batch_size + j
+            out.append(self._perm(g // self.n)[g % self.n])
+        return out
+
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    """Linear warmup, then cosine decay to ``min_lr_ratio * lr``."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    span = max(1, config.steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / span)
+    return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@dataclass
+class TrainResult:
+    output: Path
+    steps: int
+    final: dict[str, float]
+    eval: dict[str, float] | None
+    steps_per_s: float
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config
+        self.setup = check_config(config)
+        self.device = torch.device(config.resolved_device())
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.work_dir = config.resolved_work_dir
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.distill = config.distill_loss != "none" and config.distill_weight > 0
+        self.history: list[dict[str, Any]] = []
+        self._build()
+
+    # ----------------------------------------------------------------- setup
+    def _build(self) -> None:
+        from peft import PeftModel, get_peft_model
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        c, s = self.config, self.setup
+        torch.manual_seed(c.seed)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(c.student))
+        base = AutoModelForCausalLM.from_pretrained(str(c.student), dtype=torch.float32)
+        base.requires_grad_(False)
+        self.teacher_encoder = load_teacher_encoder(c.teacher, self.device)
+        if c.init_from is not None:
+            peft_model = PeftModel.from_pretrained(base, str(c.init_from), is_trainable=True)
+            audio = load_adapter(c.init_from).audio_layer.float().requires_grad_(True).train()
+        else:
+            lora_cfg = new_lora_config(s.base, rank=c.lora_rank, alpha=c.lora_alpha,
+                                       target_modules=tuple(c.lora_targets), layers=c.lora_layers)
+            peft_model = get_peft_model(base, lora_cfg)
+            audio = AudioEmbedding(s.audio_cfg)
+            conv1, conv2 = self.teacher_encoder.conv1, self.teacher_encoder.conv2
+            if conv1.weight.shape == audio.conv1.weight.shape and conv2.weight.shape == audio.conv2.weight.shape:
+                audio.init_from_whisper_stem(conv1.weight, conv1.bias, conv2.weight, conv2.bias)
+                self.stem_init = "teacher"
+            else:
+                log.warning("audio stem shapes differ from the teacher's; the stem starts random")
+                self.stem_init = "random"
+            embed = base.get_input_embeddings().weight
+            audio.match_output_scale(float(embed.float().pow(2).mean().sqrt()))
+        heads = {k: DistillHead(s.base.hidden_size, s.teacher.width) for k in s.layer_map} if self.distill else {}
+        self.student = AuraStudent(peft_model, audio, heads).to(self.device)
+        self.student.train()
+        self.params = [p for p in self.student.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=c.lr, weight_decay=c.weight_decay)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+
+        self.examples = self._examples(s.rows, c.manifest)
+        self.eval_examples = self._examples(s.eval_rows[: c.eval_examples], c.eval_manifest) if s.eval_rows else []
+        self.teacher_layers = [s.layer_map[k] for k in sorted(s.layer_map)]
+        self.targets: list[torch.Tensor] | None = None
+        self.eval_targets: list[torch.Tensor] | None = None
+        if self.distill:
+            self.targets = self.teacher_targets_for(self.examples, "teacher targets")
+            self.eval_targets = self.teacher_targets_for(self.eval_examples, "teacher targets (eval)")
+        self.order = DataOrder(len(self.examples), c.batch_size, c.seed)
+
+    def _examples(self, rows: list[ManifestRow], manifest: Path | None) -> list[Example]:
+        assert manifest is not None
+        s, c = self.setup, self.config
+        it = tqdm(rows, desc="loading clips", file=sys.stderr, disable=not c.progress or len(rows) < 50, leave=False)
+        return [build_example(i, r, Path(manifest).parent, tokenizer=self.tokenizer, layout=s.layout, features=s.features,
+                              audio_layer=self.student.audio_layer.config, transcribe_prompt=c.transcribe_prompt,
+                              max_response_tokens=c.max_response_tokens) for i, r in enumerate(it)]
+
+    def teacher_targets_for(self, examples: list[Example], desc: str) -> list[torch.Tensor]:
+        """Cached pooled teacher states per clip; missing ones are computed in small batches."""
+        from adapters.audio import load_audio_file
+
+        c, s = self.config, self.setup
+        cache = TeacherCache(c.resolved_teacher_cache, s.teacher, self.teacher_layers, self.student.audio_layer.config.stack_factor, s.features)
+        out: list[torch.Tensor | None] = [cache.get(e.key) for e in examples]
+        todo = [i for i, t in enumerate(out) if t is None]
+        bar = tqdm(total=len(todo), desc=desc, file=sys.stderr, disable=not c.progress or not todo, leave=False)
+        for start in range(0, len(todo), 8):
+            chunk = todo[start : start + 8]
+            samples = [torch.from_numpy(load_audio_file(examples[i].audio_path, sample_rate=s.features.sample_rate).samples.copy()) for i in chunk]
+            for i, t in zip(chunk, teacher_targets(self.teacher_encoder, samples, self.teacher_layers,
+                                                   stack_factor=self.student.audio_layer.config.stack_factor,
+                                                   features=s.features, input_frames=s.teacher.input_frames)):
+                if t.shape[1] != examples[i].num_audio_tokens:
+                    raise RuntimeError(f"{examples[i].audio_path}: teacher gives {t.shape[1]} tokens, the student {examples[i].num_audio_tokens}")
+                cache.put(examples[i].key, t)
+                out[i] = t
+            bar.update(len(chunk))
+        bar.close()
+        return [t for t in out if t is not None]
+
+    # ----------------------------------------------------------------- steps
+    def _losses(self, idx: list[int], examples: list[Example], targets: list[torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        c = self.config
+        batch = collate([examples[i] for i in idx], self.pad_id, [targets[i] for i in idx] if targets is not None else None).to(self.device)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=c.precision == "bf16"):
+            out = self.student(batch)
+            ce = next_token_loss(out.answer_logits, out.answer_targets)
+            terms = {"ce": ce}
+            if self.distill:
+                assert batch.teacher is not None
+                per_layer = [distill_loss(self.student.heads[str(s)](out.audio_hidden[s]), batch.teacher[:, j],
+                                          out.audio_mask, c.distill_loss) for j, s in enumerate(sorted(self.setup.layer_map))]
+                terms["distill"] = torch.stack(per_layer).mean()
+                terms["loss"] = ce + c.distill_weight * terms["distill"]
+            else:
+                terms["loss"] = ce
+        return terms
+
+    def train_step(self, step: int) -> dict[str, float]:
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr_at(step, self.config)
+        terms = self._losses(self.order.batch(step), self.examples, self.targets)
+        self.optimizer.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)
+        self.optimizer.step()
+        rec = {k: float(v.detach()) for k, v in terms.items()}
+        rec["grad_norm"] = float(grad_norm)
+        rec["lr"] = self.optimizer.param_groups[0]["lr"]
+        return rec
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float] | None:
+        if not self.eval_examples:
+            return None
+        self.student.eval()
+        sums: dict[str, float] = {}
+        n = len(self.eval_examples)
+        bs = self.config.batch_size
+        for start in range(0, n, bs):
+            idx = list(range(start, min(n, start + bs)))
+            for k, v in self._losses(idx, self.eval_examples, self.eval_targets).items():
+                sums[k] = sums.get(k, 0.0) + float(v) * len(idx)
+        self.student.train()
+        return {f"eval_{k}": v / n for k, v in sums.items()}
+
+    # ----------------------------------------------------------- checkpoints
+    def checkpoints(self) -> list[Path]:
+        return sorted(self.work_dir.glob(CHECKPOINT_GLOB))
+
+    def save_checkpoint(self, step: int) -> Path:
+        """Trainable weights + optimizer + history; written to a temp file and renamed, so a kill mid-save is harmless."""
+        path = self.work_dir / f"ckpt-{step:07d}.pt"
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save({"step": step, "fingerprint": self.config.fingerprint(), "trainable": self.student.trainable_state(),
+                    "optimizer": self.optimizer.state_dict(), "history": self.history,
+                    "rng": torch.get_rng_state()}, tmp)
+        tmp.replace(path)
+        for old in self.checkpoints()[: -self.config.keep_checkpoints]:
+            old.unlink(missing_ok=True)
+        return path
+
+    def load_checkpoint(self, path: Path) -> int:
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        if state["fingerprint"] != self.config.fingerprint():
+            raise ConfigError(f"{path} was written by a run with different settings; use another work_dir or resume: false")
+        params = dict(self.student.named_parameters())
+        with torch.no_grad():
+            for name, value in state["trainable"].items():
+                params[name].copy_(value)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.history = list(state["history"])
+        torch.set_rng_state(state["rng"])
+        return int(state["step"])
+
+    # ------------------------------------------------------------------ run
+    def train(self, *, stop_after: int | None = None) -> int:
+        """Run steps up to ``config.steps`` (or ``stop_after``, for tests of interruption); returns the last step done."""
+        c = self.config
+        start = 0
+        ckpts = self.checkpoints()
+        if c.resume and ckpts:
+            start = self.load_checkpoint(ckpts[-1])
+            log.info("resumed from %s at step %d", ckpts[-1], start)
+        end = min(c.steps, stop_after) if stop_after is not None else c.steps
+        log_file = self.work_dir / "train_log.jsonl"
+        bar = tqdm(total=c.steps, initial=start, desc="train", file=sys.stderr, disable=not c.progress, dynamic_ncols=True)
+        t0, done = time.perf_counter(), 0
+        window: list[dict[str, float]] = []
+        completed = start
+        try:
+            for step in range(start, end):
+                rec = self.train_step(step)
+                completed = step + 1
+                done += 1
+                self._after_step(step, end, rec, window, bar, log_file, t0, done)
+        except KeyboardInterrupt:
+            # Ctrl-C keeps the work: the next run with resume: true continues from here.
+            bar.close()
+            if completed > start:
+                path = self.save_checkpoint(completed)
+                print(f"interrupted; checkpoint {path} (resume with the same command)", file=sys.stderr)
+            raise
+        bar.close()
+        last = end if end > start else start
+        if end > start:
+            self.save_checkpoint(last)
+        self.steps_per_s = done / max(1e-9, time.perf_counter() - t0)
+        return last
+
+    def _after_step(self, step: int, end: int, rec: dict[str, float], window: list[dict[str, float]], bar: Any,
+                    log_file: Path, t0: float, done: int) -> None:
+        """Progress bar, averaged log records, periodic evaluation and checkpoints after one step."""
+        c = self.config
+        window.append(rec)
+        bar.update(1)
+        bar.set_postfix({k: f"{rec[k]:.3f}" for k in ("loss", "ce", "distill") if k in rec})
+        if (step + 1) % c.log_every == 0 or step + 1 == end:
+            avg = {k: sum(r[k] for r in window) / len(window) for k in window[0]}
+            avg.update(step=step + 1, steps_per_s=done / (time.perf_counter() - t0), time=time.time())
+            self.history.append(avg)
+            window.clear()
+            with open(log_file, "a") as f:
+                f.write(json.dumps(avg) + "\n")
+        if c.eval_every and (step + 1) % c.eval_every == 0 and step + 1 < c.steps:
+            ev = self.evaluate()
+            if ev:
+                ev["step"] = step + 1
+                self.history.append(ev)
+                bar.write(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in ev.items()), file=sys.stderr)
+                with open(log_file, "a") as f:
+                    f.write(json.dumps(ev) + "\n")
+        if c.save_every and (step + 1) % c.save_every == 0 and step + 1 < end:
+            self.save_checkpoint(step + 1)
+
+    def export(self, final_eval: dict[str, float] | None = None) -> Path:
+        c, s = self.config, self.setup
+        train_recs = [h for h in self.history if "loss" in h]
+        final = {k: train_recs[-1][k] for k in ("loss", "ce", "distill") if train_recs and k in train_recs[-1]}
+        provenance = {
+            "kind": "aura_distillation",
+            "data": {"manifest": str(c.manifest), "sha256": sha256_file(c.manifest), "rows": len(self.examples),
+                     "tasks": {t: sum(e.task == t for e in self.examples) for t in ("transcribe", "qa")}},
+            "steps": train_recs[-1]["step"] if train_recs else 0,
+            "batch_size": c.batch_size, "lr": c.lr, "seed": c.seed, "precision": c.precision,
+            "losses": {"final": final, "eval": final_eval, "history": self.history[-50:]},
+            "teacher": {"path": str(c.teacher), "name": Path(c.teacher).name, "fingerprint": s.teacher.fingerprint,
+                        "width": s.teacher.width, "layers": s.teacher.num_layers},
+            "layer_map": {str(k): v for k, v in s.layer_map.items()},
+            "distill_loss": c.distill_loss if self.distill else "none", "distill_weight": c.distill_weight if self.distill else 0.0,
+            "lora": {"rank": c.lora_rank, "alpha": c.lora_alpha, "targets": c.lora_targets, "layers": c.lora_layers},
+            "stem_init": getattr(self, "stem_init", "init_from"), "transcribe_prompt": c.transcribe_prompt,
+            "config_fingerprint": c.fingerprint(),
+        }
+        aura = AuraConfig(base_model=base_model_ref(s.base), features=s.features, audio_layer=self.student.audio_layer.config,
+                          prompt=s.layout, trained=True, training=provenance)
+        return save_adapter(c.output, config=aura, audio_layer=self.student.audio_layer, peft_model=self.student.peft_model)
+
+    def run(self) -> TrainResult:
+        last = self.train()
+        ev = self.evaluate()
+        if ev:
+            ev["step"] = last
+            self.history.append(ev)
+        out = self.export(ev)
+        train_recs = [h for h in self.history if "loss" in h]
+        final = {k: train_recs[-1][k] for k in ("loss", "ce", "distill") if train_recs and k in train_recs[-1]}
+        return TrainResult(out, last, final, ev, getattr(self, "steps_per_s", 0.0))

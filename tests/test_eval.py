@@ -1,0 +1,78 @@
+"""``aura eval``: the text metrics on known strings, and the output shape on a tiny run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from adapters.training.evaluate import EvalOptions, edit_distance, exact_match, normalize_text, run_eval, token_f1, wer
+
+
+def test_normalize_text() -> None:
+    assert normalize_text("  Hello, World!  ") == "hello world"
+    assert normalize_text("It's 2 o'clock.") == "its two oclock"
+    assert normalize_text("Café—au-lait") == "cafe au lait"
+
+
+def test_wer_on_known_strings() -> None:
+    assert wer(["the cat sat on the mat"], ["the cat sat on the mat"]) == 0.0
+    assert wer(["the cat sat on the mat"], ["the cat sat on mat"]) == pytest.approx(1 / 6)  # one deletion
+    assert wer(["the cat sat"], ["the bat sat down"]) == pytest.approx(2 / 3)  # substitution + insertion
+    assert wer(["The cat, sat."], ["the CAT sat"]) == 0.0  # normalised first
+    # corpus WER pools the edits: 1 edit over 3 + 2 words
+    assert wer(["a b c", "d e"], ["a b c", "d"]) == pytest.approx(1 / 5)
+    assert edit_distance(["a", "b"], []) == 2
+
+
+def test_answer_agreement_metrics() -> None:
+    assert exact_match("The capital of France is Paris.", "the capital of france is paris") == 1.0
+    assert exact_match("Paris", "London") == 0.0
+    assert token_f1("the capital is paris", "paris is the capital") == 1.0
+    assert token_f1("the capital is paris", "paris") == pytest.approx(2 * 1.0 * 0.25 / 1.25)
+    assert token_f1("paris", "london") == 0.0
+
+
+def test_eval_output_shape(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """AuRA + cascade on two clips; the last stdout line is one JSON object with every figure."""
+    from audio_helpers import speak
+    from tiny_models import make_tiny_llama, save_smollm2_tokenizer
+
+    from adapters.adapter import init_adapter
+    from adapters.cli import main
+    from adapters.models import DEMO_TEACHER_NAME, demo_models_dir
+
+    tok = save_smollm2_tokenizer(tmp_path / "tok")
+    llm = make_tiny_llama(tmp_path / "llm", tok)
+    adapter = init_adapter(llm, tmp_path / "adapter", rank=4, conv_channels=64, lora_init_std=0.02)
+    (tmp_path / "audio").mkdir()
+    rows = [("transcribe", "A blue car stopped."), ("qa", "What color is grass?")]
+    for i, (task, text) in enumerate(rows):
+        speak(text, tmp_path / "audio" / f"c{i}.wav", speed=220)
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps({"audio": f"audio/c{i}.wav", "task": t, "text": x}) + "\n"
+                                for i, (t, x) in enumerate(rows)))
+    teacher = demo_models_dir() / DEMO_TEACHER_NAME
+    argv = ["eval", "--manifest", str(manifest), "--adapter", str(adapter), "--model", str(llm),
+            "--max-tokens", "4", "--quiet", "--details", str(tmp_path / "details.jsonl")]
+    argv += ["--teacher", str(teacher)] if (teacher / "config.json").is_file() else ["--no-cascade"]
+    assert main(argv) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    summary = json.loads(last)
+    assert summary["clips"] == 2 and summary["n_transcribe"] == 1 and summary["n_qa"] == 1
+    systems = ["aura"] + (["cascade"] if "--teacher" in argv else [])
+    for system in systems:
+        block = summary[system]
+        assert 0.0 <= block["qa_em"] <= 1.0 and 0.0 <= block["qa_f1"] <= 1.0 and block["wer"] >= 0.0
+        for key in ("ttft", "total"):
+            assert set(block[key]) == {"mean_ms", "p50_ms", "p90_ms"}
+            assert block[key]["mean_ms"] > 0
+        assert block["ttft"]["mean_ms"] <= block["total"]["mean_ms"]
+    details = [json.loads(line) for line in (tmp_path / "details.jsonl").read_text().splitlines()]
+    assert details[1]["reference"] is not None and "aura_f1" in details[1]
+
+
+def test_eval_options_defaults() -> None:
+    opts = EvalOptions(manifest=Path("m.jsonl"), model=Path("llm"))
+    assert opts.reference == "engine" and opts.adapter is None and run_eval is not None

@@ -1,0 +1,210 @@
+"""AuRA trainer on tiny random models: it learns, resumes exactly, exports a servable adapter.
+
+The student is a tiny random Llama with the real SmolLM2 tokenizer (``tiny_models``); the
+teacher is a tiny random Whisper built here (d_model 64). Audio is real speech from espeak-ng.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from audio_helpers import speak
+from tiny_models import make_tiny_llama, save_smollm2_tokenizer
+
+from adapters.adapter import init_adapter, load_adapter
+from adapters.audio import load_audio_file
+from adapters.base_model import read_base_model
+from adapters.features import log_mel
+from adapters.prompt import build_prompt, user_turn
+from adapters.training.config import TrainConfig, load_train_config
+from adapters.training.data import row_prompt_text
+from adapters.training.trainer import ConfigError, Trainer, default_layer_map
+from adapters.validate import validate_adapter
+
+CLIPS = [
+    ("transcribe", "The little dog ran home.", None),
+    ("qa", "What is the capital of France?", "The capital of France is Paris."),
+    ("transcribe", "A blue car stopped.", None),
+    ("qa", "What color is grass?", "Grass is green."),
+]
+
+
+def make_tiny_whisper(out_dir: Path) -> Path:
+    """A random Whisper with the real stem layout (80 mels, conv k=3) at width 64, 6 s context."""
+    from transformers import WhisperConfig, WhisperModel
+
+    config = WhisperConfig(
+        vocab_size=128, d_model=64, encoder_layers=2, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=128, decoder_ffn_dim=128, num_mel_bins=80,
+        max_source_positions=300, max_target_positions=64, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2, decoder_start_token_id=1,
+    )
+    torch.manual_seed(0)
+    WhisperModel(config).save_pretrained(str(out_dir), safe_serialization=True)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("aura_train")
+    tok = save_smollm2_tokenizer(root / "tok")
+    student = make_tiny_llama(root / "student", tok, num_layers=4)
+    teacher = make_tiny_whisper(root / "teacher")
+    data = root / "data"
+    (data / "audio").mkdir(parents=True)
+    rows = []
+    for i, (task, text, response) in enumerate(CLIPS):
+        speak(text, data / "audio" / f"c{i}.wav", voice="en-us", speed=220)
+        row = {"audio": f"audio/c{i}.wav", "task": task, "text": text}
+        if response:
+            row["response"] = response
+        rows.append(row)
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return {"root": root, "student": student, "teacher": teacher, "manifest": data / "train.jsonl"}
+
+
+def _config(world: dict[str, Path], name: str, **kw) -> TrainConfig:
+    base = dict(student=world["student"], teacher=world["teacher"], manifest=world["manifest"],
+                output=world["root"] / name / "adapter", work_dir=world["root"] / name / "work",
+                teacher_cache=world["root"] / "teacher_cache", lora_rank=4, lora_alpha=8,
+                batch_size=2, steps=8, lr=3e-3, warmup_steps=0, log_every=1, eval_every=0, save_every=0,
+                progress=False, seed=3)
+    base.update(kw)
+    return TrainConfig.model_validate(base)
+
+
+def test_default_layer_map_spreads_over_early_layers() -> None:
+    assert default_layer_map(30, 4) == {1: 0, 4: 1, 6: 2, 9: 3}
+    m = default_layer_map(4, 2)
+    assert sorted(m.values()) == [0, 1] and max(m) < 4
+
+
+def test_few_steps_lower_the_loss(world: dict[str, Path]) -> None:
+    trainer = Trainer(_config(world, "learn", steps=10))
+    losses = [trainer.train_step(s)["loss"] for s in range(10)]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-2:]) / 2 < 0.8 * sum(losses[:2]) / 2, losses
+
+
+def test_checkpoint_resume_matches_uninterrupted_run(world: dict[str, Path]) -> None:
+    straight = Trainer(_config(world, "straight", steps=6))
+    straight.train()
+    interrupted = Trainer(_config(world, "resumed", steps=6, save_every=2))
+    interrupted.train(stop_after=3)  # "killed" after step 3; newest checkpoint is from step 2... or 3
+    assert interrupted.checkpoints(), "no checkpoint written"
+    resumed = Trainer(_config(world, "resumed", steps=6, save_every=2))
+    first = resumed.load_checkpoint(resumed.checkpoints()[-1])
+    assert first == 3
+    resumed.train()
+    a, b = straight.student.trainable_state(), resumed.student.trainable_state()
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+    # the loss of every step after the resume point equals the uninterrupted run's
+    la = {h["step"]: h["loss"] for h in straight.history if "loss" in h}
+    lb = {h["step"]: h["loss"] for h in resumed.history if "loss" in h}
+    for step in (4, 5, 6):
+        assert la[step] == pytest.approx(lb[step], abs=1e-6)
+    # and the very next step (beyond the run) agrees too
+    straight.config = straight.config.model_copy(update={"steps": 7})
+    resumed.config = resumed.config.model_copy(update={"steps": 7})
+    assert straight.train_step(6)["loss"] == pytest.approx(resumed.train_step(6)["loss"], abs=1e-6)
+
+
+def test_export_validates_and_reference_engine_reproduces_trainer_tokens(world: dict[str, Path]) -> None:
+    from transformers import AutoTokenizer
+
+    from server.engine.base import GenerationRequest, LoraHandle, SamplingOptions
+    from server.engine.reference import ReferenceEngine
+
+    trainer = Trainer(_config(world, "export", steps=6, lr=5e-3))
+    result = trainer.run()
+    out = result.output
+    config = validate_adapter(out, base=read_base_model(world["student"]), max_lora_rank=16)
+    assert config.trained is True
+    t = config.training
+    assert t["steps"] == 6 and t["layer_map"] and t["teacher"]["fingerprint"].startswith("sha256:")
+    assert "ce" in t["losses"]["final"] and "distill" in t["losses"]["final"]
+    assert not any(p.name.startswith("heads") for p in out.iterdir())
+
+    # the trainer model's own greedy tokens on a training clip
+    ex = trainer.examples[0]
+    eos = {trainer.tokenizer.eos_token_id}
+    trainer.student.eval()
+    want = trainer.student.greedy(ex.prompt_ids, ex.audio_start, ex.features, ex.num_frames, max_new_tokens=12, eos_ids=eos)
+    # ... and what the server path makes of the exported folder
+    adapter = load_adapter(out)
+    tok = AutoTokenizer.from_pretrained(str(world["student"]))
+    samples = torch.from_numpy(load_audio_file(ex.audio_path).samples.copy())
+    feats, frames = log_mel([samples], adapter.config.features)
+    emb, n = adapter.audio_layer(feats, frames)
+    row = trainer.setup.rows[0]
+    prompt = build_prompt(tok, adapter.config.prompt, [user_turn(int(n[0]), row_prompt_text(row, trainer.config.transcribe_prompt))])
+    assert prompt.token_ids == ex.prompt_ids
+    engine = ReferenceEngine(model=str(world["student"]), tokenizer=tok)
+    engine.eos_ids = eos
+
+    async def go() -> list[int]:
+        handle = LoraHandle("demo", 1, out)
+        await engine.add_lora(handle)
+        req = GenerationRequest("r1", prompt.token_ids, prompt.is_token_ids, emb[0, : int(n[0])].detach(),
+                                SamplingOptions(max_tokens=12), handle)
+        got: list[int] = []
+        async for chunk in engine.generate(req):
+            got += chunk.token_ids
+        return got
+
+    assert asyncio.run(go()) == want
+
+
+def test_layer_map_out_of_range_fails_early(world: dict[str, Path]) -> None:
+    with pytest.raises(ConfigError, match="student layer 7 is out of range"):
+        Trainer(_config(world, "bad1", layer_map={7: 0}))
+    with pytest.raises(ConfigError, match="teacher layer 5 is out of range"):
+        Trainer(_config(world, "bad2", layer_map="1:5"))
+
+
+def test_hidden_size_mismatch_fails_early(world: dict[str, Path], tmp_path: Path) -> None:
+    other = make_tiny_llama(tmp_path / "other", world["root"] / "tok", hidden_size=64, num_layers=2)
+    adapter = init_adapter(other, tmp_path / "other_adapter", rank=4, conv_channels=64)
+    with pytest.raises(ConfigError, match="hidden size mismatch"):
+        Trainer(_config(world, "bad3", init_from=adapter))
+
+
+def test_missing_audio_file_fails_early(world: dict[str, Path], tmp_path: Path) -> None:
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"audio": "nope.wav", "task": "transcribe", "text": "x"}) + "\n")
+    with pytest.raises(FileNotFoundError, match=r"m.jsonl:1: audio file .*nope.wav does not exist"):
+        Trainer(_config(world, "bad4", manifest=manifest))
+
+
+def test_qa_row_without_response_and_bad_targets_fail_early(world: dict[str, Path], tmp_path: Path) -> None:
+    manifest = tmp_path / "m.jsonl"
+    audio = world["manifest"].parent / "audio" / "c0.wav"
+    manifest.write_text(json.dumps({"audio": str(audio), "task": "qa", "text": "x"}) + "\n")
+    with pytest.raises(ConfigError, match="aura data responses"):
+        Trainer(_config(world, "bad5", manifest=manifest))
+    with pytest.raises(ConfigError, match="not linear modules"):
+        Trainer(_config(world, "bad6", lora_targets="q_proj,nonsense"))
+
+
+def test_yaml_config_and_cli_overrides(world: dict[str, Path], tmp_path: Path) -> None:
+    import argparse
+
+    from adapters.cli import add_commands
+
+    yaml_file = tmp_path / "train.yaml"
+    yaml_file.write_text(f"student: {world['student']}\nteacher: {world['teacher']}\nmanifest: {world['manifest']}\n"
+                         "output: out/adapter\nsteps: 5\nlayer_map: {0: 1, 2: 0}\n")
+    cfg = load_train_config(yaml_file, {"steps": "9", "distill_loss": "mse"})
+    assert cfg.steps == 9 and cfg.distill_loss == "mse" and cfg.layer_map == {0: 1, 2: 0}
+    assert cfg.output == tmp_path / "out" / "adapter"
+    parser = argparse.ArgumentParser()
+    add_commands(parser.add_subparsers(dest="cmd"))
+    args = parser.parse_args(["train", "--config", str(yaml_file), "--layer-map", "3:9", "--no-resume"])
+    assert args.func(args) == 2  # teacher layer 9 does not exist: a clear error, exit code 2
