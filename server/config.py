@@ -34,7 +34,7 @@ class Settings(BaseSettings):
     dtype: str = Field("auto", description="Model dtype for the engine (auto, bfloat16, float32).")
     max_model_len: int = 2048
     max_num_seqs: int = 64
-    max_lora_rank: int = 64
+    max_lora_rank: int = Field(16, description="Largest LoRA rank accepted (vLLM pads every slot to it: keep it tight on CPU).")
     max_loras: int = Field(4, description="Adapters resident in the engine's LoRA slots at once.")
     max_cpu_loras: int | None = Field(None, description="Adapters cached in host memory (LRU); default max(max_loras, 16).")
     enable_prefix_caching: bool = True
