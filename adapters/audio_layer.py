@@ -35,9 +35,6 @@ class AudioLayerConfig(BaseModel):
         after_stem = (num_frames + 1) // 2
         return -(-after_stem // self.stack_factor)
 
-    def tokens_per_second(self, hop_length: int, sample_rate: int) -> float:
-        return sample_rate / hop_length / 2 / self.stack_factor
-
 
 def _length_mask(lengths: torch.Tensor, size: int) -> torch.Tensor:
     return torch.arange(size, device=lengths.device)[None, :] < lengths[:, None]

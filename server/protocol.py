@@ -3,14 +3,9 @@
 from __future__ import annotations
 
 import time
-import uuid
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
-
-
-def new_id(prefix: str = "chatcmpl") -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
 # ---- requests ---------------------------------------------------------------------------------

@@ -64,7 +64,7 @@ async def test_http_archive_with_sha256_and_zip(cache, tiny, tmp_path):
     www = tmp_path / "www"
     www.mkdir()
     tgz = make_tarball(tiny.adapters["beta"], www / "beta.tar.gz")
-    flat = make_tarball(tiny.adapters["beta"], www / "flat.tgz", top=None)
+    make_tarball(tiny.adapters["beta"], www / "flat.tgz", top=None)
     with zipfile.ZipFile(www / "beta.zip", "w") as z:
         for f in tiny.adapters["beta"].iterdir():
             z.write(f, f"beta/{f.name}")
