@@ -2,22 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from server.config import Settings
-from server.errors import APIError, Unprocessable
+from server.engine.base import EngineDead
+from server.errors import APIError, Unprocessable, first_error_text
 from server.logs import setup_logging
 from server.metrics import ObservabilityMiddleware, ServerMetrics, log_record
 from server.routes import adapters, chat, health, models
 from server.routes import metrics as metrics_route
-from server.state import build_state
-from server.tenancy import authenticate
+from server.state import ServerState, build_state
 
 log = logging.getLogger("server")
 
@@ -32,9 +33,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         state = await build_state(settings)
         state.started_at = time.time()
         app.state.aura = state
-        limiter = state.limiter
-        metrics.bind(in_flight=lambda: limiter.running if limiter else 0,
-                     queued=lambda: limiter.waiting if limiter else 0,
+        admission = state.admission
+        metrics.bind(in_flight=lambda: admission.running, queued=lambda: admission.waiting,
                      engine_requests=state.engine.num_running)
         state.service.observers.append(metrics.observe)
         if settings.log_requests:
@@ -43,24 +43,27 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "model": state.model_name, "engine": state.engine.name, "adapters": state.registry.names(),
             "default_adapter": state.registry.default, "startup_s": round(time.perf_counter() - t0, 1),
         })
+        watchdog = asyncio.create_task(_watch_engine(state, app))
         try:
             yield
         finally:
+            watchdog.cancel()
+            with suppress(asyncio.CancelledError):
+                await watchdog
             state.frontend.close()
             await state.engine.shutdown()
 
     app = FastAPI(title="AuRA serve", version="0.1.0", lifespan=lifespan)
-    # Every /v1 route authenticates (sets request.state.principal); /health, /ready, /metrics stay open.
-    v1_auth = [Depends(authenticate)]
-    app.include_router(chat.router, dependencies=v1_auth)
-    app.include_router(models.router, dependencies=v1_auth)
-    app.include_router(adapters.router, dependencies=v1_auth)
+    # Every /v1 route takes its caller from the `authenticate` dependency; /health, /ready, /metrics stay open.
+    app.include_router(chat.router)
+    app.include_router(models.router)
+    app.include_router(adapters.router)
     app.include_router(health.router)
     app.include_router(metrics_route.router)
-    # Request ids on every log line + X-Request-ID + status counts (pure ASGI: see server/metrics.py).
     metrics = ServerMetrics(settings.metrics_max_label_values)
     app.state.metrics = metrics
-    app.add_middleware(ObservabilityMiddleware, metrics=metrics)
+    # Request ids on every log line + X-Request-ID (pure ASGI: see server/metrics.py).
+    app.add_middleware(ObservabilityMiddleware)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -70,9 +73,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-        loc = ".".join(str(x) for x in first.get("loc", ()))
-        err = Unprocessable(f"field '{loc}': {first.get('msg')}", param=loc)
+        loc, msg = first_error_text(exc.errors())
+        err = Unprocessable(f"field '{loc}': {msg}", param=loc)
         return JSONResponse(err.to_dict(), status_code=422)
 
     @app.exception_handler(Exception)
@@ -82,3 +84,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return JSONResponse(err.to_dict(), status_code=500)
 
     return app
+
+
+async def _watch_engine(state: ServerState, app: FastAPI, every_s: float = 0.5) -> None:
+    """When the engine dies the server cannot recover it in place (vLLM's engine core is gone):
+    answer 503 for ``engine_death_exit_s`` so probes and clients see why, then stop the process
+    with a non-zero status so a supervisor (Kubernetes, systemd, Ray) starts a fresh one."""
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            await state.engine.check_health()
+        except EngineDead as e:
+            state.fatal = f"the inference engine died: {e}"
+            log.error("the inference engine died; exiting for a restart",
+                      extra={"error": str(e), "exit_in_s": state.settings.engine_death_exit_s})
+            await asyncio.sleep(state.settings.engine_death_exit_s)
+            stop = getattr(app.state, "stop_server", None)
+            if stop is not None:
+                stop()
+            return

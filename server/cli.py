@@ -65,9 +65,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from server.lifecycle import serve
 
     settings = settings_from_args(args)
-    serve(create_app(settings), host=settings.host, port=settings.port, access_log=settings.access_log,
-          drain_timeout_s=settings.drain_timeout_s)
-    return 0
+    return serve(create_app(settings), host=settings.host, port=settings.port, access_log=settings.access_log,
+                 drain_timeout_s=settings.drain_timeout_s)
 
 
 def _add_adapter_tools(sub: argparse._SubParsersAction) -> None:

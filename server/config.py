@@ -55,7 +55,7 @@ class Settings(BaseSettings):
     default_max_tokens: int = 256
     max_tokens_limit: int = 2048
 
-    # Backpressure, deadlines and drain (server/limits.py, server/lifecycle.py).
+    # Backpressure, deadlines and drain (server/admission.py, server/lifecycle.py).
     max_concurrent_requests: int = Field(64, ge=1, description="Requests in the pipeline (decode..last token) at once.")
     max_queued_requests: int = Field(128, ge=0, description="Requests waiting for a pipeline slot; beyond: 429.")
     queue_timeout_s: float = Field(30.0, gt=0, description="Longest wait for a pipeline slot before 429.")
@@ -68,6 +68,25 @@ class Settings(BaseSettings):
     metrics_max_label_values: int = Field(16, ge=1, description="Distinct adapters/tenants in metric labels; rest: 'other'.")
     log_requests: bool = Field(True, description="One structured log line per finished request.")
 
+    # Request-path limits (server/routes/door.py, server/serving.py): every size, count and
+    # duration a caller controls, checked before the work it would cost.
+    body_read_timeout_s: float = Field(
+        10.0, gt=0, description="Deadline for receiving a request body (read before a pipeline slot is taken); "
+                                "past it: 408.")
+    max_uploads: int | None = Field(
+        None, ge=1, description="Request bodies being read at once; default max_concurrent_requests + "
+                                "max_queued_requests. Beyond: 429.")
+    max_prompt_chars: int = Field(32768, ge=1, description="Characters of text (all messages) in one request.")
+    max_stop_strings: int = Field(16, ge=0, description="Stop strings in one request.")
+    max_stop_chars: int = Field(256, ge=1, description="Characters in one stop string.")
+    max_json_depth: int = Field(16, ge=4, description="Nesting depth of a JSON request body.")
+    max_json_nodes: int = Field(10000, ge=16, description="Values (objects, arrays, strings...) in a JSON request body.")
+    max_form_fields: int = Field(32, ge=1, description="Fields in a multipart request.")
+    max_form_field_bytes: int = Field(256 * 1024, ge=1024, description="Bytes in one multipart text field.")
+    engine_death_exit_s: float = Field(
+        5.0, ge=0, description="After the engine dies: seconds answering 503 (so probes and clients see why), "
+                               "then the process exits with status 3 for a supervisor to restart it.")
+
     log_level: str = "INFO"
     log_format: Literal["json", "text"] = "json"
     access_log: bool = False
@@ -76,8 +95,19 @@ class Settings(BaseSettings):
         return self.max_cpu_loras or max(self.max_loras, 16)
 
     def resolved_tenant_max_concurrent(self) -> int:
-        """3/4 of the pipeline by default: a lone tenant gets most of it, and a quarter of the slots
-        stay free for others however hard one tenant pushes."""
+        """3/4 of what can really run at once by default — the pipeline or the engine's batch
+        (``max_num_seqs``), whichever is smaller — so a lone tenant gets most of it and a quarter
+        stays free for others however hard one tenant pushes. Fair share must hold at the engine:
+        a tenant holding more pipeline slots than the batch has rows would fill the whole batch
+        and queue everyone else inside vLLM. An explicit value is capped at ``max_num_seqs``."""
         if self.tenant_max_concurrent is not None:
-            return self.tenant_max_concurrent
-        return max(1, (3 * self.max_concurrent_requests) // 4)
+            return min(self.tenant_max_concurrent, self.max_num_seqs)
+        return max(1, (3 * min(self.max_concurrent_requests, self.max_num_seqs)) // 4)
+
+    def resolved_max_uploads(self) -> int:
+        return self.max_uploads or self.max_concurrent_requests + self.max_queued_requests
+
+    def max_body_bytes(self) -> int:
+        """The largest request body worth reading: the upload limit as base64 (4/3) plus 1 MiB of
+        form fields / JSON around it. Anything larger is refused, by its Content-Length or as it streams."""
+        return self.max_upload_bytes * 4 // 3 + (1 << 20)

@@ -7,6 +7,11 @@ error shape, so stock clients surface the message.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from pydantic import ValidationError
+
 
 class APIError(Exception):
     status_code: int = 500
@@ -23,6 +28,9 @@ class APIError(Exception):
         headers: dict[str, str] | None = None,
         param: str | None = None,
     ) -> None:
+        # Never echo what cannot be encoded (a lone surrogate from a caller's JSON would make the
+        # error response itself fail with a 500).
+        message = _printable(message)
         super().__init__(message)
         self.message = message
         if status_code is not None:
@@ -32,13 +40,26 @@ class APIError(Exception):
         if code is not None:
             self.code = code
         self.headers = headers or {}
-        self.param = param
+        self.param = None if param is None else _printable(param)
 
     def to_dict(self) -> dict:
         err = {"message": self.message, "type": self.type, "code": self.code}
         if self.param is not None:
             err["param"] = self.param
         return {"error": err}
+
+
+def _printable(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def first_error_text(errors: Sequence[Mapping[str, Any]], where: str = "") -> tuple[str, str]:
+    """(location, message) of pydantic's first error: the one formatting every 422 and config error uses."""
+    if not errors:
+        return where, "invalid value"
+    first = errors[0]
+    loc = ".".join(str(x) for x in first.get("loc", ())) or where
+    return _printable(loc), _printable(str(first.get("msg", "invalid value")))
 
 
 class BadRequest(APIError):
@@ -63,6 +84,12 @@ class NotFound(APIError):
     status_code = 404
     type = "invalid_request_error"
     code = "not_found"
+
+
+class RequestTimeout(APIError):
+    status_code = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
 
 
 class PayloadTooLarge(APIError):
@@ -111,3 +138,9 @@ class GatewayTimeout(APIError):
     status_code = 504
     type = "server_error"
     code = "upstream_timeout"
+
+
+def first_error(e: ValidationError, where: str) -> Unprocessable:
+    """422 naming the first invalid field of a request ``where`` ('body', 'form', ...)."""
+    loc, msg = first_error_text(e.errors(), where)
+    return Unprocessable(f"{where} field '{loc}': {msg}", param=loc)

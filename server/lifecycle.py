@@ -7,6 +7,11 @@ the server *draining*: ``/ready`` answers 503, new chat requests get 503 + ``Con
 requests already admitted (running or queued) carry on. Once they are done — or
 ``drain_timeout_s`` has passed — uvicorn's ordinary shutdown runs (engine shutdown in the
 lifespan) and the process exits 0. A second SIGTERM or a SIGINT skips the wait.
+
+When the engine dies (its process killed, out of memory), the server cannot bring it back in
+place: it answers 503 for ``engine_death_exit_s``, then shuts down and exits with status
+:data:`EXIT_ENGINE_DEAD` (3), so a supervisor — Kubernetes, systemd ``Restart=on-failure``, Ray —
+starts a fresh process. That is the documented recovery: restart by the supervisor, not in place.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ import uvicorn
 
 log = logging.getLogger("server")
 
+EXIT_ENGINE_DEAD = 3
+
 
 class DrainingServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, app: Any, drain_timeout_s: float) -> None:
@@ -34,7 +41,12 @@ class DrainingServer(uvicorn.Server):
 
     async def serve(self, sockets: Any = None) -> None:
         self._loop = asyncio.get_running_loop()
+        self._app.state.stop_server = self._stop
         await super().serve(sockets)
+
+    def _stop(self) -> None:
+        """Shut down now (the engine died): no drain, nothing can finish."""
+        self.should_exit = True
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         state = getattr(self._app.state, "aura", None)
@@ -46,18 +58,18 @@ class DrainingServer(uvicorn.Server):
                 super().handle_exit(sig, frame)
             return
         self._drain_requested = True
-        state.draining = True
+        state.admission.draining = True
         self._loop.call_soon_threadsafe(self._start_drain, state)
 
     def _start_drain(self, state: Any) -> None:
         self._drain_task = asyncio.get_running_loop().create_task(self._drain(state))
 
     async def _drain(self, state: Any) -> None:
-        limiter = state.limiter
+        admission = state.admission
         t0 = time.monotonic()
 
         def busy() -> int:
-            return 0 if limiter is None else limiter.running + limiter.waiting
+            return admission.busy
 
         log.info("SIGTERM: draining", extra={"in_flight": busy(), "drain_timeout_s": self.drain_timeout_s})
         while busy() and time.monotonic() - t0 < self.drain_timeout_s and not self.should_exit:
@@ -66,9 +78,15 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
-def serve(app: Any, *, host: str, port: int, access_log: bool, drain_timeout_s: float) -> None:
-    """Run ``app`` under uvicorn with the draining SIGTERM behaviour."""
+def serve(app: Any, *, host: str, port: int, access_log: bool, drain_timeout_s: float) -> int:
+    """Run ``app`` under uvicorn with the draining SIGTERM behaviour; the process exit status."""
     config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=access_log,
                             # after the drain only stragglers remain; do not wait long for them
                             timeout_graceful_shutdown=5)
     DrainingServer(config, app, drain_timeout_s).run()
+    state = getattr(app.state, "aura", None)
+    if state is not None and state.fatal:
+        log.error("exiting non-zero for a supervisor restart", extra={"reason": state.fatal,
+                                                                      "status": EXIT_ENGINE_DEAD})
+        return EXIT_ENGINE_DEAD
+    return 0

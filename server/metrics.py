@@ -31,7 +31,6 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.175, 
 ITL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1,
                0.15, 0.25, 0.5, 1.0, 2.5, 5.0)
 
-CHAT_PATHS = frozenset({"/v1/audio/chat", "/v1/chat/completions"})
 OTHER = "other"
 
 
@@ -145,16 +144,16 @@ def log_record(record: Any) -> None:
 
 
 class ObservabilityMiddleware:
-    """Pure ASGI (no BaseHTTPMiddleware): sets the request id for every log line of the request,
-    returns it as ``X-Request-ID``, and counts chat requests by status code.
+    """Pure ASGI (no BaseHTTPMiddleware): sets the request id for every log line of the request and
+    returns it as ``X-Request-ID``. Nothing else: chat requests are counted by the chat route,
+    which knows the tenant and the authorised adapter from its request context.
 
     Pure ASGI matters: it adds no task hop between the server and the route, so client disconnects
     reach the streaming response directly and the context variable is visible everywhere below.
     """
 
-    def __init__(self, app: ASGIApp, metrics: ServerMetrics | None = None) -> None:
+    def __init__(self, app: ASGIApp) -> None:
         self.app = app
-        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -166,12 +165,9 @@ class ObservabilityMiddleware:
                 rid = v.decode("latin-1")[:128]
                 break
         rid = rid or uuid.uuid4().hex
-        status = 500
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
             if message["type"] == "http.response.start":
-                status = message["status"]
                 headers = [h for h in message.get("headers", ()) if h[0].lower() != b"x-request-id"]
                 headers.append((b"x-request-id", rid.encode("latin-1")))
                 message = {**message, "headers": headers}
@@ -188,8 +184,3 @@ class ObservabilityMiddleware:
         finally:
             if token is not None:
                 request_id_var.reset(token)
-            if self.metrics is not None and scope.get("path") in CHAT_PATHS:
-                state = scope.get("state") or {}
-                principal = state.get("principal")
-                tenant = state.get("aura_tenant") or getattr(principal, "tenant", None)
-                self.metrics.count_request(state.get("aura_adapter"), tenant, status)

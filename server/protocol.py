@@ -147,9 +147,9 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
-class HealthStatus(BaseModel):
-    status: str
-    detail: dict[str, Any] = Field(default_factory=dict)
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """``responses=`` for a route, so /openapi.json documents every error shape it can answer."""
+    return {code: {"model": ErrorResponse} for code in codes}
 
 
 # ---- adapter management (/v1/adapters) ----------------------------------------------------------

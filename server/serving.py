@@ -1,41 +1,40 @@
-"""The spoken-chat pipeline, independent of the web framework.
+"""The spoken-chat pipeline, independent of the web framework: one ``run`` for every entry point.
 
-request -> (decode audio, features, adapter's audio layer) -> chat-template prompt with audio
-spans -> engine -> OpenAI chat.completion or chat.completion.chunk stream.
+:meth:`ChatService.run` owns the whole sequence — admit → resolve adapter → authorise → lease the
+adapter version → decode/features/audio layer → prompt → generate → release — and yields typed
+chunks (:class:`Started`, :class:`TextDelta`, :class:`Finished`). The HTTP routes only turn a wire
+format into a :class:`ChatJob` and these chunks into JSON or SSE; benchmarks, ``aura eval`` and
+the parity tests call the same ``run``, so every number measures the served path.
 
 Everything that can fail because of the request (bad audio, unknown adapter, too long a prompt)
-fails in :meth:`ChatService.prepare`, before a stream starts, so it becomes a proper HTTP error
-instead of a broken event stream.
+fails before :class:`Started` is yielded, so an HTTP caller can still answer with a proper error
+status instead of a broken event stream. CPU work (tokenisation, decoding, features) runs off the
+event loop, so one large request never stalls the others or ``/health``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
-import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from adapters.audio import AudioError
 from adapters.prompt import AudioPart, Part, TextPart, Turn, build_prompt
+from server.admission import AdmissionController
 from server.config import Settings
+from server.context import RequestContext
 from server.engine.base import Engine, EngineDead, GenerationRequest, SamplingOptions
 from server.errors import (
     APIError, BadRequest, PayloadTooLarge, ServiceUnavailable, UnsupportedMedia, Unprocessable,
 )
 from server.frontend import AudioFrontend, FrontendTimings
-from server.limits import Deadline
-from server.protocol import (
-    AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice, ChunkChoice,
-    Delta, PromptTokensDetails, Usage,
-)
+from server.protocol import PromptTokensDetails, Usage
 from server.registry import AdapterRegistry, AdapterVersion
 
 log = logging.getLogger(__name__)
@@ -48,6 +47,8 @@ _AUDIO_ERROR_STATUS: dict[str, type[APIError]] = {
     "empty": BadRequest,
     "bad_params": BadRequest,
 }
+
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed (both engines) accepts
 
 
 def audio_error(e: AudioError) -> APIError:
@@ -63,7 +64,10 @@ class AudioInput:
 
 @dataclass
 class ChatJob:
-    """A request in one normal form, whichever shape (multipart or JSON) it arrived in."""
+    """What to generate, in one normal form whichever wire shape (multipart, JSON) it came in.
+
+    Who asked and by when it must be done travel beside it in a :class:`RequestContext`.
+    """
 
     adapter: str | None
     turns: list[tuple[str, list[str | AudioInput]]]
@@ -75,14 +79,70 @@ class ChatJob:
     stream: bool = False
     include_usage: bool = True
     return_token_ids: bool = False
-    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    # Set by the route (server/limits.py): whose request it is, how long it may take, and when it
-    # arrived (perf_counter, before waiting for admission) so TTFT/e2e include the queue.
-    timeout_s: float | None = None
-    tenant: str = "default"
-    deadline: Deadline | None = None
-    arrived_at: float | None = None
-    admission_wait_s: float | None = None
+    timeout_s: float | None = None  # the request's own deadline wish, capped by the server's
+
+
+# ---- the typed chunks run() yields ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Started:
+    """Admitted, authorised, prompt built: from here on only the engine or the deadline can fail."""
+
+    request_id: str
+    model: str
+    created: int
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    """New output since the previous chunk."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class Finished:
+    finish_reason: str | None
+    usage: Usage
+
+
+ChatChunk = Started | TextDelta | Finished
+
+
+@dataclass
+class Completion:
+    """A whole answer, collected from the chunks (non-streaming responses, benchmarks, eval)."""
+
+    request_id: str
+    model: str
+    created: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    usage: Usage
+
+
+async def collect(chunks: AsyncIterator[ChatChunk]) -> Completion:
+    started: Started | None = None
+    texts: list[str] = []
+    ids: list[int] = []
+    finish: str | None = None
+    usage: Usage | None = None
+    async for c in chunks:
+        if isinstance(c, Started):
+            started = c
+        elif isinstance(c, TextDelta):
+            texts.append(c.text)
+            ids += c.token_ids
+            finish = c.finish_reason or finish
+        else:
+            usage = c.usage
+            finish = c.finish_reason or finish
+    assert started is not None and usage is not None, "run() always yields Started first and Finished last"
+    return Completion(started.request_id, started.model, started.created, "".join(texts), ids, finish, usage)
 
 
 @dataclass
@@ -93,7 +153,6 @@ class Prepared:
     audio_seconds: float
     num_audio_tokens: int
     timings: FrontendTimings
-    received_at: float
 
 
 @dataclass
@@ -113,46 +172,68 @@ class RequestRecord:
     admission_wait_s: float | None = None
 
 
-def job_from_openai(req: ChatCompletionRequest, request_id: str | None = None) -> ChatJob:
-    turns: list[tuple[str, list[str | AudioInput]]] = []
-    for i, msg in enumerate(req.messages):
-        if isinstance(msg.content, str):
-            turns.append((msg.role, [msg.content]))
-            continue
-        parts: list[str | AudioInput] = []
-        for part in msg.content:
-            if part.type == "text":
-                parts.append(part.text)
-            else:
-                try:
-                    data = base64.b64decode(part.input_audio.data, validate=True)
-                except (binascii.Error, ValueError):
-                    raise BadRequest(f"messages[{i}]: input_audio.data is not valid base64",
-                                     code="invalid_base64", param="messages") from None
-                parts.append(AudioInput(data, part.input_audio.format))
-        turns.append((msg.role, parts))
-    stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
-    job = ChatJob(
-        adapter=req.model, turns=turns, max_tokens=req.max_completion_tokens or req.max_tokens,
-        temperature=req.temperature, top_p=req.top_p, seed=req.seed, stop=stop, stream=req.stream,
-        include_usage=req.stream_options.include_usage if req.stream_options else True,
-        return_token_ids=req.return_token_ids, timeout_s=req.timeout,
-    )
-    if request_id:
-        job.request_id = request_id
-    return job
+Observer = Callable[[RequestRecord], None]
+
+
+def _check_text(value: str, param: str) -> None:
+    """Lone surrogates (``"\\ud800"`` in JSON) cannot be tokenised, logged or echoed: refuse them here."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest(f"'{param}' holds a lone UTF-16 surrogate (e.g. \\ud800); send valid Unicode text",
+                         code="invalid_text", param=param) from None
 
 
 class ChatService:
-    def __init__(self, settings: Settings, engine: Engine, registry: AdapterRegistry,
-                 frontend: AudioFrontend, tokenizer: Any, model_name: str) -> None:
+    """The one pipeline. Built once per server (``server/state.py``); stateless per request."""
+
+    def __init__(self, settings: Settings, engine: Engine, registry: AdapterRegistry, frontend: AudioFrontend,
+                 tokenizer: PreTrainedTokenizerBase, model_name: str, admission: AdmissionController) -> None:
         self.settings = settings
         self.engine = engine
         self.registry = registry
         self.frontend = frontend
         self.tokenizer = tokenizer
         self.model_name = model_name
-        self.observers: list[Any] = []
+        self.admission = admission
+        self.observers: list[Observer] = []
+
+    # ---- admission-time checks (also used by the HTTP door before it reads a body) -------------
+
+    async def check_accepting(self) -> None:
+        """Refuse at once what cannot be served now: draining (503) or a dead engine (503)."""
+        self.admission.check_open()
+        try:
+            await self.engine.check_health()
+        except EngineDead as e:
+            raise ServiceUnavailable(f"the inference engine is not available: {e}", code="engine_unavailable") from e
+
+    def check_job(self, job: ChatJob) -> None:
+        """Every size and range the caller controls, checked before any work is done."""
+        s = self.settings
+        if job.adapter is not None:
+            _check_text(job.adapter, "model")
+        if len(job.stop) > s.max_stop_strings:
+            raise BadRequest(f"{len(job.stop)} stop strings; at most {s.max_stop_strings} are accepted",
+                             code="too_many_stop_strings", param="stop")
+        for stop in job.stop:
+            if not stop:
+                raise BadRequest("stop strings must not be empty", code="empty_stop_string", param="stop")
+            if len(stop) > s.max_stop_chars:
+                raise BadRequest(f"a stop string is {len(stop)} characters; the limit is {s.max_stop_chars}",
+                                 code="stop_string_too_long", param="stop")
+            _check_text(stop, "stop")
+        if job.seed is not None and not SEED_MIN <= job.seed <= SEED_MAX:
+            raise BadRequest(f"seed must be between {SEED_MIN} and {SEED_MAX}", code="invalid_seed", param="seed")
+        chars = 0
+        for _, parts in job.turns:
+            for p in parts:
+                if isinstance(p, str):
+                    chars += len(p)
+                    _check_text(p, "messages")
+        if chars > s.max_prompt_chars:
+            raise PayloadTooLarge(f"the text of the request is {chars} characters; the limit is "
+                                  f"{s.max_prompt_chars}", code="prompt_too_long", param="messages")
 
     def resolve_adapter(self, name: str | None, default: str | None = None) -> str:
         """The adapter a request runs on: the one it names, else ``default`` (the caller's tenant
@@ -164,6 +245,33 @@ class ChatService:
                 raise ServiceUnavailable("no adapter is loaded; load one with POST /v1/adapters", code="no_adapter")
             return self.registry.default
         return name
+
+    # ---- the pipeline ---------------------------------------------------------------------------
+
+    async def run(self, job: ChatJob, ctx: RequestContext) -> AsyncIterator[ChatChunk]:
+        """Admit → resolve → authorise → lease → decode/embed → generate → release, as chunks.
+
+        Closing the iterator early (a client gone) aborts the engine request and releases the
+        slot and the lease; so does any error. Errors before :class:`Started` are the caller's.
+        """
+        self.check_job(job)
+        await self.check_accepting()
+        ctx.deadline = ctx.deadline.tighten(job.timeout_s)
+        ctx.slot = await self.admission.acquire(ctx.tenant, timeout=ctx.deadline.remaining())
+        lease = None
+        try:
+            name = self.resolve_adapter(job.adapter, ctx.principal.default_adapter)
+            ctx.principal.check_adapter(name)
+            ctx.adapter = name
+            lease = self.registry.lease(name)
+            prepared = await self.prepare(job, ctx, lease.version)
+            yield Started(ctx.request_id, prepared.version.name, int(time.time()))
+            async for chunk in self._generate(prepared, ctx):
+                yield chunk
+        finally:
+            if lease is not None:
+                lease.release()
+            ctx.slot.release()
 
     def _max_tokens(self, job: ChatJob, prompt_len: int) -> int:
         limit = self.settings.max_tokens_limit
@@ -178,10 +286,10 @@ class ChatService:
                 f"{self.settings.max_model_len}; send shorter audio or text", code="context_length_exceeded")
         return min(wanted, room)
 
-    async def prepare(self, job: ChatJob, version: AdapterVersion) -> Prepared:
-        received = job.arrived_at or time.perf_counter()
+    async def prepare(self, job: ChatJob, ctx: RequestContext, version: AdapterVersion) -> Prepared:
+        """Decode, embed and build the engine request (also what the benchmark's engine-only phase sends)."""
         adapter = version.adapter
-        sr = adapter.config.features.sample_rate
+        features = adapter.config.features
         timings = FrontendTimings(batch_size=0)
         audio_seconds = 0.0
         embeds: list[torch.Tensor] = []
@@ -194,15 +302,18 @@ class ChatService:
                         parts.append(TextPart(p))
                     continue
                 try:
-                    decoded, decode_s = await self.frontend.decode(p.data, sr)
+                    decoded, decode_s = await self.frontend.decode(p.data, features.sample_rate)
                 except AudioError as e:
                     raise audio_error(e) from None
                 if self.settings.max_audio_seconds and audio_seconds + decoded.duration_s > self.settings.max_audio_seconds:
                     raise PayloadTooLarge(
                         f"the request holds {audio_seconds + decoded.duration_s:.1f} s of audio; the limit is "
                         f"{self.settings.max_audio_seconds:g} s", code="audio_too_long", param="file")
-                if job.deadline is not None:
-                    job.deadline.check("decoding audio")
+                if adapter.config.audio_layer.num_tokens(features.num_frames(len(decoded.samples))) < 1:
+                    raise BadRequest(
+                        f"the audio is {decoded.duration_s * 1000:.0f} ms long, too short to make one audio token; "
+                        "send at least a few tens of milliseconds", code="audio_too_short", param="file")
+                ctx.deadline.check("decoding audio")
                 vectors, t = await self.frontend.embed(adapter, decoded.samples)
                 audio_seconds += decoded.duration_s
                 timings.decode_s += decode_s
@@ -217,17 +328,18 @@ class ChatService:
             turns.append(Turn(role, tuple(parts)))
         if not turns:
             raise Unprocessable("the request has no message content", code="empty_messages", param="messages")
-        prompt = build_prompt(self.tokenizer, adapter.config.prompt, turns, placeholder_id=0)
+        # The chat template and the tokenizer are CPU work proportional to the text: off the loop.
+        prompt = await asyncio.to_thread(build_prompt, self.tokenizer, adapter.config.prompt, turns, placeholder_id=0)
         audio = torch.cat(embeds) if embeds else torch.zeros(0, self.engine.hidden_size)
         sampling = SamplingOptions(
             max_tokens=self._max_tokens(job, len(prompt.token_ids)), temperature=job.temperature,
             top_p=job.top_p, seed=job.seed, stop=job.stop,
         )
         request = GenerationRequest(
-            request_id=f"{job.request_id}-{uuid.uuid4().hex[:8]}", token_ids=prompt.token_ids,
+            request_id=f"{ctx.request_id}-{uuid.uuid4().hex[:8]}", token_ids=prompt.token_ids,
             is_token_ids=prompt.is_token_ids, audio_embeds=audio, sampling=sampling, lora=version.lora,
         )
-        return Prepared(job, version, request, audio_seconds, prompt.num_audio_tokens, timings, received)
+        return Prepared(job, version, request, audio_seconds, prompt.num_audio_tokens, timings)
 
     def _usage(self, p: Prepared, completion_tokens: int) -> Usage:
         n_prompt = p.request.num_prompt_tokens
@@ -242,36 +354,35 @@ class ChatService:
             except Exception:
                 log.exception("observer failed")
 
-    async def _generate(self, p: Prepared) -> AsyncIterator[tuple[str, list[int], str | None, int]]:
-        """(text delta, new token ids, finish_reason, completion tokens so far), timing as it goes."""
+    async def _generate(self, p: Prepared, ctx: RequestContext) -> AsyncIterator[TextDelta | Finished]:
+        """The engine's output as chunks, timing as it goes; one :class:`RequestRecord` at the end."""
         record = RequestRecord(adapter=p.version.name, status="ok", audio_seconds=p.audio_seconds,
                                prompt_tokens=p.request.num_prompt_tokens, frontend=p.timings,
-                               tenant=p.job.tenant, admission_wait_s=p.job.admission_wait_s)
+                               tenant=ctx.tenant, admission_wait_s=ctx.admission_wait_s)
         last = None
-        deadline = p.job.deadline
+        finish = None
+        deadline = ctx.deadline
         stream = self.engine.generate(p.request)
         try:
             while True:
-                if deadline is None:
-                    chunk = await anext(stream, None)
-                else:
-                    try:
-                        # Cancelling the pending read on timeout aborts the engine request.
-                        chunk = await asyncio.wait_for(anext(stream, None), max(0.0, deadline.remaining()))
-                    except asyncio.TimeoutError:
-                        record.status = "deadline"
-                        raise deadline.error("generating") from None
+                try:
+                    # Cancelling the pending read on timeout aborts the engine request.
+                    chunk = await asyncio.wait_for(anext(stream, None), max(0.0, deadline.remaining()))
+                except asyncio.TimeoutError:
+                    record.status = "deadline"
+                    raise deadline.error("generating") from None
                 if chunk is None:
                     break
                 now = time.perf_counter()
                 if chunk.token_ids:
                     if record.ttft_s is None:
-                        record.ttft_s = now - p.received_at
+                        record.ttft_s = now - ctx.arrived_at
                     elif last is not None:
                         record.itl_s.append((now - last) / len(chunk.token_ids))
                     last = now
                 record.completion_tokens = chunk.num_output_tokens
-                yield chunk.text, chunk.token_ids, chunk.finish_reason, chunk.num_output_tokens
+                finish = chunk.finish_reason or finish
+                yield TextDelta(chunk.text, chunk.token_ids, chunk.finish_reason, chunk.num_output_tokens)
         except EngineDead as e:
             record.status = "engine_dead"
             raise ServiceUnavailable(str(e), code="engine_unavailable") from e
@@ -280,46 +391,9 @@ class ChatService:
                 record.status = "aborted"
             raise
         finally:
-            record.e2e_s = time.perf_counter() - p.received_at
+            record.e2e_s = time.perf_counter() - ctx.arrived_at
             try:
                 await stream.aclose()  # no-op when finished; aborts the engine request otherwise
             finally:
                 self._notify(record)
-
-    async def complete(self, p: Prepared) -> ChatCompletion:
-        texts: list[str] = []
-        ids: list[int] = []
-        finish, n = None, 0
-        async for text, token_ids, finish_reason, n in self._generate(p):
-            texts.append(text)
-            ids += token_ids
-            finish = finish_reason or finish
-        return ChatCompletion(
-            id=f"chatcmpl-{p.job.request_id}", model=p.version.name,
-            choices=[Choice(message=AssistantMessage(content="".join(texts)), finish_reason=finish,
-                            token_ids=ids if p.job.return_token_ids else None)],
-            usage=self._usage(p, n),
-        )
-
-    async def stream(self, p: Prepared) -> AsyncIterator[str]:
-        """SSE lines: a role chunk, content deltas, the finish chunk, a usage chunk, [DONE]."""
-        created = int(time.time())
-        cid = f"chatcmpl-{p.job.request_id}"
-
-        def event(choices: list[ChunkChoice], usage: Usage | None = None) -> str:
-            chunk = ChatCompletionChunk(id=cid, created=created, model=p.version.name, choices=choices, usage=usage)
-            return f"data: {chunk.model_dump_json(exclude_none=False)}\n\n"
-
-        yield event([ChunkChoice(delta=Delta(role="assistant", content=""))])
-        n = 0
-        try:
-            async for text, token_ids, finish, n in self._generate(p):
-                if text or finish or (token_ids and p.job.return_token_ids):
-                    yield event([ChunkChoice(delta=Delta(content=text or None), finish_reason=finish,
-                                             token_ids=token_ids if p.job.return_token_ids else None)])
-        except APIError as e:
-            yield f"data: {json.dumps(e.to_dict())}\n\n"
-            return
-        if p.job.include_usage:
-            yield event([], self._usage(p, n))
-        yield "data: [DONE]\n\n"
+        yield Finished(finish, self._usage(p, record.completion_tokens))

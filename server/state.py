@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from adapters.base_model import BaseModelInfo, read_base_model
+from server.admission import AdmissionController
 from server.config import Settings
 from server.engine.base import Engine
 from server.frontend import AudioFrontend
-from server.limits import AdmissionController
 from server.registry import AdapterRegistry
 from server.serving import ChatService
+from server.sources import AdapterCache
+from server.tenancy import Tenancy
 
 log = logging.getLogger("server")
 
@@ -29,18 +31,21 @@ class ServerState:
     model_path: Path
     model_name: str
     base: BaseModelInfo
-    tokenizer: Any
+    tokenizer: PreTrainedTokenizerBase
     engine: Engine
     registry: AdapterRegistry
     frontend: AudioFrontend
     service: ChatService
+    admission: AdmissionController
+    tenancy: Tenancy  # API keys -> tenants (open when no --config)
+    adapter_cache: AdapterCache  # where adapter sources are materialised
     started_at: float = 0.0
-    draining: bool = False
-    # Admission control (server/limits.py); None only for states built without one (in-process tests).
-    limiter: AdmissionController | None = None
-    tenancy: Any = None  # server.tenancy.Tenancy: API keys -> tenants (open when no --config)
-    adapter_cache: Any = None  # server.sources.AdapterCache: where adapter sources are materialised
-    extras: dict[str, Any] = field(default_factory=dict)
+    # Why the process must end (the engine died): the lifecycle exits non-zero once it is set.
+    fatal: str | None = None
+
+    @property
+    def draining(self) -> bool:
+        return self.admission.draining
 
 
 def resolve_device(name: str) -> str:
@@ -60,7 +65,8 @@ def resolve_model(settings: Settings) -> tuple[Path, str]:
     return models.llm, settings.model_name or DEMO_LLM_NAME
 
 
-def build_engine(settings: Settings, model_path: Path, tokenizer: Any, base: BaseModelInfo) -> Engine:
+def build_engine(settings: Settings, model_path: Path, tokenizer: PreTrainedTokenizerBase,
+                 base: BaseModelInfo) -> Engine:
     if settings.engine == "reference":
         from server.engine.reference import ReferenceEngine
 
@@ -106,8 +112,7 @@ async def build_state(settings: Settings) -> ServerState:
 
     from server.adapter_admin import load_from_source
     from server.errors import APIError
-    from server.sources import AdapterCache
-    from server.tenancy import Tenancy, load_config
+    from server.tenancy import load_config
 
     # Read the config first: a typo in it should fail in a second, not after the engine started.
     tenancy_config = load_config(settings.config_file) if settings.config_file else None
@@ -130,14 +135,14 @@ async def build_state(settings: Settings) -> ServerState:
                              window_ms=settings.embed_batch_window_ms, threads=settings.frontend_threads,
                              max_upload_bytes=settings.max_upload_bytes,
                              max_audio_seconds=settings.max_audio_seconds)
-    service = ChatService(settings, engine, registry, frontend, tokenizer, model_name)
-    state = ServerState(settings, model_path, model_name, base, tokenizer, engine, registry, frontend, service,
-                        limiter=AdmissionController.from_settings(settings))
-    state.tenancy = tenancy
-    state.adapter_cache = AdapterCache(
+    admission = AdmissionController.from_settings(settings)
+    service = ChatService(settings, engine, registry, frontend, tokenizer, model_name, admission)
+    adapter_cache = AdapterCache(
         settings.home / "adapter-cache", max_bytes=settings.adapter_cache_bytes,
         timeout_s=settings.adapter_fetch_timeout_s, allow_http=settings.adapter_allow_http,
         verify=str(settings.adapter_ca_bundle) if settings.adapter_ca_bundle else True)
+    state = ServerState(settings, model_path, model_name, base, tokenizer, engine, registry, frontend, service,
+                        admission, tenancy, adapter_cache)
 
     # (name, source, pin, sha256): --adapter flags first, then the config file's preloads.
     # Flag adapters stay pinned while slots allow (a server's few named adapters should not be

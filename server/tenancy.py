@@ -39,7 +39,7 @@ import yaml
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from server.errors import Forbidden, Unauthorized
+from server.errors import Forbidden, Unauthorized, first_error_text
 
 log = logging.getLogger("server")
 
@@ -128,14 +128,13 @@ def load_config(path: str | Path) -> TenancyConfig:
     try:
         return TenancyConfig.model_validate(raw)
     except ValidationError as e:
-        first = e.errors()[0]
-        loc = ".".join(str(x) for x in first["loc"])
-        raise TenancyConfigError(f"{path}: field '{loc}': {first['msg']}") from e
+        loc, msg = first_error_text(e.errors())
+        raise TenancyConfigError(f"{path}: field '{loc}': {msg}") from e
 
 
 @dataclass(frozen=True)
 class Principal:
-    """The caller of one request, as the routes see it (``request.state.principal``)."""
+    """The caller of one request (what :func:`authenticate` returns to the routes)."""
 
     tenant: str
     is_admin: bool = False
@@ -245,11 +244,10 @@ class Tenancy:
 
 
 async def authenticate(request: Request) -> Principal:
-    """FastAPI dependency for every /v1 route: sets ``request.state.principal`` (or answers 401)."""
+    """FastAPI dependency for every /v1 route: the caller (or 401). Routes take it as a parameter;
+    nothing is stored on ``request.state``."""
     tenancy: Tenancy | None = getattr(request.app.state.aura, "tenancy", None)
-    principal = tenancy.authenticate(request.headers.get("authorization")) if tenancy else OPEN_PRINCIPAL
-    request.state.principal = principal
-    return principal
+    return tenancy.authenticate(request.headers.get("authorization")) if tenancy else OPEN_PRINCIPAL
 
 
 def main() -> int:

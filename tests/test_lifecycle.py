@@ -282,9 +282,11 @@ async def test_sigterm_drains_in_flight_streams_then_exits_zero(limited, wav):
     assert rc == 0, limited.log.read_text()[-3000:]
 
 
-def test_dead_engine_fails_health_and_requests_fast(tiny, wav, tmp_path_factory):
+def test_dead_engine_fails_health_and_requests_fast_then_exits_nonzero(tiny, wav, tmp_path_factory):
+    """The engine cannot be brought back in place: the server answers 503 for a while (so probes and
+    clients see why), then exits with status 3 for its supervisor to restart it."""
     home = tmp_path_factory.mktemp("doomed")
-    srv = start_server(_args(tiny), home, home / "server.log")
+    srv = start_server(_args(tiny), home, home / "server.log", env={"AURA_ENGINE_DEATH_EXIT_S": "8"})
     try:
         cores = [p for p in psutil.Process(srv.proc.pid).children(recursive=True) if "EngineCore" in p.name()]
         assert cores, "no vLLM EngineCore child found"
@@ -303,5 +305,8 @@ def test_dead_engine_fails_health_and_requests_fast(tiny, wav, tmp_path_factory)
         r = httpx.post(f"{srv.url}/v1/audio/chat", files={"file": ("q.wav", wav)}, data=_form(stream=True),
                        timeout=30)
         assert r.status_code == 503
+        rc = srv.proc.wait(timeout=60)
+        assert rc == 3, f"exit status {rc}:\n{srv.log.read_text()[-3000:]}"
+        assert "exiting non-zero for a supervisor restart" in srv.log.read_text()
     finally:
         stop_server(srv)

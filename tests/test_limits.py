@@ -16,7 +16,7 @@ import pytest
 import soundfile as sf
 
 from server.errors import TooManyRequests
-from server.limits import AdmissionController, Deadline, DeadlineExceeded
+from server.admission import AdmissionController, Deadline, DeadlineExceeded
 
 # ---- the admission controller on its own (no server) -------------------------------------------
 
@@ -253,22 +253,17 @@ def test_bad_input_is_refused_clearly_and_changes_nothing(server, baseline, kind
 
 
 def test_tenant_comes_from_the_api_key_else_the_trusted_header_else_default():
-    from types import SimpleNamespace
-
     from server.config import Settings
-    from server.limits import tenant_of
-    from server.tenancy import OPEN_TENANT
+    from server.routes.door import tenant_of
+    from server.tenancy import OPEN_PRINCIPAL, Principal
 
-    def req(principal=None, **headers):
-        return SimpleNamespace(state=SimpleNamespace(principal=principal), headers=headers)
-
-    keyed = SimpleNamespace(tenant="acme")
-    opened = SimpleNamespace(tenant=OPEN_TENANT)
+    keyed = Principal(tenant="acme")
+    opened = OPEN_PRINCIPAL
     plain, trusting = Settings(), Settings(tenant_header="x-tenant")
-    assert tenant_of(req(keyed, **{"x-tenant": "evil"}), trusting) == "acme"  # a key outranks the header
-    assert tenant_of(req(opened, **{"x-tenant": "t1"}), trusting) == "t1"
-    assert tenant_of(req(opened, **{"x-tenant": "t1"}), plain) == OPEN_TENANT
-    assert tenant_of(req(None), plain) == "default"
-    assert tenant_of(req(opened, **{"x-tenant": "bad tenant\n"}), trusting) == OPEN_TENANT
+    assert tenant_of(keyed, {"x-tenant": "evil"}, trusting) == "acme"  # a key outranks the header
+    assert tenant_of(opened, {"x-tenant": "t1"}, trusting) == "t1"
+    assert tenant_of(opened, {"x-tenant": "t1"}, plain) == OPEN_PRINCIPAL.tenant
+    assert tenant_of(None, {}, plain) == "default"
+    assert tenant_of(opened, {"x-tenant": "bad tenant\n"}, trusting) == OPEN_PRINCIPAL.tenant
     assert Settings(max_concurrent_requests=64).resolved_tenant_max_concurrent() == 48
     assert Settings(max_concurrent_requests=1).resolved_tenant_max_concurrent() == 1

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from server.serving import AudioInput, ChatJob
+from server.context import RequestContext
+from server.serving import AudioInput, ChatJob, collect
 from test_serving_api import post_audio
 
 MAX_TOKENS = 24
@@ -13,13 +14,9 @@ MAX_TOKENS = 24
 async def reference_tokens(state, adapter: str, wav, prompt: str | None = None) -> list[int]:
     parts = [AudioInput(open(wav, "rb").read())] + ([prompt] if prompt else [])
     job = ChatJob(adapter=adapter, turns=[("user", parts)], max_tokens=MAX_TOKENS, return_token_ids=True)
-    lease = state.registry.lease(adapter)
-    try:
-        prepared = await state.service.prepare(job, lease.version)
-        result = await state.service.complete(prepared)
-    finally:
-        lease.release()
-    return result.choices[0].token_ids
+    # The served pipeline itself (admit, lease, front end, engine), on the reference engine.
+    done = await collect(state.service.run(job, RequestContext.local(600)))
+    return done.token_ids
 
 
 @pytest.mark.parametrize("adapter", ["alpha", "beta"])

@@ -8,11 +8,11 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI
 
 from server.errors import APIError, Forbidden, Unauthorized
 from server.tenancy import (
-    OPEN_PRINCIPAL, Tenancy, TenancyConfig, TenancyConfigError, authenticate, hash_key, load_config,
+    OPEN_PRINCIPAL, Principal, Tenancy, TenancyConfig, TenancyConfigError, authenticate, hash_key, load_config,
 )
 
 CONFIG_YAML = f"""
@@ -117,7 +117,7 @@ def test_plain_keys_are_accepted_with_a_warning(caplog):
     assert any("sha256" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
 
 
-async def test_dependency_sets_the_principal(tenancy):
+async def test_dependency_gives_the_route_its_principal(tenancy):
     app = FastAPI()
     app.state.aura = SimpleNamespace(tenancy=tenancy)
 
@@ -126,9 +126,8 @@ async def test_dependency_sets_the_principal(tenancy):
         from fastapi.responses import JSONResponse
         return JSONResponse(exc.to_dict(), status_code=exc.status_code)
 
-    @app.get("/v1/whoami", dependencies=[Depends(authenticate)])
-    async def whoami(request: Request):
-        p = request.state.principal
+    @app.get("/v1/whoami")
+    async def whoami(p: Principal = Depends(authenticate)):
         return {"tenant": p.tenant, "admin": p.is_admin}
 
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:

@@ -7,13 +7,13 @@ answers 403 whether it exists or not.
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 
 from server.adapter_admin import adapter_info, load_from_source
 from server.errors import BadRequest
-from server.protocol import AdapterDeleted, AdapterInfo, AdapterList, AdapterLoadRequest
+from server.protocol import AdapterDeleted, AdapterInfo, AdapterList, AdapterLoadRequest, error_responses
 from server.state import ServerState
-from server.tenancy import OPEN_PRINCIPAL, Principal
+from server.tenancy import Principal, authenticate
 
 router = APIRouter()
 
@@ -22,18 +22,14 @@ def _state(request: Request) -> ServerState:
     return request.app.state.aura
 
 
-def _principal(request: Request) -> Principal:
-    return getattr(request.state, "principal", None) or OPEN_PRINCIPAL
-
-
 def _default_for(state: ServerState, who: Principal) -> str | None:
     return who.default_adapter or state.registry.default
 
 
-@router.get("/v1/adapters", response_model=AdapterList)
-async def list_adapters(request: Request) -> AdapterList:
+@router.get("/v1/adapters", response_model=AdapterList, responses=error_responses(401))
+async def list_adapters(request: Request, who: Principal = Depends(authenticate)) -> AdapterList:
     """Adapters the caller may use, with version, residency and draining versions."""
-    state, who = _state(request), _principal(request)
+    state = _state(request)
     resident = await state.engine.list_loras()
     default = _default_for(state, who)
     return AdapterList(data=[adapter_info(v, state.registry, resident, default)
@@ -41,18 +37,19 @@ async def list_adapters(request: Request) -> AdapterList:
                        engine_lora_ids=sorted(resident) if who.is_admin and resident is not None else None)
 
 
-@router.get("/v1/adapters/{name}", response_model=AdapterInfo)
-async def get_adapter(name: str, request: Request) -> AdapterInfo:
-    state, who = _state(request), _principal(request)
+@router.get("/v1/adapters/{name}", response_model=AdapterInfo, responses=error_responses(401, 403, 404))
+async def get_adapter(name: str, request: Request, who: Principal = Depends(authenticate)) -> AdapterInfo:
+    state = _state(request)
     who.check_adapter(name)
     version = state.registry.get(name)
     return adapter_info(version, state.registry, await state.engine.list_loras(), _default_for(state, who))
 
 
-@router.post("/v1/adapters", response_model=AdapterInfo)
-async def load_adapter(body: AdapterLoadRequest, request: Request) -> AdapterInfo:
+@router.post("/v1/adapters", response_model=AdapterInfo,
+             responses=error_responses(400, 401, 403, 404, 409, 413, 422, 502, 504))
+async def load_adapter(body: AdapterLoadRequest, request: Request, who: Principal = Depends(authenticate)) -> AdapterInfo:
     """Load, or replace with a new version (atomic: running requests finish on the old one)."""
-    state, who = _state(request), _principal(request)
+    state = _state(request)
     who.check_manage(body.name)
     if body.name in (state.model_name, "default"):
         raise BadRequest(f"'{body.name}' is reserved (it means the default adapter); choose another name",
@@ -63,10 +60,10 @@ async def load_adapter(body: AdapterLoadRequest, request: Request) -> AdapterInf
                         previous_version=previous)
 
 
-@router.delete("/v1/adapters/{name}", response_model=AdapterDeleted)
-async def unload_adapter(name: str, request: Request) -> AdapterDeleted:
+@router.delete("/v1/adapters/{name}", response_model=AdapterDeleted, responses=error_responses(401, 403, 404))
+async def unload_adapter(name: str, request: Request, who: Principal = Depends(authenticate)) -> AdapterDeleted:
     """Unload: new requests get 404 at once; running ones finish, then the engine frees the LoRA."""
-    state, who = _state(request), _principal(request)
+    state = _state(request)
     who.check_adapter(name)
     who.check_manage(name)
     old = await state.registry.unload(name)

@@ -1,28 +1,46 @@
-"""POST /v1/audio/chat (multipart or JSON) and POST /v1/chat/completions (JSON)."""
+"""POST /v1/audio/chat (multipart or JSON) and POST /v1/chat/completions (JSON).
+
+Thin on purpose: a route parses its wire format into a :class:`ChatJob`, hands it with a
+:class:`RequestContext` to ``ChatService.run`` and renders the chunks as one ``chat.completion``
+or as SSE ``chat.completion.chunk`` events. Admission, adapters, audio and the engine are the
+service's business; the body limits and deadline are the door's (``server/routes/door.py``).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import binascii
 import json
-import time
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field, ValidationError
-from starlette.datastructures import UploadFile
+from starlette.datastructures import Headers, UploadFile
 from starlette.types import Receive, Scope, Send
 
-from server.errors import BadRequest, PayloadTooLarge, UnsupportedMedia, Unprocessable
-from server.limits import Deadline, Slot, admit, max_body_bytes, read_body
-from server.logs import request_id_var
-from server.protocol import ChatCompletion, ChatCompletionRequest
-from server.serving import AudioInput, ChatJob, job_from_openai
+from adapters.bounded_json import JSONLimitError, loads
+from server.config import Settings
+from server.errors import APIError, BadRequest, PayloadTooLarge, UnsupportedMedia, Unprocessable, first_error
+from server.protocol import (
+    AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice, ChunkChoice, Delta,
+    error_responses,
+)
+from server.routes.door import parse_form, precheck, read_body, request_context
+from server.serving import AudioInput, ChatChunk, ChatJob, Finished, Started, TextDelta, collect
 from server.state import ServerState
+from server.tenancy import Principal, authenticate
+
+log = logging.getLogger("server")
 
 router = APIRouter()
 
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+_ERRORS = error_responses(400, 401, 403, 404, 408, 413, 415, 422, 429, 503, 504)
+
+JobParser = Callable[[bytes, Headers, Settings], Awaitable[ChatJob]]
 
 
 class AudioChatForm(BaseModel):
@@ -41,55 +59,26 @@ class AudioChatForm(BaseModel):
     timeout: float | None = Field(None, gt=0, description="Seconds this request may take (capped by the server).")
 
 
-class _ReleasingStream(StreamingResponse):
-    """An SSE response that frees the request's pipeline slot and adapter lease when it ends,
-    however it ends (finished, client gone, error), and closes the token stream first so an
-    unfinished engine request is aborted right away rather than whenever GC gets to it."""
+# ---- wire -> job ---------------------------------------------------------------------------------
 
-    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None], **kwargs: Any) -> None:
-        super().__init__(content, **kwargs)
-        self._content = content
-        self._on_close = on_close
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+async def job_from_form(body: bytes, headers: Headers, settings: Settings) -> ChatJob:
+    form = await parse_form(body, headers, settings)
+    try:
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            raise Unprocessable("multipart field 'file' (the audio upload) is required", param="file")
+        data = await upload.read(settings.max_upload_bytes + 1)
+        if len(data) > settings.max_upload_bytes:
+            raise PayloadTooLarge(f"the upload is larger than {settings.max_upload_bytes} bytes; send a smaller "
+                                  "file", code="audio_too_large", param="file")
+        fields = {k: v for k, v in form.multi_items() if isinstance(v, str) and k != "stop"}
+        stops = [v for v in form.getlist("stop") if isinstance(v, str) and v]
         try:
-            await super().__call__(scope, receive, send)
-        finally:
-            try:
-                await self._content.aclose()  # type: ignore[attr-defined]
-            finally:
-                self._on_close()
-
-
-def validation_error(e: ValidationError, where: str) -> Unprocessable:
-    first = e.errors()[0]
-    loc = ".".join(str(x) for x in first["loc"]) or where
-    return Unprocessable(f"{where} field '{loc}': {first['msg']}", param=loc)
-
-
-def _state(request: Request) -> ServerState:
-    return request.app.state.aura
-
-
-async def _job_from_form(request: Request, state: ServerState) -> ChatJob:
-    max_part = state.settings.max_upload_bytes + 1
-    try:
-        form = await request.form(max_part_size=max_part)
-    except Exception as e:  # starlette raises MultiPartException with a useful message
-        raise BadRequest(f"malformed multipart body: {e}", code="bad_multipart") from e
-    upload = form.get("file")
-    if not isinstance(upload, UploadFile):
-        raise Unprocessable("multipart field 'file' (the audio upload) is required", param="file")
-    data = await upload.read(state.settings.max_upload_bytes + 1)
-    if len(data) > state.settings.max_upload_bytes:
-        raise PayloadTooLarge(f"the upload is larger than {state.settings.max_upload_bytes} bytes; send a smaller file",
-                              code="audio_too_large", param="file")
-    fields: dict[str, Any] = {k: v for k, v in form.multi_items() if isinstance(v, str) and k != "stop"}
-    stops = [v for v in form.getlist("stop") if isinstance(v, str) and v]
-    try:
-        f = AudioChatForm(**fields, stop=stops)
-    except ValidationError as e:
-        raise validation_error(e, "form") from None
+            f = AudioChatForm(**fields, stop=stops)
+        except ValidationError as e:
+            raise first_error(e, "form") from None
+    finally:
+        await form.close()
     parts: list[str | AudioInput] = [AudioInput(data, upload.content_type)]
     if f.prompt:
         parts.append(f.prompt)
@@ -98,84 +87,157 @@ async def _job_from_form(request: Request, state: ServerState) -> ChatJob:
                    return_token_ids=f.return_token_ids, timeout_s=f.timeout)
 
 
-async def _job_from_json(request: Request) -> ChatJob:
-    raw = await read_body(request, max_body_bytes(_state(request).settings))
+def job_from_openai(req: ChatCompletionRequest) -> ChatJob:
+    turns: list[tuple[str, list[str | AudioInput]]] = []
+    for i, msg in enumerate(req.messages):
+        if isinstance(msg.content, str):
+            turns.append((msg.role, [msg.content]))
+            continue
+        parts: list[str | AudioInput] = []
+        for part in msg.content:
+            if part.type == "text":
+                parts.append(part.text)
+            else:
+                try:
+                    data = base64.b64decode(part.input_audio.data, validate=True)
+                except (binascii.Error, ValueError):
+                    raise BadRequest(f"messages[{i}]: input_audio.data is not valid base64",
+                                     code="invalid_base64", param="messages") from None
+                parts.append(AudioInput(data, part.input_audio.format))
+        turns.append((msg.role, parts))
+    stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+    return ChatJob(
+        adapter=req.model, turns=turns, max_tokens=req.max_completion_tokens or req.max_tokens,
+        temperature=req.temperature, top_p=req.top_p, seed=req.seed, stop=stop, stream=req.stream,
+        include_usage=req.stream_options.include_usage if req.stream_options else True,
+        return_token_ids=req.return_token_ids, timeout_s=req.timeout,
+    )
+
+
+def _parse_json_job(body: bytes, settings: Settings) -> ChatJob:
     try:
-        body = json.loads(raw)
-    except ValueError as e:
-        raise Unprocessable(f"the body is not valid JSON: {e}", code="invalid_json") from None
+        raw = loads(body, max_bytes=settings.max_body_bytes(), max_depth=settings.max_json_depth,
+                    max_nodes=settings.max_json_nodes)
+    except JSONLimitError as e:
+        if e.kind == "invalid":
+            raise Unprocessable(f"the body is not valid JSON: {e.message}", code="invalid_json") from None
+        raise BadRequest(f"the JSON body is refused: {e.message}", code=f"json_{e.kind}") from None
     try:
-        req = ChatCompletionRequest.model_validate(body)
+        req = ChatCompletionRequest.model_validate(raw)
     except ValidationError as e:
-        raise validation_error(e, "body") from None
+        raise first_error(e, "body") from None
     return job_from_openai(req)
 
 
-async def _respond(request: Request, job: ChatJob, slot: Slot | None = None, deadline: Deadline | None = None,
-                   arrived: float | None = None):
-    """Run an admitted job; the slot is released here, or by the SSE response when it ends."""
-    state = _state(request)
-    rid = request_id_var.get()
-    if rid:
-        job.request_id = rid
-    job.tenant = getattr(request.state, "aura_tenant", None) or job.tenant
-    job.deadline = deadline.tighten(job.timeout_s) if deadline is not None else None
-    job.arrived_at = arrived
-    job.admission_wait_s = slot.waited_s if slot is not None else None
-    auth = getattr(request.state, "principal", None)
-    name = state.service.resolve_adapter(job.adapter, getattr(auth, "default_adapter", None))
-    request.state.aura_adapter = name
-    if auth is not None:
-        auth.check_adapter(name)
-    lease = state.registry.lease(name)
+async def job_from_json(body: bytes, headers: Headers, settings: Settings) -> ChatJob:
+    # Parsing, validation and base64 are CPU work proportional to the body: off the event loop.
+    return await asyncio.to_thread(_parse_json_job, body, settings)
 
-    def release() -> None:
-        lease.release()
-        if slot is not None:
-            slot.release()
 
-    if not job.stream:
+# ---- chunks -> wire ------------------------------------------------------------------------------
+
+class _ClosingStream(StreamingResponse):
+    """An SSE response that closes its chunk stream however the response ends (finished, client
+    gone, error), so the engine request is aborted and the slot and lease are released at once
+    rather than whenever GC finalises the generator."""
+
+    def __init__(self, content: AsyncIterator[str], **kwargs: object) -> None:
+        super().__init__(content, **kwargs)  # type: ignore[arg-type]  # StreamingResponse's kwargs are typed loosely
+        self._content = content
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            prepared = await state.service.prepare(job, lease.version)
-            result: ChatCompletion = await state.service.complete(prepared)
+            await super().__call__(scope, receive, send)
         finally:
-            release()
-        return JSONResponse(result.model_dump())
+            await self._content.aclose()  # type: ignore[attr-defined]  # an async generator
+
+
+async def _sse(first: Started, chunks: AsyncIterator[ChatChunk], job: ChatJob) -> AsyncIterator[str]:
+    """SSE lines: a role chunk, content deltas, the finish chunk, a usage chunk, [DONE]."""
+    cid = f"chatcmpl-{first.request_id}"
+
+    def event(choices: list[ChunkChoice], usage: Finished | None = None) -> str:
+        chunk = ChatCompletionChunk(id=cid, created=first.created, model=first.model, choices=choices,
+                                    usage=usage.usage if usage else None)
+        return f"data: {chunk.model_dump_json(exclude_none=False)}\n\n"
+
     try:
-        prepared = await state.service.prepare(job, lease.version)
-    except BaseException:
-        release()
-        raise
-    return _ReleasingStream(state.service.stream(prepared), release, media_type="text/event-stream",
-                            headers=_SSE_HEADERS)
+        yield event([ChunkChoice(delta=Delta(role="assistant", content=""))])
+        async for c in chunks:
+            if isinstance(c, TextDelta):
+                if c.text or c.finish_reason or (c.token_ids and job.return_token_ids):
+                    yield event([ChunkChoice(delta=Delta(content=c.text or None), finish_reason=c.finish_reason,
+                                             token_ids=c.token_ids if job.return_token_ids else None)])
+            elif isinstance(c, Finished) and job.include_usage:
+                yield event([], c)
+        yield "data: [DONE]\n\n"
+    except APIError as e:
+        yield f"data: {json.dumps(e.to_dict())}\n\n"
+    except Exception:  # a bug mid-stream: say so in the stream rather than dropping the connection
+        log.exception("stream failed")
+        yield f"data: {json.dumps(APIError('internal server error mid-stream').to_dict())}\n\n"
+    finally:
+        await chunks.aclose()  # type: ignore[attr-defined]  # an async generator
 
 
-async def _admitted(request: Request, parse: Callable[[], Any]):
-    """Admission first (before the body is read), then parse and run; a failure frees the slot."""
-    arrived = time.perf_counter()
-    slot, deadline = await admit(request, _state(request))
+async def _completion(first: Started, chunks: AsyncIterator[ChatChunk], job: ChatJob) -> ChatCompletion:
+    async def all_chunks() -> AsyncIterator[ChatChunk]:
+        yield first
+        async for c in chunks:
+            yield c
+
+    done = await collect(all_chunks())
+    return ChatCompletion(
+        id=f"chatcmpl-{done.request_id}", created=done.created, model=done.model,
+        choices=[Choice(message=AssistantMessage(content=done.text), finish_reason=done.finish_reason,
+                        token_ids=done.token_ids if job.return_token_ids else None)],
+        usage=done.usage)
+
+
+async def _serve(request: Request, principal: Principal, parse: JobParser):
+    """Door → job → ``ChatService.run`` → JSON or SSE; counts the answer by status code."""
+    state: ServerState = request.app.state.aura
+    service = state.service
+    ctx = request_context(request, principal, state.settings)
+    status = 500
     try:
-        job = await parse()
-        return await _respond(request, job, slot, deadline, arrived)
-    except BaseException:
-        if slot is not None:
-            slot.release()  # idempotent: a streaming response that took it over releases it too
+        await precheck(request, service)
+        body = await read_body(request, service, ctx)
+        job = await parse(body, request.headers, state.settings)
+        chunks = service.run(job, ctx)
+        try:
+            first = await anext(chunks)
+            assert isinstance(first, Started)
+            if job.stream:
+                response: StreamingResponse | JSONResponse = _ClosingStream(
+                    _sse(first, chunks, job), media_type="text/event-stream", headers=_SSE_HEADERS)
+            else:
+                response = JSONResponse((await _completion(first, chunks, job)).model_dump())
+        except BaseException:
+            await chunks.aclose()  # type: ignore[attr-defined]  # an async generator
+            raise
+        status = 200
+        return response
+    except APIError as e:
+        status = e.status_code
         raise
+    finally:
+        request.app.state.metrics.count_request(ctx.adapter, ctx.tenant, status)
 
 
-@router.post("/v1/audio/chat", response_model=ChatCompletion)
-async def audio_chat(request: Request):
+@router.post("/v1/audio/chat", response_model=ChatCompletion, responses=_ERRORS)
+async def audio_chat(request: Request, principal: Principal = Depends(authenticate)):
     """A spoken question in, the answer out (streamed as SSE with ``stream=true``)."""
     ctype = request.headers.get("content-type", "")
     if ctype.startswith("multipart/form-data"):
-        return await _admitted(request, lambda: _job_from_form(request, _state(request)))
+        return await _serve(request, principal, job_from_form)
     if ctype.startswith("application/json") or not ctype:
-        return await _admitted(request, lambda: _job_from_json(request))
+        return await _serve(request, principal, job_from_json)
     raise UnsupportedMedia(f"Content-Type '{ctype}' is not accepted; send multipart/form-data or application/json",
                            code="unsupported_content_type")
 
 
-@router.post("/v1/chat/completions", response_model=ChatCompletion)
-async def chat_completions(request: Request):
+@router.post("/v1/chat/completions", response_model=ChatCompletion, responses=_ERRORS)
+async def chat_completions(request: Request, principal: Principal = Depends(authenticate)):
     """The same handler in OpenAI's JSON shape, so stock OpenAI clients work unchanged."""
-    return await _admitted(request, lambda: _job_from_json(request))
+    return await _serve(request, principal, job_from_json)

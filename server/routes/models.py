@@ -2,24 +2,24 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 
-from server.protocol import ModelCard, ModelList
+from server.protocol import ModelCard, ModelList, error_responses
+from server.tenancy import Principal, authenticate
 
 router = APIRouter()
 
 UNTRAINED_NOTE = "UNTRAINED: freshly initialised adapter; its answers to speech are noise"
 
 
-@router.get("/v1/models", response_model=ModelList)
-async def list_models(request: Request) -> ModelList:
+@router.get("/v1/models", response_model=ModelList, responses=error_responses(401))
+async def list_models(request: Request, principal: Principal = Depends(authenticate)) -> ModelList:
     state = request.app.state.aura
-    principal = getattr(request.state, "principal", None)
     created = int(state.started_at)
-    default = getattr(principal, "default_adapter", None) or state.registry.default
+    default = principal.default_adapter or state.registry.default
     cards = [ModelCard(id=state.model_name, created=created, kind="base", root=str(state.model_path))]
     for v in state.registry.versions():
-        if principal is not None and not principal.may_use(v.name):
+        if not principal.may_use(v.name):
             continue
         cards.append(ModelCard(
             id=v.name, created=int(v.loaded_at), kind="adapter", root=v.source, parent=state.model_name,

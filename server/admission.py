@@ -1,14 +1,18 @@
 """Admission control: a bounded pipeline, a bounded fair wait queue, per-tenant caps, deadlines.
 
 Why here and not in vLLM: a request costs memory (its upload, decoded samples, audio vectors)
-and front-end time long before vLLM sees it, so the server bounds what it accepts at the door —
-before the body is read. At most ``max_concurrent`` requests are in the pipeline (decode → last
-token); up to ``max_queued`` more wait; anything beyond is refused at once with 429 and
-``Retry-After``, so memory stays bounded however hard clients push.
+and front-end time long before vLLM sees it, so the server bounds what it accepts. At most
+``max_concurrent`` requests are in the pipeline (decode → last token); up to ``max_queued`` more
+wait; anything beyond is refused at once with 429 and ``Retry-After``. Bodies are read *before* a
+slot is taken (a slow upload must not hold one), so uploads in progress are bounded separately
+(``max_uploads``) and each read has its own short deadline (``server/routes/door.py``).
 
-Fairness: a tenant may hold at most ``tenant_max_concurrent`` pipeline slots and
+Fairness: a tenant may hold at most ``tenant_max_concurrent`` pipeline slots (never more than
+the engine's batch, see :meth:`Settings.resolved_tenant_max_concurrent`) and
 ``tenant_max_queued`` places in the queue, and free slots go round-robin to the tenants that
 are waiting, so a tenant flooding the server only queues behind itself.
+
+Pure asyncio: nothing here knows HTTP, the engine or the server state.
 """
 
 from __future__ import annotations
@@ -18,14 +22,9 @@ import math
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
 
 from server.config import Settings
-from server.engine.base import EngineDead
-from server.errors import APIError, PayloadTooLarge, ServiceUnavailable, TooManyRequests
-
-if TYPE_CHECKING:
-    from server.state import ServerState
+from server.errors import APIError, ServiceUnavailable, TooManyRequests
 
 
 class DeadlineExceeded(APIError):
@@ -95,12 +94,28 @@ class Slot:
             self._controller._release(self.tenant)
 
 
+class Upload:
+    """One body read in progress; ``release()`` is idempotent."""
+
+    def __init__(self, controller: "AdmissionController") -> None:
+        self._controller: AdmissionController | None = controller
+
+    def release(self) -> None:
+        if self._controller is not None:
+            self._controller.uploads -= 1
+            self._controller = None
+
+
 class AdmissionController:
     """Bounded concurrency + bounded fair queue. Event-loop-only (no locks needed)."""
 
     def __init__(self, *, max_concurrent: int, max_queued: int, tenant_max_concurrent: int,
-                 tenant_max_queued: int, queue_timeout_s: float, retry_after_s: float = 1.0) -> None:
+                 tenant_max_queued: int, queue_timeout_s: float, retry_after_s: float = 1.0,
+                 max_uploads: int | None = None) -> None:
         self.max_concurrent = max_concurrent
+        self.max_uploads = max_concurrent + max_queued if max_uploads is None else max_uploads
+        self.uploads = 0
+        self.draining = False
         self.max_queued = max_queued
         self.tenant_max_concurrent = tenant_max_concurrent
         self.tenant_max_queued = tenant_max_queued
@@ -116,7 +131,27 @@ class AdmissionController:
     def from_settings(cls, s: Settings) -> "AdmissionController":
         return cls(max_concurrent=s.max_concurrent_requests, max_queued=s.max_queued_requests,
                    tenant_max_concurrent=s.resolved_tenant_max_concurrent(),
-                   tenant_max_queued=max(1, s.max_queued_requests // 2), queue_timeout_s=s.queue_timeout_s)
+                   tenant_max_queued=max(1, s.max_queued_requests // 2), queue_timeout_s=s.queue_timeout_s,
+                   max_uploads=s.resolved_max_uploads())
+
+    def check_open(self) -> None:
+        """503 once the server drains (SIGTERM): admitted work finishes, new work goes elsewhere."""
+        if self.draining:
+            raise ServiceUnavailable("the server is shutting down and accepts no new requests; retry on another "
+                                     "replica", code="draining", headers={"Retry-After": "1", "Connection": "close"})
+
+    def start_upload(self) -> "Upload":
+        """A place for one request body being read (bodies are read before admission)."""
+        if self.uploads >= self.max_uploads:
+            raise self._reject(f"the server is reading {self.uploads} request bodies already; retry later",
+                               "server_busy")
+        self.uploads += 1
+        return Upload(self)
+
+    @property
+    def busy(self) -> int:
+        """Requests admitted or waiting (what a drain waits for)."""
+        return self.running + self.waiting
 
     def running_for(self, tenant: str) -> int:
         return self._running_by_tenant.get(tenant, 0)
@@ -198,98 +233,3 @@ class AdmissionController:
             self.running += 1
             self._running_by_tenant[tenant] = self.running_for(tenant) + 1
             waiter.future.set_result(Slot(self, tenant, time.perf_counter() - waiter.enqueued))
-
-
-# ---- the door: what every chat request passes before its body is read ----------------------
-
-_TENANT_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:@")
-
-
-def tenant_of(request: Any, settings: Settings) -> str:
-    """The tenant a request counts against: the API key's tenant (``request.state.principal``,
-    set by tenancy), else the configured trusted header (tests, trusted proxies), else 'default'."""
-    principal = getattr(request.state, "principal", None)
-    tenant = getattr(principal, "tenant", None)
-    if settings.tenant_header and (tenant is None or tenant == _open_tenant()):
-        value = request.headers.get(settings.tenant_header, "")[:64]
-        if value and set(value) <= _TENANT_OK:
-            return value
-    return str(tenant) if tenant else "default"
-
-
-def _open_tenant() -> str | None:
-    """The tenant of keyless (open) servers, whose requests the trusted header may re-key."""
-    try:
-        from server.tenancy import OPEN_TENANT
-    except ImportError:
-        return None
-    return OPEN_TENANT
-
-
-def max_body_bytes(settings: Settings) -> int:
-    """The largest request body worth reading: the upload limit as base64 (4/3) plus 1 MiB of
-    form fields / JSON around it. Anything larger is refused from its Content-Length alone."""
-    return settings.max_upload_bytes * 4 // 3 + (1 << 20)
-
-
-async def admit(request: Any, state: "ServerState") -> tuple[Slot | None, Deadline]:
-    """Refuse what cannot be served (draining, dead engine, oversized body) and wait for a slot.
-
-    Runs before the body is read, so a refused or queued request holds no upload in memory.
-    """
-    try:
-        return await _admit(request, state)
-    except APIError:
-        await discard_body(request)
-        raise
-
-
-async def discard_body(request: Any, limit: int = 4 << 20, timeout_s: float = 2.0) -> None:
-    """Read and drop a small refused body, so the client reads our 429/503 rather than a TCP
-    reset (closing a socket with unread input resets it). Large or slow bodies are left alone."""
-    length = request.headers.get("content-length")
-    if length is not None and (not length.isdigit() or int(length) > limit):
-        return
-    seen = 0
-    try:
-        async with asyncio.timeout(timeout_s):
-            async for chunk in request.stream():
-                seen += len(chunk)
-                if seen > limit:
-                    return
-    except Exception:  # noqa: BLE001 - best effort (timeout, client gone); the refusal stands either way
-        return
-
-
-async def _admit(request: Any, state: "ServerState") -> tuple[Slot | None, Deadline]:
-    settings = state.settings
-    deadline = Deadline.after(settings.request_timeout_s)
-    if state.draining:
-        raise ServiceUnavailable("the server is shutting down and accepts no new requests; retry on another "
-                                 "replica", code="draining", headers={"Retry-After": "1", "Connection": "close"})
-    try:
-        await state.engine.check_health()
-    except EngineDead as e:
-        raise ServiceUnavailable(f"the inference engine is not available: {e}", code="engine_unavailable") from e
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > max_body_bytes(settings):
-        raise PayloadTooLarge(f"the request body is {int(length)} bytes; uploads are limited to "
-                              f"{settings.max_upload_bytes} bytes of audio", code="request_too_large")
-    tenant = tenant_of(request, settings)
-    request.state.aura_tenant = tenant
-    if state.limiter is None:
-        return None, deadline
-    slot = await state.limiter.acquire(tenant, timeout=deadline.remaining())
-    return slot, deadline
-
-
-async def read_body(request: Any, limit: int) -> bytes:
-    """The request body, refusing (413) once it passes ``limit`` bytes, whatever the headers said."""
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"the request body is larger than {limit} bytes", code="request_too_large")
-        chunks.append(chunk)
-    return b"".join(chunks)
