@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from adapters.audio_layer import AudioEmbedding, AudioLayerConfig
 from adapters.base_model import BaseModelInfo, read_base_model
 from adapters.features import FeatureConfig
-from adapters.prompt import PromptLayout
+from adapters.prompt import DEFAULT_TRANSCRIBE_PROMPT, PromptLayout
 
 FORMAT_VERSION = 1
 AURA_CONFIG = "aura_config.json"
@@ -86,6 +86,12 @@ class AuraAdapter:
     @property
     def trained(self) -> bool:
         return self.config.trained
+
+    @property
+    def transcribe_prompt(self) -> str:
+        """The prompt this adapter learned to transcribe with (what ``/v1/audio/transcriptions`` sends)."""
+        recorded = self.config.training.get("transcribe_prompt")
+        return recorded if isinstance(recorded, str) and recorded else DEFAULT_TRANSCRIBE_PROMPT
 
 
 def read_aura_config(path: Path) -> AuraConfig:

@@ -65,6 +65,11 @@ class PromptTokens:
         return sum(n for _, n in self.audio_spans)
 
 
+# What an adapter is asked when it should transcribe, unless its training recorded another prompt
+# (``aura_config.json`` -> ``training.transcribe_prompt``); the trainer's default too.
+DEFAULT_TRANSCRIBE_PROMPT = "Transcribe the audio."
+
+
 def user_turn(num_audio_tokens: int, text: str | None = None) -> Turn:
     """The single-turn layout used for training and for multipart requests: audio, then text."""
     parts: list[Part] = [AudioPart(num_audio_tokens)]

@@ -212,3 +212,68 @@ class AdapterDeleted(BaseModel):
     version: int
     deleted: bool = True
     draining_requests: int = 0
+
+
+# ---- audio transcriptions (/v1/audio/transcriptions, OpenAI's shape) ---------------------------
+
+TranscriptionFormat = Literal["json", "text", "verbose_json", "srt", "vtt", "diarized_json"]
+
+
+class TranscriptionForm(BaseModel):
+    """The multipart fields of OpenAI's transcription request (``file`` is the audio upload)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, description="The adapter (default: the caller's/the server's default).")
+    language: str | None = Field(None, pattern=r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})?$",
+                                 description="ISO-639 code of the speech; reported back, not used to steer.")
+    prompt: str | None = Field(None, description="Accepted for compatibility; AuRA adapters transcribe with the "
+                               "prompt they were trained with, so it does not change the output.")
+    temperature: float = Field(0.0, ge=0.0, le=1.0)
+    response_format: TranscriptionFormat = "json"
+    stream: bool = False
+    timestamp_granularities: list[str] = Field(default_factory=list, alias="timestamp_granularities[]")
+    include: list[str] = Field(default_factory=list, alias="include[]")
+    chunking_strategy: str | None = None
+    max_tokens: int | None = Field(None, ge=1, description="AuRA extension (as vLLM's max_completion_tokens): "
+                                   "cap on transcript tokens; default: the server's max_tokens_limit.")
+
+
+class TranscriptionInputDetails(BaseModel):
+    audio_tokens: int
+    text_tokens: int
+
+
+class TranscriptionUsage(BaseModel):
+    """OpenAI's token usage of a transcription, plus the audio duration (an AuRA extension)."""
+
+    type: Literal["tokens"] = "tokens"
+    input_tokens: int
+    output_tokens: int
+    total_tokens: int
+    input_token_details: TranscriptionInputDetails
+    seconds: float
+
+
+class Transcription(BaseModel):
+    text: str
+    usage: TranscriptionUsage
+
+
+class TranscriptionVerbose(BaseModel):
+    task: Literal["transcribe"] = "transcribe"
+    language: str
+    duration: float
+    text: str
+    usage: TranscriptionUsage
+
+
+class TranscriptTextDelta(BaseModel):
+    type: Literal["transcript.text.delta"] = "transcript.text.delta"
+    delta: str
+
+
+class TranscriptTextDone(BaseModel):
+    type: Literal["transcript.text.done"] = "transcript.text.done"
+    text: str
+    usage: TranscriptionUsage

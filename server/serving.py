@@ -20,6 +20,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -80,6 +81,9 @@ class ChatJob:
     include_usage: bool = True
     return_token_ids: bool = False
     timeout_s: float | None = None  # the request's own deadline wish, capped by the server's
+    # "transcribe": the adapter's own training transcription prompt follows the audio of the user
+    # turn (known only once the adapter version is leased, hence a task rather than a text part).
+    task: Literal["chat", "transcribe"] = "chat"
 
 
 # ---- the typed chunks run() yields ---------------------------------------------------------------
@@ -295,6 +299,8 @@ class ChatService:
         embeds: list[torch.Tensor] = []
         turns: list[Turn] = []
         for role, raw_parts in job.turns:
+            if job.task == "transcribe" and role == "user":
+                raw_parts = [*raw_parts, adapter.transcribe_prompt]
             parts: list[Part] = []
             for p in raw_parts:
                 if isinstance(p, str):

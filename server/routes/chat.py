@@ -16,7 +16,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field, ValidationError
 from starlette.datastructures import Headers, UploadFile
 from starlette.types import Receive, Scope, Send
@@ -37,7 +37,7 @@ log = logging.getLogger("server")
 
 router = APIRouter()
 
-_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _ERRORS = error_responses(400, 401, 403, 404, 408, 413, 415, 422, 429, 503, 504)
 
 JobParser = Callable[[bytes, Headers, Settings], Awaitable[ChatJob]]
@@ -136,7 +136,7 @@ async def job_from_json(body: bytes, headers: Headers, settings: Settings) -> Ch
 
 # ---- chunks -> wire ------------------------------------------------------------------------------
 
-class _ClosingStream(StreamingResponse):
+class ClosingStream(StreamingResponse):
     """An SSE response that closes its chunk stream however the response ends (finished, client
     gone, error), so the engine request is aborted and the slot and lease are released at once
     rather than whenever GC finalises the generator."""
@@ -194,8 +194,21 @@ async def _completion(first: Started, chunks: AsyncIterator[ChatChunk], job: Cha
         usage=done.usage)
 
 
-async def _serve(request: Request, principal: Principal, parse: JobParser):
-    """Door → job → ``ChatService.run`` → JSON or SSE; counts the answer by status code."""
+Renderer = Callable[[Started, AsyncIterator[ChatChunk], ChatJob], Awaitable[Response]]
+
+
+async def render_chat(first: Started, chunks: AsyncIterator[ChatChunk], job: ChatJob) -> Response:
+    """``chat.completion`` JSON, or SSE ``chat.completion.chunk`` events when the job streams."""
+    if job.stream:
+        return ClosingStream(_sse(first, chunks, job), media_type="text/event-stream", headers=SSE_HEADERS)
+    return JSONResponse((await _completion(first, chunks, job)).model_dump())
+
+
+async def serve_job(request: Request, principal: Principal, parse: JobParser, render: Renderer = render_chat) -> Response:
+    """Door → job → ``ChatService.run`` → rendered response; counts the answer by status code.
+
+    Every route that runs the pipeline over HTTP (chat, transcriptions) goes through here; they
+    differ only in how they parse the body into a job and render the chunks."""
     state: ServerState = request.app.state.aura
     service = state.service
     ctx = request_context(request, principal, state.settings)
@@ -208,11 +221,7 @@ async def _serve(request: Request, principal: Principal, parse: JobParser):
         try:
             first = await anext(chunks)
             assert isinstance(first, Started)
-            if job.stream:
-                response: StreamingResponse | JSONResponse = _ClosingStream(
-                    _sse(first, chunks, job), media_type="text/event-stream", headers=_SSE_HEADERS)
-            else:
-                response = JSONResponse((await _completion(first, chunks, job)).model_dump())
+            response = await render(first, chunks, job)
         except BaseException:
             await chunks.aclose()  # type: ignore[attr-defined]  # an async generator
             raise
@@ -230,9 +239,9 @@ async def audio_chat(request: Request, principal: Principal = Depends(authentica
     """A spoken question in, the answer out (streamed as SSE with ``stream=true``)."""
     ctype = request.headers.get("content-type", "")
     if ctype.startswith("multipart/form-data"):
-        return await _serve(request, principal, job_from_form)
+        return await serve_job(request, principal, job_from_form)
     if ctype.startswith("application/json") or not ctype:
-        return await _serve(request, principal, job_from_json)
+        return await serve_job(request, principal, job_from_json)
     raise UnsupportedMedia(f"Content-Type '{ctype}' is not accepted; send multipart/form-data or application/json",
                            code="unsupported_content_type")
 
@@ -240,4 +249,4 @@ async def audio_chat(request: Request, principal: Principal = Depends(authentica
 @router.post("/v1/chat/completions", response_model=ChatCompletion, responses=_ERRORS)
 async def chat_completions(request: Request, principal: Principal = Depends(authenticate)):
     """The same handler in OpenAI's JSON shape, so stock OpenAI clients work unchanged."""
-    return await _serve(request, principal, job_from_json)
+    return await serve_job(request, principal, job_from_json)
