@@ -87,6 +87,14 @@ class Settings(BaseSettings):
         5.0, ge=0, description="After the engine dies: seconds answering 503 (so probes and clients see why), "
                                "then the process exits with status 3 for a supervisor to restart it.")
 
+    # Realtime sessions (GET /v1/realtime, server/realtime.py).
+    realtime_max_sessions: int = Field(64, ge=1, description="Realtime WebSocket sessions open at once; beyond: refused.")
+    realtime_max_event_bytes: int = Field(2 * 1024 * 1024, ge=1024, description="Bytes in one realtime client event.")
+    realtime_idle_timeout_s: float = Field(300.0, gt=0, description="A realtime session with no client event for this long is closed.")
+    realtime_prefill_interval_ms: float = Field(
+        400.0, ge=0, description="While the user speaks, warm the engine's prefix cache with the audio so far "
+                                 "every this many ms of audio (0: off), so end of speech leaves only the tail to prefill.")
+
     log_level: str = "INFO"
     log_format: Literal["json", "text"] = "json"
     access_log: bool = False

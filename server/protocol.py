@@ -277,3 +277,121 @@ class TranscriptTextDone(BaseModel):
     type: Literal["transcript.text.done"] = "transcript.text.done"
     text: str
     usage: TranscriptionUsage
+
+
+# ---- realtime (GET /v1/realtime over WebSocket, OpenAI Realtime's GA event names) --------------
+
+class RealtimeAudioFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["audio/pcm", "pcm16"] = "audio/pcm"
+    rate: Literal[16000, 24000] = 24000
+
+
+class RealtimeTurnDetection(BaseModel):
+    """Server-side voice activity detection: speech start/stop from the energy of the audio."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["server_vad"] = "server_vad"
+    threshold: float = Field(0.5, ge=0.0, le=1.0, description="Higher: louder audio needed to count as speech.")
+    prefix_padding_ms: int = Field(300, ge=0, le=2000)
+    silence_duration_ms: int = Field(500, ge=100, le=5000)
+    create_response: bool = True
+
+
+class RealtimeAudioInput(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    format: RealtimeAudioFormat = Field(default_factory=RealtimeAudioFormat)
+    turn_detection: RealtimeTurnDetection | None = Field(default_factory=RealtimeTurnDetection)
+
+
+class RealtimeAudio(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    input: RealtimeAudioInput = Field(default_factory=RealtimeAudioInput)
+
+
+class RealtimeSession(BaseModel):
+    """The session as the server holds it (and echoes in session.created / session.updated)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["realtime"] = "realtime"
+    object: Literal["realtime.session"] = "realtime.session"
+    id: str = ""
+    model: str | None = Field(None, description="The adapter (default: the caller's / the server's default).")
+    instructions: str | None = Field(None, max_length=32768, description="A system message before the audio.")
+    output_modalities: list[Literal["text"]] = Field(default_factory=lambda: ["text"])
+    audio: RealtimeAudio = Field(default_factory=RealtimeAudio)
+    max_output_tokens: int | Literal["inf"] = "inf"
+
+
+class SessionUpdate(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["session.update"]
+    event_id: str | None = None
+    session: dict[str, Any]
+
+
+class InputAudioBufferAppend(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["input_audio_buffer.append"]
+    event_id: str | None = None
+    audio: str = Field(..., description="Base64 PCM16 little-endian mono at the session's input rate.")
+
+
+class InputAudioBufferCommit(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["input_audio_buffer.commit"]
+    event_id: str | None = None
+
+
+class InputAudioBufferClear(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["input_audio_buffer.clear"]
+    event_id: str | None = None
+
+
+class ResponseCreateOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    instructions: str | None = Field(None, max_length=32768)
+    max_output_tokens: int | Literal["inf"] | None = None
+
+
+class ResponseCreate(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["response.create"]
+    event_id: str | None = None
+    response: ResponseCreateOptions = Field(default_factory=ResponseCreateOptions)
+
+
+class ResponseCancel(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["response.cancel"]
+    event_id: str | None = None
+    response_id: str | None = None
+
+
+RealtimeClientEvent = Annotated[
+    Union[SessionUpdate, InputAudioBufferAppend, InputAudioBufferCommit, InputAudioBufferClear, ResponseCreate,
+          ResponseCancel],
+    Field(discriminator="type")]
+REALTIME_CLIENT_EVENTS = ("session.update", "input_audio_buffer.append", "input_audio_buffer.commit",
+                          "input_audio_buffer.clear", "response.create", "response.cancel")
+
+
+class RealtimeUsage(BaseModel):
+    input_tokens: int
+    output_tokens: int
+    total_tokens: int
+    input_token_details: dict[str, int]
+    output_token_details: dict[str, int]

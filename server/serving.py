@@ -19,7 +19,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -276,6 +276,30 @@ class ChatService:
             if lease is not None:
                 lease.release()
             ctx.slot.release()
+
+    async def prefill(self, job: ChatJob, ctx: RequestContext) -> None:
+        """Compute the job's prompt into the engine's prefix cache, answering nothing.
+
+        For realtime sessions that warm the cache while the user is still speaking: one output
+        token, discarded; no pipeline slot (a session keeps at most one prefill in flight, and the
+        real request that follows is admitted as usual) and no metrics record. The same checks as
+        :meth:`run` apply: the caller must be allowed the adapter."""
+        self.check_job(job)
+        await self.check_accepting()
+        name = self.resolve_adapter(job.adapter, ctx.principal.default_adapter)
+        ctx.principal.check_adapter(name)
+        lease = self.registry.lease(name)
+        try:
+            prepared = await self.prepare(job, ctx, lease.version)
+            request = replace(prepared.request, sampling=replace(prepared.request.sampling, max_tokens=1))
+            stream = self.engine.generate(request)
+            try:
+                async for _ in stream:
+                    pass
+            finally:
+                await stream.aclose()
+        finally:
+            lease.release()
 
     def _max_tokens(self, job: ChatJob, prompt_len: int) -> int:
         limit = self.settings.max_tokens_limit
