@@ -10,12 +10,13 @@ PYTEST_ARGS ?=
 
 install: system-deps $(STAMP)
 
-# FFmpeg libraries come with PyAV's wheel; the ffmpeg and espeak-ng programs make test audio.
+# FFmpeg libraries come with PyAV's wheel; the ffmpeg and espeak-ng programs make test audio,
+# and Debian's chromium runs the playground's browser test (Playwright drives it; it downloads no browser).
 system-deps:
-	@if ! command -v ffmpeg >/dev/null || ! command -v espeak-ng >/dev/null; then \
-		echo "installing ffmpeg + espeak-ng (apt-get)"; \
+	@if ! command -v ffmpeg >/dev/null || ! command -v espeak-ng >/dev/null || ! command -v chromium >/dev/null; then \
+		echo "installing ffmpeg + espeak-ng + chromium (apt-get)"; \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq ffmpeg espeak-ng >/dev/null; \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq ffmpeg espeak-ng chromium >/dev/null; \
 	fi
 
 $(VENV)/bin/python:

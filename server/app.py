@@ -16,7 +16,7 @@ from server.engine.base import EngineDead
 from server.errors import APIError, Unprocessable, first_error_text
 from server.logs import setup_logging
 from server.metrics import ObservabilityMiddleware, ServerMetrics, log_record
-from server.routes import adapters, chat, health, models, realtime, transcriptions
+from server.routes import adapters, chat, health, models, playground, realtime, transcriptions
 from server.routes import metrics as metrics_route
 from server.state import ServerState, build_state
 
@@ -58,6 +58,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(chat.router)
     app.include_router(transcriptions.router)
     app.include_router(realtime.router)
+    app.include_router(playground.router)
     app.include_router(models.router)
     app.include_router(adapters.router)
     app.include_router(health.router)
