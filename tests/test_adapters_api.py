@@ -265,3 +265,38 @@ def test_s3_and_http_sources_then_unload_frees_the_engine(srv, tiny, speech, s3e
     assert httpad["lora_id"] not in after and set(after) == set(before) - {httpad["lora_id"]}
     assert _chat(srv.url, speech["sky"], ACME, adapter="httpad").status_code == 404
     assert httpx.delete(f"{srv.url}/v1/adapters/httpad", headers=ADMIN).status_code == 404
+
+
+def test_realtime_and_transcriptions_use_the_same_keys_and_adapter_rules(srv, speech):
+    """The realtime socket takes the key as a header or as the subprotocol browsers use; a tenant
+    gets the same refusal for an adapter it may not use as for one that does not exist."""
+    from websockets.sync.client import connect
+
+    ws_url = srv.url.replace("http://", "ws://") + "/v1/realtime"
+    with connect(ws_url, open_timeout=30) as ws:  # no key
+        err = json.loads(ws.recv(timeout=30))
+        assert err["type"] == "error" and err["error"]["code"] == "missing_api_key"
+        with pytest.raises(Exception):
+            ws.recv(timeout=10)
+        assert ws.close_code == 1008
+    refusals = []
+    with connect(ws_url, subprotocols=["realtime", "openai-insecure-api-key.acme-key"], open_timeout=30) as ws:
+        assert ws.subprotocol == "realtime"
+        assert json.loads(ws.recv(timeout=30))["type"] == "session.created"
+        for name in ("beta", "no-such-adapter"):
+            ws.send(json.dumps({"type": "session.update", "session": {"model": name}}))
+            err = json.loads(ws.recv(timeout=30))["error"]
+            refusals.append({k: v.replace(name, "X") if isinstance(v, str) else v for k, v in err.items()})
+        ws.send(json.dumps({"type": "session.update", "session": {"model": "alpha"}}))
+        assert json.loads(ws.recv(timeout=30))["type"] == "session.updated"
+    assert refusals[0] == refusals[1] and refusals[0]["code"] == "adapter_forbidden"
+    with connect(ws_url, additional_headers={"Authorization": "Bearer globex-plain-key"}, open_timeout=30) as ws:
+        assert json.loads(ws.recv(timeout=30))["type"] == "session.created"
+    with open(speech["sky"], "rb") as f:
+        r = httpx.post(f"{srv.url}/v1/audio/transcriptions", files={"file": ("q.wav", f)},
+                       data={"model": "beta", "max_tokens": "2"}, headers=ACME, timeout=60)
+    assert r.status_code == 403
+    with open(speech["sky"], "rb") as f:
+        r = httpx.post(f"{srv.url}/v1/audio/transcriptions", files={"file": ("q.wav", f)},
+                       data={"max_tokens": "2"}, headers=ACME, timeout=60)
+    assert r.status_code == 200 and r.json()["usage"]["output_tokens"] == 2
