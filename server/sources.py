@@ -204,8 +204,11 @@ class AdapterCache:
         try:
             try:
                 archive_digest = self._download(source, staging, budget, trusted)
-            except OSError as e:  # a permission error, a vanished file, /proc: never a 500
+            except OSError as e:  # a permission error, a vanished file, /proc, a full disk: never a 500
                 log.info("adapter source unreadable", extra={"source": redact(source), "error": str(e)})
+                if not _is_local(source):
+                    raise SourceError("fetch_failed", f"fetching {redact(source)} failed: the server could not "
+                                      "store it") from None
                 if not trusted:
                     raise SourceError("forbidden", LOCAL_FORBIDDEN) from None
                 raise SourceError("not_found", f"{redact(source)} could not be read ({e.strerror})") from None
@@ -240,7 +243,7 @@ class AdapterCache:
         parsed = urlparse(source)
         scheme = parsed.scheme.lower()
         out = staging / "adapter"
-        if scheme in ("", "file") or (len(scheme) == 1 and os.name == "nt"):
+        if _is_local(source):
             path = self._local_path(source, parsed.path if scheme == "file" else None, trusted)
             if path.is_dir():
                 self._copy_folder(path, out, budget, trusted)
@@ -289,7 +292,7 @@ class AdapterCache:
             budget.check()
             if f.name.startswith("."):
                 continue
-            if stat.S_ISDIR(os.lstat(f).st_mode):
+            if f.is_dir():
                 continue  # adapters are flat; nested folders (training runs, caches) are not served
             if not trusted and not self._under_roots(os.path.realpath(f)):
                 raise SourceError("unsafe_source", f"{src}: '{f.name}' links outside the adapter roots")
@@ -528,6 +531,11 @@ class _RawStream:
             if chunk:
                 return chunk
         return b""
+
+
+def _is_local(source: str) -> bool:
+    scheme = urlparse(source).scheme.lower()
+    return scheme in ("", "file") or (len(scheme) == 1 and os.name == "nt")
 
 
 def _create_private(path: Path) -> BinaryIO:

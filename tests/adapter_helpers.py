@@ -110,6 +110,20 @@ def file_server(root: Path, *, certfile: Path | None = None, keyfile: Path | Non
         httpd.server_close()
 
 
+@contextlib.contextmanager
+def _serve_tls(httpd: http.server.HTTPServer, certfile: Path, keyfile: Path) -> Iterator[str]:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(str(certfile), str(keyfile))
+    httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True)
+    t = threading.Thread(target=httpd.serve_forever, daemon=True)
+    t.start()
+    try:
+        yield f"https://{httpd.server_address[0]}:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
 class Trickle:
     """What a trickling server saw: connections open now and in all."""
 
@@ -148,17 +162,8 @@ def trickle_server(certfile: Path, keyfile: Path, *, host: str = "127.0.0.1",
                 with seen.lock:
                     seen.open -= 1
 
-    httpd = _QuietServer((host, 0), Handler)
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(str(certfile), str(keyfile))
-    httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True)
-    t = threading.Thread(target=httpd.serve_forever, daemon=True)
-    t.start()
-    try:
-        yield f"https://{host}:{httpd.server_address[1]}", seen
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+    with _serve_tls(_QuietServer((host, 0), Handler), certfile, keyfile) as url:
+        yield url, seen
 
 
 @contextlib.contextmanager
@@ -175,17 +180,8 @@ def redirect_server(location: str, *, certfile: Path, keyfile: Path, host: str =
             self.send_header("Content-Length", "0")
             self.end_headers()
 
-    httpd = _QuietServer((host, 0), Handler)
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(str(certfile), str(keyfile))
-    httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True)
-    t = threading.Thread(target=httpd.serve_forever, daemon=True)
-    t.start()
-    try:
-        yield f"https://{host}:{httpd.server_address[1]}"
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+    with _serve_tls(_QuietServer((host, 0), Handler), certfile, keyfile) as url:
+        yield url
 
 
 def self_signed_cert(out_dir: Path, ips: tuple[str, ...] = ("127.0.0.1",)) -> tuple[Path, Path]:

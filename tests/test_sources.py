@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import os
+import stat
+import time
 import tarfile
 import zipfile
 from pathlib import Path
@@ -12,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from adapter_helpers import (
-    file_server, make_tarball, moto_s3, s3_client, self_signed_cert, sha256_of, upload_adapter,
+    copy_adapter, file_server, make_tarball, moto_s3, redirect_server, s3_client, self_signed_cert, sha256_of,
+    trickle_server, upload_adapter,
 )
 from adapters.validate import validate_adapter
 from server.sources import AdapterCache, SourceError, tree_digest
@@ -182,3 +185,71 @@ def test_credentials_in_sources_are_never_echoed():
 
     assert redact("https://user:secret@example.com:8443/a.tar.gz") == "https://example.com:8443/a.tar.gz"
     assert redact("s3://bucket/prefix/") == "s3://bucket/prefix/"
+
+
+# ---- what a tenant (an untrusted caller) may reach ------------------------------------------------------
+
+async def test_tenant_local_sources_only_under_the_roots_and_refusals_read_alike(tiny, tmp_path):
+    roots = tmp_path / "roots"
+    roots.mkdir()
+    inside = copy_adapter(tiny.adapters["alpha"], roots / "alpha")
+    (roots / "out").symlink_to(tiny.adapters["beta"])
+    cache = AdapterCache(tmp_path / "cache", max_bytes=50 * 1024**2, timeout_s=30, roots=[roots])
+    got = await cache.fetch(str(inside), trusted=False)
+    assert _files(got.path) == _files(inside)
+    assert stat.S_IMODE(cache.root.stat().st_mode) == 0o700 and stat.S_IMODE(got.path.stat().st_mode) == 0o700
+    assert {stat.S_IMODE(f.stat().st_mode) for f in got.path.iterdir()} == {0o600}
+    messages = set()
+    for source in (str(tiny.adapters["beta"]), "/etc/shadow", "/proc/1", "/nope", str(roots / "out"),
+                   str(roots / ".." / "cache"), "file:///etc", "relative"):
+        with pytest.raises(SourceError) as e:
+            await cache.fetch(source, trusted=False)
+        assert e.value.kind == "forbidden", source
+        messages.add(e.value.message)
+    assert len(messages) == 1
+
+
+async def test_devices_and_fifos_are_refused_for_everyone(tiny, tmp_path):
+    cache = AdapterCache(tmp_path / "cache", max_bytes=50 * 1024**2, timeout_s=30)
+    for i, make in enumerate((lambda p: p.symlink_to("/dev/zero"), os.mkfifo)):
+        folder = copy_adapter(tiny.adapters["alpha"], tmp_path / f"evil{i}")
+        (folder / "adapter_model.safetensors").unlink()
+        make(folder / "adapter_model.safetensors")
+        t0 = time.monotonic()
+        with pytest.raises(SourceError) as e:
+            await cache.fetch(str(folder), trusted=True)
+        assert e.value.kind == "unsafe_source" and time.monotonic() - t0 < 2
+
+
+async def test_a_trickling_fetch_really_stops_at_its_deadline(tmp_path):
+    certfile, keyfile = self_signed_cert(tmp_path)
+    cache = AdapterCache(tmp_path / "cache", max_bytes=50 * 1024**2, timeout_s=1, verify=str(certfile))
+    with trickle_server(certfile, keyfile) as (url, seen):
+        with pytest.raises(SourceError) as e:
+            await cache.fetch(f"{url}/a.tar.gz", trusted=True)
+        assert e.value.kind == "timeout"
+        deadline = time.monotonic() + 2
+        while seen.open and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert seen.total == 1 and seen.open == 0
+
+
+async def test_tenant_https_sources_reach_only_public_or_allowed_addresses(tiny, tmp_path):
+    certfile, keyfile = self_signed_cert(tmp_path, ips=("127.0.0.1", "127.0.0.2"))
+    www = tmp_path / "www"
+    www.mkdir()
+    make_tarball(tiny.adapters["alpha"], www / "alpha.tar.gz")
+    cache = AdapterCache(tmp_path / "cache", max_bytes=50 * 1024**2, timeout_s=30, verify=str(certfile),
+                         allowed_networks=["127.0.0.2/32"])
+    with file_server(www, certfile=certfile, keyfile=keyfile) as loopback, \
+            file_server(www, certfile=certfile, keyfile=keyfile, host="127.0.0.2") as allowed:
+        assert (await cache.fetch(f"{allowed}/alpha.tar.gz", trusted=False)).path.is_dir()
+        assert (await cache.fetch(f"{loopback}/alpha.tar.gz", trusted=True)).path.is_dir()  # admins: anywhere
+        with pytest.raises(SourceError) as e:
+            await cache.fetch(f"{loopback}/alpha.tar.gz", trusted=False)
+        assert e.value.kind == "forbidden"
+        for target in (f"{loopback}/alpha.tar.gz", "http://127.0.0.2:1/alpha.tar.gz", "file:///etc/passwd"):
+            with redirect_server(target, certfile=certfile, keyfile=keyfile, host="127.0.0.2") as hop:
+                with pytest.raises(SourceError) as e:
+                    await cache.fetch(f"{hop}/alpha.tar.gz", trusted=False)
+                assert e.value.kind == "forbidden", target
