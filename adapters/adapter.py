@@ -23,10 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from safetensors.torch import load_file, save_file
 
 from adapters.audio_layer import AudioEmbedding, AudioLayerConfig
+from adapters.bounded_json import JSONLimitError, JSONValue, check_shape, loads
 from adapters.base_model import BaseModelInfo, read_base_model
 from adapters.features import FeatureConfig
 from adapters.prompt import DEFAULT_TRANSCRIBE_PROMPT, PromptLayout
@@ -37,6 +38,42 @@ AUDIO_WEIGHTS = "audio_embedding.safetensors"
 LORA_CONFIG = "adapter_config.json"
 LORA_WEIGHTS = "adapter_model.safetensors"
 CHECKSUMMED = (LORA_CONFIG, LORA_WEIGHTS, AUDIO_WEIGHTS)
+
+# Bounds on what an adapter's JSON may declare, checked before any module is built or any
+# weight is read: aura_config.json is not covered by the checksums, so its sizes are a caller's
+# word. The audio layer's cost grows with conv_channels squared (and conv_channels x stack x
+# hidden for the projection); Whisper large uses 1280 channels and 128 mels.
+MAX_CONFIG_BYTES = 1024 * 1024  # aura_config.json (the demo's, with its loss history: 18 KB)
+MAX_LORA_CONFIG_BYTES = 64 * 1024  # adapter_config.json
+MAX_JSON_DEPTH = 16
+MAX_JSON_NODES = 100_000
+MAX_TRAINING_BYTES = 256 * 1024  # the ``training`` provenance, serialised
+MAX_TRAINING_NODES = 20_000
+MAX_TRAINING_DEPTH = 8
+MAX_CONV_CHANNELS = 4096
+MAX_N_MELS = 256
+MAX_N_FFT = 8192
+MAX_AUDIO_PARAMS = 64 * 1024 * 1024  # 256 MB in fp32: far above any real stem, far below a bomb
+
+
+class AdapterFileError(ValueError):
+    """An adapter JSON file is unreadable or over a limit; ``file`` names it."""
+
+    def __init__(self, file: str, message: str) -> None:
+        super().__init__(f"{file}: {message}")
+        self.file = file
+        self.message = message
+
+
+def read_json_file(path: Path, *, max_bytes: int, max_depth: int = MAX_JSON_DEPTH,
+                   max_nodes: int = MAX_JSON_NODES) -> JSONValue:
+    """Read an adapter's JSON file with every limit applied (size before reading it whole)."""
+    with open(path, "rb") as f:
+        data = f.read(max_bytes + 1)
+    try:
+        return loads(data, max_bytes=max_bytes, max_depth=max_depth, max_nodes=max_nodes)
+    except JSONLimitError as e:
+        raise AdapterFileError(Path(path).name, e.message) from None
 
 
 class BaseModelRef(BaseModel):
@@ -61,6 +98,45 @@ class AuraConfig(BaseModel):
     trained: bool = False
     training: dict[str, Any] = Field(default_factory=dict, description="Provenance: data, steps, losses, teacher.")
     files: dict[str, str] = Field(default_factory=dict, description="sha256 of each weight/config file.")
+
+    @model_validator(mode="after")
+    def _bounded(self) -> "AuraConfig":
+        """Sizes a hostile config could inflate are capped before anything is built from them."""
+        layer, feat = self.audio_layer, self.features
+        if layer.conv_channels > MAX_CONV_CHANNELS:
+            raise ValueError(f"audio_layer.conv_channels={layer.conv_channels} exceeds {MAX_CONV_CHANNELS}")
+        if layer.n_mels > MAX_N_MELS or feat.n_mels > MAX_N_MELS:
+            raise ValueError(f"n_mels exceeds {MAX_N_MELS}")
+        if feat.n_fft > MAX_N_FFT or feat.hop_length > MAX_N_FFT:
+            raise ValueError(f"features.n_fft and hop_length must be at most {MAX_N_FFT}")
+        if self.base_model.hidden_size > 65536 or layer.hidden_size > 65536:
+            raise ValueError("hidden_size exceeds 65536")
+        params = audio_layer_params(layer)
+        if params > MAX_AUDIO_PARAMS:
+            raise ValueError(f"the declared audio layer has {params} parameters; the limit is {MAX_AUDIO_PARAMS}")
+        try:
+            check_shape(self.training, max_depth=MAX_TRAINING_DEPTH, max_nodes=MAX_TRAINING_NODES)
+        except JSONLimitError as e:
+            raise ValueError(f"training: {e.message}") from None
+        if len(json.dumps(self.training, default=str)) > MAX_TRAINING_BYTES:
+            raise ValueError(f"training: the provenance is larger than {MAX_TRAINING_BYTES} bytes")
+        return self
+
+
+def audio_layer_shapes(layer: AudioLayerConfig) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes of the declared audio layer, built on the meta device: no memory, whatever it declares."""
+    with torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in AudioEmbedding(layer).state_dict().items()}
+
+
+def audio_layer_params(layer: AudioLayerConfig) -> int:
+    total = 0
+    for shape in audio_layer_shapes(layer).values():
+        n = 1
+        for d in shape:
+            n *= d
+        total += n
+    return total
 
 
 def sha256_file(path: Path) -> str:
@@ -95,7 +171,7 @@ class AuraAdapter:
 
 
 def read_aura_config(path: Path) -> AuraConfig:
-    return AuraConfig.model_validate_json((Path(path) / AURA_CONFIG).read_text())
+    return AuraConfig.model_validate(read_json_file(Path(path) / AURA_CONFIG, max_bytes=MAX_CONFIG_BYTES))
 
 
 def load_adapter(path: str | Path, name: str | None = None, *, device: str | torch.device = "cpu",
@@ -103,7 +179,8 @@ def load_adapter(path: str | Path, name: str | None = None, *, device: str | tor
     """Load an adapter directory that has already passed validation."""
     path = Path(path).resolve()
     config = read_aura_config(path)
-    lora = json.loads((path / LORA_CONFIG).read_text())
+    lora = read_json_file(path / LORA_CONFIG, max_bytes=MAX_LORA_CONFIG_BYTES)
+    assert isinstance(lora, dict)  # validate_adapter checked it
     layer = AudioEmbedding(config.audio_layer)
     layer.load_state_dict(load_file(str(path / AUDIO_WEIGHTS)))
     layer.to(device=device, dtype=dtype).eval().requires_grad_(False)

@@ -7,7 +7,6 @@ file and says how to fix it.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -15,10 +14,9 @@ from pydantic import ValidationError
 from safetensors import SafetensorError, safe_open
 
 from adapters.adapter import (
-    AUDIO_WEIGHTS, AURA_CONFIG, CHECKSUMMED, FORMAT_VERSION, LORA_CONFIG, LORA_WEIGHTS,
-    AuraConfig, sha256_file,
+    AUDIO_WEIGHTS, AURA_CONFIG, CHECKSUMMED, FORMAT_VERSION, LORA_CONFIG, LORA_WEIGHTS, MAX_CONFIG_BYTES,
+    MAX_LORA_CONFIG_BYTES, AdapterFileError, AuraConfig, audio_layer_shapes, read_json_file, sha256_file,
 )
-from adapters.audio_layer import AudioEmbedding
 from adapters.base_model import BaseModelInfo
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
@@ -72,9 +70,9 @@ def validate_adapter(
                         f"{AURA_CONFIG}, {LORA_CONFIG}, {LORA_WEIGHTS} and {AUDIO_WEIGHTS}")
 
     try:
-        raw = json.loads((path / AURA_CONFIG).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise _fail("bad_config", AURA_CONFIG, f"not valid JSON ({e})") from e
+        raw = read_json_file(path / AURA_CONFIG, max_bytes=MAX_CONFIG_BYTES)
+    except AdapterFileError as e:
+        raise _fail("bad_config", AURA_CONFIG, f"{e.message}; re-save the adapter") from e
     if isinstance(raw, dict) and raw.get("format_version") not in (None, FORMAT_VERSION):
         raise _fail("unsupported_version", AURA_CONFIG,
                     f"format_version {raw.get('format_version')} is not supported (this server reads {FORMAT_VERSION})")
@@ -115,9 +113,9 @@ def validate_adapter(
                         f"serves {base.fingerprint}; use an adapter trained on this base model")
 
     try:
-        lora = json.loads((path / LORA_CONFIG).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise _fail("bad_lora_config", LORA_CONFIG, f"not valid JSON ({e})") from e
+        lora = read_json_file(path / LORA_CONFIG, max_bytes=MAX_LORA_CONFIG_BYTES)
+    except AdapterFileError as e:
+        raise _fail("bad_lora_config", LORA_CONFIG, f"{e.message}; re-save the adapter") from e
     if not isinstance(lora, dict) or lora.get("peft_type", "LORA") != "LORA":
         raise _fail("bad_lora_config", LORA_CONFIG, "peft_type must be LORA")
     rank = lora.get("r")
@@ -191,7 +189,7 @@ def validate_adapter(
                     f"'{lonely[0]}' has lora_A without lora_B (or the reverse); every adapted module needs both")
 
     audio_header = _safetensors_header(path / AUDIO_WEIGHTS, AUDIO_WEIGHTS)
-    expected = {k: tuple(v.shape) for k, v in AudioEmbedding(config.audio_layer).state_dict().items()}
+    expected = audio_layer_shapes(config.audio_layer)  # meta device: declared sizes cost no memory
     missing = sorted(set(expected) - set(audio_header))
     extra = sorted(set(audio_header) - set(expected))
     if missing or extra:

@@ -7,14 +7,18 @@ one clear :class:`APIError` and nothing serving changed.
 
 from __future__ import annotations
 
-from adapters.validate import AdapterValidationError
-from server.errors import APIError, BadGateway, BadRequest, GatewayTimeout, PayloadTooLarge, Unprocessable
+from pathlib import Path
+
+from adapters.validate import AdapterValidationError, validate_adapter
+from server.errors import APIError, BadGateway, BadRequest, Forbidden, GatewayTimeout, PayloadTooLarge, Unprocessable
 from server.protocol import AdapterInfo, AdapterVersionInfo
 from server.registry import AdapterRegistry, AdapterVersion
 from server.sources import AdapterCache, SourceError, redact
 
 _SOURCE_ERRORS: dict[str, type[APIError]] = {
     "bad_source": BadRequest,
+    "forbidden": Forbidden,
+    "unsafe_source": Unprocessable,
     "not_found": Unprocessable,
     "checksum_mismatch": Unprocessable,
     "unsafe_archive": Unprocessable,
@@ -36,13 +40,23 @@ def validation_error(e: AdapterValidationError) -> Unprocessable:
 
 
 async def load_from_source(registry: AdapterRegistry, cache: AdapterCache, name: str, source: str, *,
-                           pin: bool = False, sha256: str | None = None) -> tuple[AdapterVersion, int | None]:
-    """Fetch + validate + install; returns the new version and the version it replaced (if any)."""
+                           trusted: bool, pin: bool = False,
+                           sha256: str | None = None) -> tuple[AdapterVersion, int | None]:
+    """Fetch + validate + install; returns the new version and the version it replaced (if any).
+
+    ``trusted``: an admin key or the server's own config (any local path, any host); tenants
+    with ``manage: true`` are confined (see :mod:`server.sources`). The adapter is validated in
+    the fetch's staging folder, so a rejected one never enters the cache.
+    """
     previous = registry._current.get(name)
 
-    async def fetch():
+    def check(folder: Path) -> None:
+        validate_adapter(folder, base=registry.base, max_lora_rank=registry.max_lora_rank)
+
+    async def fetch() -> Path:
         try:
-            return (await cache.fetch(source, sha256=sha256, in_use=registry.live_paths)).path
+            return (await cache.fetch(source, sha256=sha256, in_use=registry.live_paths, trusted=trusted,
+                                      validate=check)).path
         except SourceError as e:
             raise source_error(e) from None
 

@@ -26,6 +26,20 @@ class Settings(BaseSettings):
     adapter_allow_http: bool = Field(False, description="Accept plain http:// sources (trusted networks and tests only).")
     adapter_ca_bundle: Path | None = Field(None, description="CA bundle for https:// sources (default: system trust).")
 
+    # Hardening against hostile tenants (server/sources.py, server/routes/metrics.py).
+    adapter_roots: list[Path] = Field(
+        default_factory=list, description="Folders under which tenants (non-admin keys) may load local or "
+        "file:// adapter sources; empty: only admin keys may name server paths. Env: JSON list.")
+    adapter_allowed_networks: list[str] = Field(
+        default_factory=list, description="CIDRs a tenant's https/http source may reach although they are "
+        "loopback, link-local or private (default: none; admins and the config file are not limited).")
+    adapter_fetch_workers: int = Field(2, ge=1, le=64, description="Threads fetching adapter sources (their own "
+                                       "pool: a slow source never delays audio decoding).")
+    adapter_read_timeout_s: float = Field(10.0, gt=0, description="Longest wait for one read from a source.")
+    metrics_key: str | None = Field(
+        None, description="Key for GET /metrics (Authorization: Bearer; 'sha256:<hex>' or plain). Unset: "
+        "/metrics needs an admin key when --config defines keys, and is open in open mode.")
+
     host: str = "127.0.0.1"
     port: int = 8000
 

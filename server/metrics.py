@@ -6,7 +6,14 @@ apps in one process (tests) never collide, while vLLM's ``PrometheusStatLogger``
 
 Label sets are bounded: the first ``max_label_values`` distinct adapters (and tenants) keep their
 own label value, later ones are folded into ``"other"``, so a churn of hot-swapped adapter names
-or many tenants cannot grow the series count without limit.
+or many tenants cannot grow the series count without limit. Label values are sanitised (valid
+UTF-8, printable, at most ``MAX_LABEL_CHARS``), and a refused request (401/403/404) never claims
+a slot: a caller's made-up names cannot crowd out real adapters or break the exposition.
+
+vLLM's ``vllm:lora_requests_info`` gauge gains one series per combination of running/waiting
+LoRA names, and each hot swap is a new name (``<adapter>@<lora id>``); its value is the time
+the combination was last seen. Before every scrape all but the newest series are removed — what
+a reader of that gauge (the Gateway API endpoint picker) uses anyway — so swaps do not grow it.
 """
 
 from __future__ import annotations
@@ -34,6 +41,18 @@ ITL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.
 OTHER = "other"
 
 
+MAX_LABEL_CHARS = 64
+LORA_INFO = "vllm:lora_requests_info"
+REFUSED = frozenset({401, 403, 404})
+
+
+def sanitize_label(value: str) -> str:
+    """Valid UTF-8 (lone surrogates become '?'), printable, at most ``MAX_LABEL_CHARS`` characters."""
+    value = value[: MAX_LABEL_CHARS * 2].encode("utf-8", "replace").decode("utf-8")
+    value = "".join(c if c.isprintable() else "?" for c in value)
+    return value[:MAX_LABEL_CHARS]
+
+
 class LabelCap:
     """The first ``limit`` distinct values keep their own label value; later ones read 'other'."""
 
@@ -41,11 +60,12 @@ class LabelCap:
         self.limit = limit
         self._seen: set[str] = set()
 
-    def __call__(self, value: str | None) -> str:
-        value = value or "none"
+    def __call__(self, value: str | None, *, claim: bool = True) -> str:
+        """``claim=False`` (refused requests): reuse a value already seen, never take a new slot."""
+        value = sanitize_label(value) if value else "none"
         if value in self._seen:
             return value
-        if len(self._seen) < self.limit:
+        if claim and len(self._seen) < self.limit:
             self._seen.add(value)
             return value
         return OTHER
@@ -98,11 +118,11 @@ class ServerMetrics:
         self.queued.set_function(queued)
         self.engine_requests.set_function(engine_requests)
 
-    def labels(self, adapter: str | None, tenant: str | None) -> tuple[str, str]:
-        return self.adapter_label(adapter), self.tenant_label(tenant or "default")
+    def labels(self, adapter: str | None, tenant: str | None, *, claim: bool = True) -> tuple[str, str]:
+        return self.adapter_label(adapter, claim=claim), self.tenant_label(tenant or "default", claim=claim)
 
     def count_request(self, adapter: str | None, tenant: str | None, code: int) -> None:
-        self.requests.labels(*self.labels(adapter, tenant), str(code)).inc()
+        self.requests.labels(*self.labels(adapter, tenant, claim=code not in REFUSED), str(code)).inc()
 
     def observe(self, record: Any) -> None:
         """A :class:`server.serving.RequestRecord` observer: one finished generation."""
@@ -129,7 +149,29 @@ class ServerMetrics:
 
     def render(self) -> bytes:
         """The server's families, then vLLM's (and the process collectors) from the default registry."""
+        prune_lora_info()
         return generate_latest(self.registry) + generate_latest(DEFAULT_REGISTRY)
+
+
+def prune_lora_info(registry: CollectorRegistry = DEFAULT_REGISTRY) -> None:
+    """Keep only the newest ``vllm:lora_requests_info`` series (see the module docstring).
+
+    vLLM owns the gauge; it is found by name in the registry. Runs on the event loop, where
+    vLLM's stat logger also sets it, so the two never interleave.
+    """
+    gauge = getattr(registry, "_names_to_collectors", {}).get(LORA_INFO)
+    if not isinstance(gauge, Gauge):
+        return
+    try:
+        series = dict(gauge._metrics)  # label values -> child
+        if len(series) <= 1:
+            return
+        newest = max(series, key=lambda k: series[k]._value.get())
+        for labels in series:
+            if labels != newest:
+                gauge.remove(*labels)
+    except (AttributeError, KeyError, ValueError):  # a prometheus_client without these internals
+        log.debug("cannot prune %s", LORA_INFO, exc_info=True)
 
 
 def log_record(record: Any) -> None:

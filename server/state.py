@@ -140,7 +140,9 @@ async def build_state(settings: Settings) -> ServerState:
     adapter_cache = AdapterCache(
         settings.home / "adapter-cache", max_bytes=settings.adapter_cache_bytes,
         timeout_s=settings.adapter_fetch_timeout_s, allow_http=settings.adapter_allow_http,
-        verify=str(settings.adapter_ca_bundle) if settings.adapter_ca_bundle else True)
+        verify=str(settings.adapter_ca_bundle) if settings.adapter_ca_bundle else True,
+        roots=settings.adapter_roots, allowed_networks=settings.adapter_allowed_networks,
+        workers=settings.adapter_fetch_workers, read_timeout_s=settings.adapter_read_timeout_s)
     state = ServerState(settings, model_path, model_name, base, tokenizer, engine, registry, frontend, service,
                         admission, tenancy, adapter_cache)
 
@@ -159,7 +161,8 @@ async def build_state(settings: Settings) -> ServerState:
             pinned = sum(v.pinned for v in registry.live_versions())
             pin = registry.max_pinned is None or pinned < registry.max_pinned
         try:
-            version, _ = await load_from_source(registry, state.adapter_cache, name, source, pin=pin, sha256=sha)
+            version, _ = await load_from_source(registry, state.adapter_cache, name, source, trusted=True,
+                                                pin=pin, sha256=sha)
         except APIError as e:
             raise RuntimeError(f"cannot load adapter '{name}' from {source}: {e.message}") from None
         if not version.trained:

@@ -90,10 +90,11 @@ class _QuietServer(http.server.ThreadingHTTPServer):
 
 
 @contextlib.contextmanager
-def file_server(root: Path, *, certfile: Path | None = None, keyfile: Path | None = None) -> Iterator[str]:
+def file_server(root: Path, *, certfile: Path | None = None, keyfile: Path | None = None,
+                host: str = "127.0.0.1") -> Iterator[str]:
     """Serve ``root`` on loopback over HTTP (or HTTPS with a cert); yields the base URL."""
     handler = functools.partial(_QuietHandler, directory=str(root))
-    httpd = _QuietServer(("127.0.0.1", 0), handler)
+    httpd = _QuietServer((host, 0), handler)
     scheme = "http"
     if certfile is not None:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -103,14 +104,88 @@ def file_server(root: Path, *, certfile: Path | None = None, keyfile: Path | Non
     t = threading.Thread(target=httpd.serve_forever, daemon=True)
     t.start()
     try:
-        yield f"{scheme}://127.0.0.1:{httpd.server_address[1]}"
+        yield f"{scheme}://{host}:{httpd.server_address[1]}"
     finally:
         httpd.shutdown()
         httpd.server_close()
 
 
-def self_signed_cert(out_dir: Path) -> tuple[Path, Path]:
-    """A throwaway certificate for 127.0.0.1 (and localhost), for a real TLS round trip."""
+@contextlib.contextmanager
+def _serve_tls(httpd: http.server.HTTPServer, certfile: Path, keyfile: Path) -> Iterator[str]:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(str(certfile), str(keyfile))
+    httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True)
+    t = threading.Thread(target=httpd.serve_forever, daemon=True)
+    t.start()
+    try:
+        yield f"https://{httpd.server_address[0]}:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+class Trickle:
+    """What a trickling server saw: connections open now and in all."""
+
+    def __init__(self) -> None:
+        self.open = 0
+        self.total = 0
+        self.lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def trickle_server(certfile: Path, keyfile: Path, *, host: str = "127.0.0.1",
+                   interval_s: float = 0.1) -> Iterator[tuple[str, Trickle]]:
+    """An HTTPS server that answers every GET with a 10 MB body sent 1 byte per ``interval_s``
+    until the client hangs up; ``Trickle.open`` tells whether the clients really stopped reading."""
+    seen = Trickle()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            with seen.lock:
+                seen.open += 1
+                seen.total += 1
+            try:
+                self.send_response(200)
+                self.send_header("Content-Length", str(10 * 1024 * 1024))
+                self.end_headers()
+                for _ in range(10 * 1024 * 1024):
+                    self.wfile.write(b"\0")
+                    self.wfile.flush()
+                    time.sleep(interval_s)
+            except OSError:
+                pass
+            finally:
+                with seen.lock:
+                    seen.open -= 1
+
+    with _serve_tls(_QuietServer((host, 0), Handler), certfile, keyfile) as url:
+        yield url, seen
+
+
+@contextlib.contextmanager
+def redirect_server(location: str, *, certfile: Path, keyfile: Path, host: str = "127.0.0.1") -> Iterator[str]:
+    """An HTTPS server that answers every GET with ``302 Location: <location>``."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            self.send_response(302)
+            self.send_header("Location", location)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    with _serve_tls(_QuietServer((host, 0), Handler), certfile, keyfile) as url:
+        yield url
+
+
+def self_signed_cert(out_dir: Path, ips: tuple[str, ...] = ("127.0.0.1",)) -> tuple[Path, Path]:
+    """A throwaway certificate for ``ips`` (and localhost), for a real TLS round trip."""
     import datetime
     import ipaddress
 
@@ -126,7 +201,7 @@ def self_signed_cert(out_dir: Path) -> tuple[Path, Path]:
         x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
         .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+        .add_extension(x509.SubjectAlternativeName([*(x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips),
                                                     x509.DNSName("localhost")]), critical=False)
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(key, hashes.SHA256())

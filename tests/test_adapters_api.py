@@ -87,7 +87,7 @@ def _chat(url: str, wav, headers: dict, **fields) -> httpx.Response:
 
 # ---- keys and tenants ---------------------------------------------------------------------------
 
-def test_no_key_or_bad_key_is_401_but_probes_stay_open(srv, speech):
+def test_no_key_or_bad_key_is_401_but_probes_stay_open_and_metrics_need_admin(srv, speech):
     for method, path in [("GET", "/v1/models"), ("GET", "/v1/adapters"), ("GET", "/v1/adapters/alpha"),
                          ("POST", "/v1/adapters"), ("POST", "/v1/chat/completions")]:
         for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": hash_key("acme-key")}):
@@ -96,7 +96,10 @@ def test_no_key_or_bad_key_is_401_but_probes_stay_open(srv, speech):
             assert r.json()["error"]["type"] == "authentication_error"
     assert httpx.get(f"{srv.url}/health").status_code == 200
     assert httpx.get(f"{srv.url}/ready").status_code == 200
-    assert httpx.get(f"{srv.url}/metrics").status_code in (200, 404)  # never 401
+    # /metrics names every tenant and adapter: with keys configured it needs an admin key
+    assert httpx.get(f"{srv.url}/metrics").status_code == 401
+    assert httpx.get(f"{srv.url}/metrics", headers=ACME).status_code == 403
+    assert httpx.get(f"{srv.url}/metrics", headers=ADMIN).status_code == 200
     assert "tenancy configured" in srv.log.read_text()
 
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import re
+import time
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.frontend import FrontendTimings
-from server.metrics import LATENCY_BUCKETS, OTHER, LabelCap, ServerMetrics
+from server.metrics import LATENCY_BUCKETS, MAX_LABEL_CHARS, OTHER, LabelCap, ServerMetrics
 from server.serving import RequestRecord
 
 
@@ -45,7 +46,9 @@ def test_metrics_count_a_request_by_adapter_and_tenant(server, speech):
         return value(after, name, sample, **lab, **extra) - value(before, name, sample, **lab, **extra)
 
     assert delta("aura_requests", "aura_requests_total", code="200") == 2
-    assert value(after, "aura_requests", "aura_requests_total", adapter="nope", code="404") >= 1
+    # a refused request (404) never claims a label slot of its own
+    assert value(after, "aura_requests", "aura_requests_total", adapter=OTHER, code="404") >= 1
+    assert not [x for x in after["aura_requests"] if x.labels.get("adapter") == "nope"]
     assert delta("aura_generations", "aura_generations_total", outcome="ok") == 2
     assert delta("aura_completion_tokens", "aura_completion_tokens_total") == 12
     assert delta("aura_prompt_tokens", "aura_prompt_tokens_total") > 12
@@ -97,3 +100,47 @@ def test_label_values_are_bounded():
     assert tenants == {"tenant-0", "tenant-1", "tenant-2", OTHER}
     assert value(fams, "aura_requests", "aura_requests_total", adapter=OTHER, tenant=OTHER, code="200") == 47
     assert LATENCY_BUCKETS[0] < 0.001 and LATENCY_BUCKETS[-1] >= 60
+
+
+def test_hostile_model_names_neither_break_nor_flood_metrics(server, speech):
+    """Lone surrogates once made /metrics answer 500 until restart; 200 KB names made it 5 MB and
+    used up the label slots, so the next real adapter showed as 'other'."""
+    body = b'{"model": "x\\ud800", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}'
+    r = httpx.post(f"{server.url}/v1/chat/completions", content=body,
+                   headers={"content-type": "application/json"}, timeout=60)
+    assert r.status_code != 200
+    wav = speech["sky"].read_bytes()
+    for i in range(20):
+        r = httpx.post(f"{server.url}/v1/audio/chat", files={"file": ("q.wav", wav)},
+                       data={"adapter": "n" * 200_000 + str(i), "max_tokens": "2"}, timeout=60)
+        assert r.status_code in (404, 422), r.status_code
+    t0 = time.monotonic()
+    r = httpx.get(f"{server.url}/metrics", timeout=10)
+    assert r.status_code == 200 and time.monotonic() - t0 < 1.0
+    assert len(r.content) < 1_000_000
+    families = {f.name: f.samples for f in text_string_to_metric_families(r.text)}
+    labels = {s.labels.get("adapter", "") for fam in families.values() for s in fam}
+    assert all(len(v) <= MAX_LABEL_CHARS for v in labels)
+    assert not [v for v in labels if v.startswith("nnnn") or "\ud800" in v]
+    # a real adapter still gets its own label after the flood
+    ok = httpx.post(f"{server.url}/v1/audio/chat", files={"file": ("q.wav", wav)},
+                    data={"adapter": "alpha", "max_tokens": "2"}, timeout=60)
+    assert ok.status_code == 200
+    after = scrape(server.url)
+    assert value(after, "aura_requests", "aura_requests_total", adapter="alpha", code="200") >= 1
+
+
+def test_label_values_are_sanitised_and_refusals_claim_no_slot():
+    cap = LabelCap(3)
+    assert cap("x\ud800y") == "x?y"
+    assert len(cap("a" * 100_000)) == MAX_LABEL_CHARS
+    assert cap("probe", claim=False) == OTHER  # a refusal: the last slot stays free
+    assert cap("real") == "real"
+    assert cap("real", claim=False) == "real"  # values already seen keep their label
+    m = ServerMetrics(max_label_values=4)
+    for i in range(30):
+        m.count_request(f"probe-{i}", "acme", 403)
+        m.count_request(f"probe-{i}", "acme", 404)
+    m.count_request("alpha", "acme", 200)
+    fams = {f.name: f.samples for f in text_string_to_metric_families(m.render().decode())}
+    assert {s.labels["adapter"] for s in fams["aura_requests"]} == {OTHER, "alpha"}

@@ -55,7 +55,7 @@ async def load_adapter(body: AdapterLoadRequest, request: Request, who: Principa
         raise BadRequest(f"'{body.name}' is reserved (it means the default adapter); choose another name",
                          code="reserved_name", param="name")
     version, previous = await load_from_source(state.registry, state.adapter_cache, body.name, body.source,
-                                               pin=body.pin, sha256=body.sha256)
+                                               trusted=who.is_admin, pin=body.pin, sha256=body.sha256)
     return adapter_info(version, state.registry, await state.engine.list_loras(), _default_for(state, who),
                         previous_version=previous)
 
