@@ -162,12 +162,53 @@ def cmd_ask(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="AuRA adapter (the served pipeline) vs ASR->LLM cascade: WER, answer "
+                                    "agreement, latency")
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--adapter", help="AuRA adapter directory (default: the adapter the server serves by default, "
+                                     "the embedded demo adapter when it fits the model)")
+    p.add_argument("--model", help="base LLM folder (default: the demo model)")
+    p.add_argument("--teacher", help="Whisper folder for the cascade baseline (default: the demo teacher)")
+    p.add_argument("--no-cascade", action="store_true", help="skip the cascade baseline")
+    p.add_argument("--limit", type=int, default=None, help="evaluate the first N rows only")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--transcribe-prompt", default=None, help="default: the adapter's training prompt")
+    p.add_argument("--reference", choices=("engine", "manifest"), default="engine",
+                   help="qa reference answers: recomputed by the same engine from the transcript, or the manifest's response")
+    p.add_argument("--details", help="write per-clip results as JSONL here")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from adapters.models import DEMO_TEACHER_NAME, demo_models_dir
+    from server.evaluation import EvalOptions, run_eval
+
+    teacher = None
+    if not args.no_cascade:
+        teacher = Path(args.teacher) if args.teacher else demo_models_dir() / DEMO_TEACHER_NAME
+        if not (teacher / "config.json").is_file():
+            print(f"aura eval: no Whisper teacher at {teacher}; run `aura models demo`, pass --teacher, or "
+                  "--no-cascade", file=sys.stderr)
+            return 2
+    opts = EvalOptions(manifest=Path(args.manifest), adapter=Path(args.adapter) if args.adapter else None,
+                       model=Path(args.model) if args.model else None, teacher=teacher, limit=args.limit,
+                       max_tokens=args.max_tokens, threads=args.threads, transcribe_prompt=args.transcribe_prompt,
+                       reference=args.reference, progress=not args.quiet,
+                       details=Path(args.details) if args.details else None)
+    print(json.dumps(run_eval(opts), default=str), flush=True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aura", description="AuRA serve: speech LLMs as LoRA adapters.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_serve(sub)
     _add_adapter_tools(sub)
     _add_ask(sub)
+    _add_eval(sub)
     try:
         from adapters.cli import add_commands
     except ImportError:
