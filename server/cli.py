@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args, get_origin
 
 from server.config import Settings
 
@@ -18,37 +18,54 @@ def _adapter_pair(text: str) -> tuple[str, str]:
     return name, path
 
 
+# Short or historical flag names, kept so existing scripts and docs keep working.
+FLAG_ALIASES: dict[str, list[str]] = {
+    "config_file": ["--config"],
+    "request_timeout_s": ["--request-timeout"],
+    "drain_timeout_s": ["--drain-timeout"],
+}
+
+
+def _flag_type(annotation: object) -> tuple[type | None, tuple[str, ...] | None]:
+    """(argparse type, choices) for a Settings field's annotation (``X | None`` is X)."""
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    if get_origin(annotation) is Literal:
+        return str, tuple(str(a) for a in get_args(annotation))
+    if args and get_origin(annotation) is not dict:
+        return _flag_type(args[0]) if len(args) == 1 else (str, None)
+    if annotation in (int, float, str, Path):
+        return annotation, None  # type: ignore[return-value]  # the classes are their own parsers
+    return str, None
+
+
+def add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per :class:`Settings` field (``--max-num-seqs`` for ``max_num_seqs``), with its
+    description, its ``AURA_`` variable and its default in the help, so the CLI never lags the
+    settings. Flags default to None: an unset flag leaves the environment's value in place."""
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        env = f"AURA_{name.upper()}"
+        default = field.default if field.default_factory is None else field.default_factory()
+        help_ = f"{field.description or name} [env {env}; default: {default!r}]"
+        if name == "adapters":
+            parser.add_argument("--adapter", dest="adapter", action="append", type=_adapter_pair,
+                                metavar="NAME=PATH", default=[],
+                                help=f"adapter to load at start (repeatable) [env {env} as JSON]")
+            continue
+        names = [flag, *FLAG_ALIASES.get(name, [])]
+        if field.annotation is bool:
+            parser.add_argument(*names, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_)
+            continue
+        kind, choices = _flag_type(field.annotation)
+        parser.add_argument(*names, dest=name, type=kind, choices=choices, default=None,
+                            metavar=name.upper() if choices is None else None, help=help_)
+
+
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="start the HTTP server (no arguments: the embedded demo)",
-                       description="Start AuRA serve. Every flag also reads from AURA_<NAME> in the environment.")
-    p.add_argument("--model", type=Path, help="base LLM folder (default: the demo SmolLM2-135M-Instruct)")
-    p.add_argument("--model-name", help="name of the base model in /v1/models")
-    p.add_argument("--adapter", action="append", type=_adapter_pair, metavar="NAME=PATH", default=[],
-                   help="adapter to load at start (repeatable)")
-    p.add_argument("--default-adapter", help="adapter used when a request names none")
-    p.add_argument("--config", dest="config_file", type=Path, help="tenancy/adapters YAML file")
-    p.add_argument("--host")
-    p.add_argument("--port", type=int)
-    p.add_argument("--engine", choices=["vllm", "reference"])
-    p.add_argument("--dtype", help="auto, bfloat16, float16, float32")
-    p.add_argument("--max-model-len", type=int)
-    p.add_argument("--max-num-seqs", type=int)
-    p.add_argument("--max-lora-rank", type=int)
-    p.add_argument("--max-loras", type=int)
-    p.add_argument("--max-cpu-loras", type=int)
-    p.add_argument("--cpu-kv-cache-gib", type=float)
-    p.add_argument("--device", help="front-end device: auto, cpu, cuda")
-    p.add_argument("--max-upload-bytes", type=int)
-    p.add_argument("--max-audio-seconds", type=float)
-    p.add_argument("--max-concurrent-requests", type=int, help="requests in the pipeline at once (beyond: queue)")
-    p.add_argument("--max-queued-requests", type=int, help="requests waiting for a slot (beyond: 429)")
-    p.add_argument("--tenant-max-concurrent", type=int, help="pipeline slots one tenant may hold")
-    p.add_argument("--request-timeout", dest="request_timeout_s", type=float, help="deadline of a request (s)")
-    p.add_argument("--drain-timeout", dest="drain_timeout_s", type=float,
-                   help="on SIGTERM, how long in-flight requests may finish (s)")
-    p.add_argument("--tenant-header", help="header naming the tenant when no API key does (trusted setups only)")
-    p.add_argument("--log-level")
-    p.add_argument("--log-format", choices=["json", "text"])
+                       description="Start AuRA serve. Every setting is a flag here and an AURA_<NAME> environment "
+                                   "variable; flags win over the environment.")
+    add_settings_flags(p)
     p.set_defaults(func=cmd_serve)
 
 
