@@ -38,6 +38,7 @@ serve: install
 	$(VENV)/bin/aura serve $(ARGS)
 
 test: install
+	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
 
 bench: install

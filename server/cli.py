@@ -33,8 +33,9 @@ def _flag_type(annotation: object) -> tuple[type | None, tuple[str, ...] | None]
         return str, tuple(str(a) for a in get_args(annotation))
     if args and get_origin(annotation) is not dict:
         return _flag_type(args[0]) if len(args) == 1 else (str, None)
-    if annotation in (int, float, str, Path):
-        return annotation, None  # type: ignore[return-value]  # the classes are their own parsers
+    for kind in (int, float, str, Path):  # each class is its own argparse parser
+        if annotation is kind:
+            return kind, None
     return str, None
 
 

@@ -187,7 +187,7 @@ class ReferenceEngine(Engine):
         def work() -> None:
             try:
                 self._run(request, emit)
-            except BaseException as e:  # delivered to the caller, not lost in the thread
+            except BaseException as e:  # noqa: BLE001 - delivered to the caller, not lost in the thread
                 loop.call_soon_threadsafe(queue.put_nowait, e)
 
         self._running += 1
