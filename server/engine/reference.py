@@ -110,9 +110,6 @@ class ReferenceEngine(Engine):
 
         await asyncio.to_thread(_remove)
 
-    async def abort(self, request_id: str) -> None:
-        self._aborted.add(request_id)
-
     async def list_loras(self) -> set[int] | None:
         return set(self._loaded)
 
