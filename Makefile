@@ -39,6 +39,7 @@ serve: install
 	$(VENV)/bin/aura serve $(ARGS)
 
 test: install
+	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
 
 bench: install

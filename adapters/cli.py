@@ -1,6 +1,7 @@
-"""Training-side subcommands of ``aura``: train, eval, data (responses, demo), models (demo).
+"""Training-side subcommands of ``aura``: train, data (responses, demo), models (demo).
 
-``server/cli.py`` owns the ``aura`` entry point and calls :func:`add_commands`. Heavy imports
+``server/cli.py`` owns the ``aura`` entry point and calls :func:`add_commands`; ``aura eval``
+lives there too, because it runs the server's pipeline (``server/evaluation.py``). Heavy imports
 (torch, transformers, vLLM) happen inside the command functions so ``aura --help`` stays fast.
 Progress goes to stderr; each command's last stdout line is one JSON object for scripts.
 """
@@ -67,21 +68,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-# ----------------------------------------------------------------------------- eval
-def cmd_eval(args: argparse.Namespace) -> int:
-    from adapters.training.evaluate import EvalOptions, run_eval
-
-    model = _model_or_demo(args.model, "llm")
-    teacher = None if args.no_cascade else _model_or_demo(args.teacher, "teacher")
-    opts = EvalOptions(manifest=Path(args.manifest), adapter=Path(args.adapter) if args.adapter else None,
-                       model=model, teacher=teacher, limit=args.limit, max_tokens=args.max_tokens,
-                       threads=args.threads, transcribe_prompt=args.transcribe_prompt,
-                       reference=args.reference, progress=not args.quiet, details=Path(args.details) if args.details else None)
-    result = run_eval(opts)
-    _print_json(result)
-    return 0
-
-
 # ----------------------------------------------------------------------------- data
 def cmd_data_responses(args: argparse.Namespace) -> int:
     from adapters.training.responses import fill_responses
@@ -120,28 +106,12 @@ def cmd_models_demo(args: argparse.Namespace) -> int:
 
 
 def add_commands(subparsers: Any) -> None:
-    """Register train / eval / data / models on the ``aura`` parser's subparsers."""
+    """Register train / data / models on the ``aura`` parser's subparsers."""
     p = subparsers.add_parser("train", help="train an AuRA adapter (distillation from a Whisper teacher)",
                               description="Every config field can be given in --config YAML and overridden here.")
     p.add_argument("--config", help="YAML file with TrainConfig fields")
     _add_config_overrides(p)
     p.set_defaults(func=cmd_train)
-
-    p = subparsers.add_parser("eval", help="AuRA adapter vs ASR->LLM cascade: WER, answer agreement, latency")
-    p.add_argument("--manifest", required=True)
-    p.add_argument("--adapter", help="AuRA adapter directory (omit to evaluate the cascade only)")
-    p.add_argument("--model", help="base LLM folder (default: the demo model)")
-    p.add_argument("--teacher", help="Whisper folder for the cascade baseline (default: the demo teacher)")
-    p.add_argument("--no-cascade", action="store_true", help="skip the cascade baseline")
-    p.add_argument("--limit", type=int, default=None, help="evaluate the first N rows only")
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--transcribe-prompt", default=None, help="default: the adapter's training prompt")
-    p.add_argument("--reference", choices=("engine", "manifest"), default="engine",
-                   help="qa reference answers: recomputed by the same engine from the transcript, or the manifest's response")
-    p.add_argument("--details", help="write per-clip results as JSONL here")
-    p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=cmd_eval)
 
     data = subparsers.add_parser("data", help="training data tools")
     dsub = data.add_subparsers(dest="data_command", required=True)

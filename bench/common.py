@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
@@ -12,6 +11,8 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+
+from clients import SSE_DONE, AuraError, parse_event
 
 QUESTIONS = [
     "What is the capital of France?", "How many legs does a spider have?",
@@ -97,14 +98,15 @@ async def stream_http(client: httpx.AsyncClient, wav: bytes, adapter: str | None
             await r.aread()
             raise StreamFailed(f"http_{r.status_code}", r.status_code, float(r.headers.get("retry-after", "0")))
         async for line in r.aiter_lines():
-            if not line.startswith("data: "):
-                continue
-            if line == "data: [DONE]":
+            if line == SSE_DONE:
                 done = True
                 continue
-            chunk = json.loads(line[6:])
-            if "error" in chunk:
-                raise StreamFailed(f"stream_{chunk['error'].get('code')}")
+            try:
+                chunk = parse_event(line)
+            except AuraError as e:
+                raise StreamFailed(f"stream_{e.code}") from None
+            if chunk is None:
+                continue
             n = sum(len(c.get("token_ids") or []) for c in chunk.get("choices", []))
             if not n:
                 continue

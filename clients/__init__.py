@@ -1,5 +1,5 @@
 """Clients for AuRA serve: they speak HTTP only."""
 
-from clients.sdk import AsyncAuraClient, AuraClient, AuraError, ChatResult
+from clients.sdk import SSE_DONE, AsyncAuraClient, AuraClient, AuraError, ChatResult, parse_event
 
-__all__ = ["AsyncAuraClient", "AuraClient", "AuraError", "ChatResult"]
+__all__ = ["SSE_DONE", "AsyncAuraClient", "AuraClient", "AuraError", "ChatResult", "parse_event"]

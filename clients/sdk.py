@@ -72,8 +72,12 @@ def _raise_for(response: httpx.Response, body: bytes | None = None) -> None:
         raise AuraError(response.status_code, (body or response.content or b"").decode(errors="replace")) from None
 
 
-def _parse_event(line: str) -> dict[str, Any] | None:
-    """One SSE line -> a chunk dict; None for keep-alives and [DONE]. Errors raise."""
+SSE_DONE = "data: [DONE]"
+
+
+def parse_event(line: str) -> dict[str, Any] | None:
+    """One SSE line -> a chunk dict; None for keep-alives and [DONE] (``line == SSE_DONE``).
+    An error event raises :class:`AuraError`. The one SSE reader (the SDK and the benchmarks)."""
     if not line.startswith("data: "):
         return None
     payload = line[6:]
@@ -131,7 +135,7 @@ class AuraClient:
             if r.status_code >= 400:
                 _raise_for(r, r.read())
             for line in r.iter_lines():
-                chunk = _parse_event(line)
+                chunk = parse_event(line)
                 if chunk is not None:
                     yield chunk
 
@@ -172,7 +176,7 @@ class AsyncAuraClient:
             if r.status_code >= 400:
                 _raise_for(r, await r.aread())
             async for line in r.aiter_lines():
-                chunk = _parse_event(line)
+                chunk = parse_event(line)
                 if chunk is None:
                     continue
                 for choice in chunk.get("choices", []):

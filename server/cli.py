@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args, get_origin
 
 from server.config import Settings
 
@@ -18,37 +18,55 @@ def _adapter_pair(text: str) -> tuple[str, str]:
     return name, path
 
 
+# Short or historical flag names, kept so existing scripts and docs keep working.
+FLAG_ALIASES: dict[str, list[str]] = {
+    "config_file": ["--config"],
+    "request_timeout_s": ["--request-timeout"],
+    "drain_timeout_s": ["--drain-timeout"],
+}
+
+
+def _flag_type(annotation: object) -> tuple[type | None, tuple[str, ...] | None]:
+    """(argparse type, choices) for a Settings field's annotation (``X | None`` is X)."""
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    if get_origin(annotation) is Literal:
+        return str, tuple(str(a) for a in get_args(annotation))
+    if args and get_origin(annotation) is not dict:
+        return _flag_type(args[0]) if len(args) == 1 else (str, None)
+    for kind in (int, float, str, Path):  # each class is its own argparse parser
+        if annotation is kind:
+            return kind, None
+    return str, None
+
+
+def add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per :class:`Settings` field (``--max-num-seqs`` for ``max_num_seqs``), with its
+    description, its ``AURA_`` variable and its default in the help, so the CLI never lags the
+    settings. Flags default to None: an unset flag leaves the environment's value in place."""
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        env = f"AURA_{name.upper()}"
+        default = field.default if field.default_factory is None else field.default_factory()
+        help_ = f"{field.description or name} [env {env}; default: {default!r}]"
+        if name == "adapters":
+            parser.add_argument("--adapter", dest="adapter", action="append", type=_adapter_pair,
+                                metavar="NAME=PATH", default=[],
+                                help=f"adapter to load at start (repeatable) [env {env} as JSON]")
+            continue
+        names = [flag, *FLAG_ALIASES.get(name, [])]
+        if field.annotation is bool:
+            parser.add_argument(*names, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_)
+            continue
+        kind, choices = _flag_type(field.annotation)
+        parser.add_argument(*names, dest=name, type=kind, choices=choices, default=None,
+                            metavar=name.upper() if choices is None else None, help=help_)
+
+
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="start the HTTP server (no arguments: the embedded demo)",
-                       description="Start AuRA serve. Every flag also reads from AURA_<NAME> in the environment.")
-    p.add_argument("--model", type=Path, help="base LLM folder (default: the demo SmolLM2-135M-Instruct)")
-    p.add_argument("--model-name", help="name of the base model in /v1/models")
-    p.add_argument("--adapter", action="append", type=_adapter_pair, metavar="NAME=PATH", default=[],
-                   help="adapter to load at start (repeatable)")
-    p.add_argument("--default-adapter", help="adapter used when a request names none")
-    p.add_argument("--config", dest="config_file", type=Path, help="tenancy/adapters YAML file")
-    p.add_argument("--host")
-    p.add_argument("--port", type=int)
-    p.add_argument("--engine", choices=["vllm", "reference"])
-    p.add_argument("--dtype", help="auto, bfloat16, float16, float32")
-    p.add_argument("--max-model-len", type=int)
-    p.add_argument("--max-num-seqs", type=int)
-    p.add_argument("--max-lora-rank", type=int)
-    p.add_argument("--max-loras", type=int)
-    p.add_argument("--max-cpu-loras", type=int)
-    p.add_argument("--cpu-kv-cache-gib", type=float)
-    p.add_argument("--device", help="front-end device: auto, cpu, cuda")
-    p.add_argument("--max-upload-bytes", type=int)
-    p.add_argument("--max-audio-seconds", type=float)
-    p.add_argument("--max-concurrent-requests", type=int, help="requests in the pipeline at once (beyond: queue)")
-    p.add_argument("--max-queued-requests", type=int, help="requests waiting for a slot (beyond: 429)")
-    p.add_argument("--tenant-max-concurrent", type=int, help="pipeline slots one tenant may hold")
-    p.add_argument("--request-timeout", dest="request_timeout_s", type=float, help="deadline of a request (s)")
-    p.add_argument("--drain-timeout", dest="drain_timeout_s", type=float,
-                   help="on SIGTERM, how long in-flight requests may finish (s)")
-    p.add_argument("--tenant-header", help="header naming the tenant when no API key does (trusted setups only)")
-    p.add_argument("--log-level")
-    p.add_argument("--log-format", choices=["json", "text"])
+                       description="Start AuRA serve. Every setting is a flag here and an AURA_<NAME> environment "
+                                   "variable; flags win over the environment.")
+    add_settings_flags(p)
     p.set_defaults(func=cmd_serve)
 
 
@@ -162,12 +180,53 @@ def cmd_ask(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="AuRA adapter (the served pipeline) vs ASR->LLM cascade: WER, answer "
+                                    "agreement, latency")
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--adapter", help="AuRA adapter directory (default: the adapter the server serves by default, "
+                                     "the embedded demo adapter when it fits the model)")
+    p.add_argument("--model", help="base LLM folder (default: the demo model)")
+    p.add_argument("--teacher", help="Whisper folder for the cascade baseline (default: the demo teacher)")
+    p.add_argument("--no-cascade", action="store_true", help="skip the cascade baseline")
+    p.add_argument("--limit", type=int, default=None, help="evaluate the first N rows only")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--transcribe-prompt", default=None, help="default: the adapter's training prompt")
+    p.add_argument("--reference", choices=("engine", "manifest"), default="engine",
+                   help="qa reference answers: recomputed by the same engine from the transcript, or the manifest's response")
+    p.add_argument("--details", help="write per-clip results as JSONL here")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from adapters.models import DEMO_TEACHER_NAME, demo_models_dir
+    from server.evaluation import EvalOptions, run_eval
+
+    teacher = None
+    if not args.no_cascade:
+        teacher = Path(args.teacher) if args.teacher else demo_models_dir() / DEMO_TEACHER_NAME
+        if not (teacher / "config.json").is_file():
+            print(f"aura eval: no Whisper teacher at {teacher}; run `aura models demo`, pass --teacher, or "
+                  "--no-cascade", file=sys.stderr)
+            return 2
+    opts = EvalOptions(manifest=Path(args.manifest), adapter=Path(args.adapter) if args.adapter else None,
+                       model=Path(args.model) if args.model else None, teacher=teacher, limit=args.limit,
+                       max_tokens=args.max_tokens, threads=args.threads, transcribe_prompt=args.transcribe_prompt,
+                       reference=args.reference, progress=not args.quiet,
+                       details=Path(args.details) if args.details else None)
+    print(json.dumps(run_eval(opts), default=str), flush=True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aura", description="AuRA serve: speech LLMs as LoRA adapters.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_serve(sub)
     _add_adapter_tools(sub)
     _add_ask(sub)
+    _add_eval(sub)
     try:
         from adapters.cli import add_commands
     except ImportError:

@@ -40,34 +40,35 @@ class Settings(BaseSettings):
         None, description="Key for GET /metrics (Authorization: Bearer; 'sha256:<hex>' or plain). Unset: "
         "/metrics needs an admin key when --config defines keys, and is open in open mode.")
 
-    host: str = "127.0.0.1"
-    port: int = 8000
+    host: str = Field("127.0.0.1", description="Address to listen on.")
+    port: int = Field(8000, description="Port to listen on.")
 
     # Engine.
-    engine: Literal["vllm", "reference"] = "vllm"
+    engine: Literal["vllm", "reference"] = Field(
+        "vllm", description="vllm (serving) or reference (plain PyTorch, one request at a time: parity and eval).")
     dtype: str = Field("auto", description="Model dtype for the engine (auto, bfloat16, float32).")
-    max_model_len: int = 2048
-    max_num_seqs: int = 64
+    max_model_len: int = Field(2048, description="Context length (prompt + answer) in tokens.")
+    max_num_seqs: int = Field(64, description="Sequences in the engine's batch at once.")
     max_lora_rank: int = Field(16, description="Largest LoRA rank accepted (vLLM pads every slot to it: keep it tight on CPU).")
     max_loras: int = Field(4, description="Adapters resident in the engine's LoRA slots at once.")
     max_cpu_loras: int | None = Field(None, description="Adapters cached in host memory (LRU); default max(max_loras, 16).")
-    enable_prefix_caching: bool = True
-    cpu_kv_cache_gib: float = 1.0
-    gpu_memory_utilization: float = 0.85
-    enforce_eager: bool = True
-    seed: int = 0
+    enable_prefix_caching: bool = Field(True, description="vLLM prefix caching.")
+    cpu_kv_cache_gib: float = Field(1.0, description="KV cache size on the CPU backend (GiB).")
+    gpu_memory_utilization: float = Field(0.85, description="Fraction of GPU memory vLLM may use.")
+    enforce_eager: bool = Field(True, description="No CUDA graphs / torch.compile (faster start).")
+    seed: int = Field(0, description="Engine seed.")
 
     # Audio front end.
-    max_upload_bytes: int = 25 * 1024 * 1024
-    max_audio_seconds: float = 60.0
-    embed_max_batch: int = 16
-    embed_batch_window_ms: float = 2.0
+    max_upload_bytes: int = Field(25 * 1024 * 1024, description="Largest audio upload (bytes).")
+    max_audio_seconds: float = Field(60.0, description="Longest audio in one request (seconds).")
+    embed_max_batch: int = Field(16, description="Clips per audio-layer batch.")
+    embed_batch_window_ms: float = Field(2.0, description="Longest a queued clip waits for its batch (ms).")
     device: str = Field("auto", description="Device for features + audio layer: auto (cuda if present), cpu, cuda.")
     frontend_threads: int = Field(1, description="torch intra-op threads for the front end in this process.")
 
     # Generation limits.
-    default_max_tokens: int = 256
-    max_tokens_limit: int = 2048
+    default_max_tokens: int = Field(256, description="Answer length when a request sets none (tokens).")
+    max_tokens_limit: int = Field(2048, description="Largest max_tokens a request may ask for.")
 
     # Backpressure, deadlines and drain (server/admission.py, server/lifecycle.py).
     max_concurrent_requests: int = Field(64, ge=1, description="Requests in the pipeline (decode..last token) at once.")
@@ -109,9 +110,9 @@ class Settings(BaseSettings):
         400.0, ge=0, description="While the user speaks, warm the engine's prefix cache with the audio so far "
                                  "every this many ms of audio (0: off), so end of speech leaves only the tail to prefill.")
 
-    log_level: str = "INFO"
-    log_format: Literal["json", "text"] = "json"
-    access_log: bool = False
+    log_level: str = Field("INFO", description="debug, info, warning, error (debug also shows vLLM's info lines).")
+    log_format: Literal["json", "text"] = Field("json", description="Log lines as JSON objects or as text.")
+    access_log: bool = Field(False, description="uvicorn's access log (one line per HTTP request).")
 
     def resolved_max_cpu_loras(self) -> int:
         return self.max_cpu_loras or max(self.max_loras, 16)

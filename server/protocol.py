@@ -154,16 +154,20 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
 
 # ---- adapter management (/v1/adapters) ----------------------------------------------------------
 
+ADAPTER_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+SHA256_HEX = r"^[0-9a-fA-F]{64}$"
+
+
 class AdapterLoadRequest(BaseModel):
     """Load ``source`` as adapter ``name``; if the name is loaded, this installs a new version."""
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+    name: str = Field(..., pattern=ADAPTER_NAME,
                       description="Adapter name clients put in `model` (letters, digits, . _ -).")
     source: str = Field(..., min_length=1, description="Path, file://, s3://bucket/prefix/ or https://…/adapter.tar.gz.")
     pin: bool = Field(False, description="Keep this adapter in an engine LoRA slot (never LRU-evicted).")
-    sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$",
+    sha256: str | None = Field(None, pattern=SHA256_HEX,
                                description="Expected sha256 of the archive (or of the folder digest).")
 
 

@@ -18,7 +18,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -252,7 +252,7 @@ class ChatService:
 
     # ---- the pipeline ---------------------------------------------------------------------------
 
-    async def run(self, job: ChatJob, ctx: RequestContext) -> AsyncIterator[ChatChunk]:
+    async def run(self, job: ChatJob, ctx: RequestContext) -> AsyncGenerator[ChatChunk, None]:
         """Admit → resolve → authorise → lease → decode/embed → generate → release, as chunks.
 
         Closing the iterator early (a client gone) aborts the engine request and releases the
@@ -384,7 +384,7 @@ class ChatService:
             except Exception:
                 log.exception("observer failed")
 
-    async def _generate(self, p: Prepared, ctx: RequestContext) -> AsyncIterator[TextDelta | Finished]:
+    async def _generate(self, p: Prepared, ctx: RequestContext) -> AsyncGenerator[TextDelta | Finished, None]:
         """The engine's output as chunks, timing as it goes; one :class:`RequestRecord` at the end."""
         record = RequestRecord(adapter=p.version.name, status="ok", audio_seconds=p.audio_seconds,
                                prompt_tokens=p.request.num_prompt_tokens, frontend=p.timings,

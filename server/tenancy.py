@@ -40,11 +40,11 @@ from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from server.errors import Forbidden, Unauthorized, first_error_text
+from server.protocol import AdapterLoadRequest
 
 log = logging.getLogger("server")
 
 _HASH = re.compile(r"^sha256:([0-9a-fA-F]{64})$")
-ADAPTER_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 OPEN_TENANT = "open"
 ADMIN_TENANT = "admin"
 
@@ -88,21 +88,13 @@ class TenantConfig(BaseModel):
         return self
 
 
-class PreloadAdapter(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = Field(..., pattern=ADAPTER_NAME)
-    source: str
-    pin: bool = False
-    sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
-
-
 class TenancyConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     admin_keys: list[str] = Field(default_factory=list)
     tenants: dict[str, TenantConfig] = Field(default_factory=dict)
-    adapters: list[PreloadAdapter] = Field(default_factory=list)
+    # The same shape as a POST /v1/adapters body: one definition of a valid name, source and digest.
+    adapters: list[AdapterLoadRequest] = Field(default_factory=list)
     default_adapter: str | None = None
 
     @model_validator(mode="after")

@@ -1,4 +1,5 @@
-"""``aura eval``: the text metrics on known strings, and the output shape on a tiny run."""
+"""``aura eval``: the text metrics on known strings, and the output shape on a tiny run (through the
+served pipeline, ``ChatService.run`` on the reference engine)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from adapters.training.evaluate import EvalOptions, edit_distance, exact_match, normalize_text, run_eval, token_f1, wer
+from adapters.training.evaluate import edit_distance, exact_match, normalize_text, token_f1, wer
+from server.evaluation import EvalOptions, run_eval
 
 
 def test_normalize_text() -> None:
@@ -34,14 +36,14 @@ def test_answer_agreement_metrics() -> None:
     assert token_f1("paris", "london") == 0.0
 
 
-def test_eval_output_shape(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_eval_output_shape(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     """AuRA + cascade on two clips; the last stdout line is one JSON object with every figure."""
     from audio_helpers import speak
     from tiny_models import make_tiny_llama, save_smollm2_tokenizer
 
     from adapters.adapter import init_adapter
-    from adapters.cli import main
     from adapters.models import DEMO_TEACHER_NAME, demo_models_dir
+    from server.cli import main
 
     tok = save_smollm2_tokenizer(tmp_path / "tok")
     llm = make_tiny_llama(tmp_path / "llm", tok)
@@ -57,6 +59,7 @@ def test_eval_output_shape(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     argv = ["eval", "--manifest", str(manifest), "--adapter", str(adapter), "--model", str(llm),
             "--max-tokens", "4", "--quiet", "--details", str(tmp_path / "details.jsonl")]
     argv += ["--teacher", str(teacher)] if (teacher / "config.json").is_file() else ["--no-cascade"]
+    monkeypatch.setenv("AURA_HOME", str(tmp_path / "home"))  # the server's adapter cache
     assert main(argv) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     summary = json.loads(last)
@@ -71,6 +74,29 @@ def test_eval_output_shape(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
         assert block["ttft"]["mean_ms"] <= block["total"]["mean_ms"]
     details = [json.loads(line) for line in (tmp_path / "details.jsonl").read_text().splitlines()]
     assert details[1]["reference"] is not None and "aura_f1" in details[1]
+    assert summary["adapter"] == "eval" and summary["adapter_source"] == str(adapter)
+    assert "ChatService.run" in summary["engine"]
+
+
+def test_eval_without_adapter_evaluates_the_default_adapter(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """No --adapter: the adapter the server would serve by default is evaluated (the demo adapter
+    when it fits the model; on this tiny model, the freshly initialised default), not nothing."""
+    from audio_helpers import speak
+    from tiny_models import make_tiny_llama, save_smollm2_tokenizer
+
+    from server.cli import main
+
+    llm = make_tiny_llama(tmp_path / "llm", save_smollm2_tokenizer(tmp_path / "tok"))
+    speak("A red bus.", tmp_path / "c0.wav", speed=220)
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"audio": "c0.wav", "task": "transcribe", "text": "A red bus."}) + "\n")
+    monkeypatch.setenv("AURA_HOME", str(tmp_path / "home"))
+    assert main(["eval", "--manifest", str(manifest), "--model", str(llm), "--no-cascade", "--max-tokens", "3",
+                 "--quiet"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["adapter"] in ("aura-demo", "default") and summary["aura"]["wer"] >= 0.0
+    assert summary["aura"]["ttft"]["mean_ms"] > 0
 
 
 def test_eval_options_defaults() -> None:

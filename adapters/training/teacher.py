@@ -109,7 +109,7 @@ class TeacherCache:
             return None
         try:
             return load_file(str(p))["t"]
-        except Exception:  # a torn write from a killed run: recompute
+        except Exception:  # noqa: BLE001 - a torn write from a killed run (any error): recompute
             return None
 
     def put(self, clip_key: str, value: torch.Tensor) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -61,7 +61,6 @@ class GenerationChunk:
     finish_reason: str | None = None
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
-    metrics: dict[str, float] = field(default_factory=dict)
 
 
 class Engine(ABC):
@@ -78,9 +77,6 @@ class Engine(ABC):
     @abstractmethod
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         """Yield chunks until finished. Closing the iterator early aborts the request."""
-
-    @abstractmethod
-    async def abort(self, request_id: str) -> None: ...
 
     @abstractmethod
     async def add_lora(self, lora: LoraHandle, *, pin: bool = False) -> None: ...

@@ -110,9 +110,6 @@ class ReferenceEngine(Engine):
 
         await asyncio.to_thread(_remove)
 
-    async def abort(self, request_id: str) -> None:
-        self._aborted.add(request_id)
-
     async def list_loras(self) -> set[int] | None:
         return set(self._loaded)
 
@@ -187,7 +184,7 @@ class ReferenceEngine(Engine):
         def work() -> None:
             try:
                 self._run(request, emit)
-            except BaseException as e:  # delivered to the caller, not lost in the thread
+            except BaseException as e:  # noqa: BLE001 - delivered to the caller, not lost in the thread
                 loop.call_soon_threadsafe(queue.put_nowait, e)
 
         self._running += 1

@@ -120,10 +120,6 @@ class VLLMEngine(Engine):
             if not finished and self._llm is not None:
                 await self._llm.abort(request.request_id)
 
-    async def abort(self, request_id: str) -> None:
-        if self._llm is not None:
-            await self._llm.abort(request_id)
-
     async def add_lora(self, lora: LoraHandle, *, pin: bool = False) -> None:
         await self._llm.add_lora(self._lora_request(lora))  # loads into the host cache and a slot
         if pin:

@@ -13,7 +13,7 @@ import base64
 import binascii
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -141,18 +141,18 @@ class ClosingStream(StreamingResponse):
     gone, error), so the engine request is aborted and the slot and lease are released at once
     rather than whenever GC finalises the generator."""
 
-    def __init__(self, content: AsyncIterator[str], **kwargs: object) -> None:
-        super().__init__(content, **kwargs)  # type: ignore[arg-type]  # StreamingResponse's kwargs are typed loosely
+    def __init__(self, content: AsyncGenerator[str, None], *, media_type: str, headers: Mapping[str, str]) -> None:
+        super().__init__(content, media_type=media_type, headers=headers)
         self._content = content
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            await self._content.aclose()  # type: ignore[attr-defined]  # an async generator
+            await self._content.aclose()
 
 
-async def _sse(first: Started, chunks: AsyncIterator[ChatChunk], job: ChatJob) -> AsyncIterator[str]:
+async def _sse(first: Started, chunks: AsyncGenerator[ChatChunk, None], job: ChatJob) -> AsyncGenerator[str, None]:
     """SSE lines: a role chunk, content deltas, the finish chunk, a usage chunk, [DONE]."""
     cid = f"chatcmpl-{first.request_id}"
 
@@ -177,10 +177,10 @@ async def _sse(first: Started, chunks: AsyncIterator[ChatChunk], job: ChatJob) -
         log.exception("stream failed")
         yield f"data: {json.dumps(APIError('internal server error mid-stream').to_dict())}\n\n"
     finally:
-        await chunks.aclose()  # type: ignore[attr-defined]  # an async generator
+        await chunks.aclose()
 
 
-async def _completion(first: Started, chunks: AsyncIterator[ChatChunk], job: ChatJob) -> ChatCompletion:
+async def _completion(first: Started, chunks: AsyncGenerator[ChatChunk, None], job: ChatJob) -> ChatCompletion:
     async def all_chunks() -> AsyncIterator[ChatChunk]:
         yield first
         async for c in chunks:
@@ -223,7 +223,7 @@ async def serve_job(request: Request, principal: Principal, parse: JobParser, re
             assert isinstance(first, Started)
             response = await render(first, chunks, job)
         except BaseException:
-            await chunks.aclose()  # type: ignore[attr-defined]  # an async generator
+            await chunks.aclose()
             raise
         status = 200
         return response

@@ -1,0 +1,44 @@
+"""The ``aura`` command line: serve flags come from the Settings object, so none can lag behind it."""
+
+from __future__ import annotations
+
+import pytest
+
+from server.cli import build_parser, settings_from_args
+from server.config import Settings
+
+
+def _serve_parser():
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    return sub.choices["serve"]
+
+
+def test_every_setting_has_a_serve_flag_with_help_and_its_env_variable():
+    actions = {a.dest: a for a in _serve_parser()._actions}
+    for name, field in Settings.model_fields.items():
+        dest = "adapter" if name == "adapters" else name
+        assert dest in actions, f"setting {name} has no flag"
+        assert field.description, f"setting {name} has no description"
+        assert f"AURA_{name.upper()}" in actions[dest].help
+
+
+def test_flags_become_settings_and_old_flag_names_still_work():
+    args = build_parser().parse_args([
+        "serve", "--max-num-seqs", "4", "--no-enable-prefix-caching", "--config", "t.yaml", "--request-timeout", "5",
+        "--adapter", "a=/p", "--engine", "reference", "--tenant-max-concurrent", "2", "--body-read-timeout-s", "3"])
+    s = settings_from_args(args)
+    assert (s.max_num_seqs, s.enable_prefix_caching, str(s.config_file), s.request_timeout_s) == (4, False, "t.yaml", 5.0)
+    assert s.adapters == {"a": "/p"} and s.engine == "reference" and s.tenant_max_concurrent == 2
+    assert s.body_read_timeout_s == 3.0
+
+
+def test_unset_flags_leave_the_environment_in_charge(monkeypatch):
+    monkeypatch.setenv("AURA_MAX_STOP_STRINGS", "3")
+    assert settings_from_args(build_parser().parse_args(["serve"])).max_stop_strings == 3
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--engine", "nope"])
+
+
+def test_subcommands_are_grouped():
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert {"serve", "ask", "adapter", "train", "eval", "data", "models"} <= set(sub.choices)
