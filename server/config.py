@@ -43,6 +43,12 @@ class Settings(BaseSettings):
     enforce_eager: bool = True
     seed: int = 0
 
+    # CPU LoRA path and step scheduling (server/engine/cpu_lora.py, server/engine/vllm_engine.py).
+    cpu_lora_kernel: Literal["segmented", "vllm"] = Field(
+        "segmented", description="CPU LoRA ops: one GEMM pair per adapter segment, or vLLM's per-token gathers.")
+    max_num_batched_tokens: int | None = Field(
+        None, ge=64, description="Tokens one engine step may run (chunked prefill budget); default: vLLM's.")
+
     # Audio front end.
     max_upload_bytes: int = 25 * 1024 * 1024
     max_audio_seconds: float = 60.0
