@@ -58,6 +58,12 @@ class Settings(BaseSettings):
     enforce_eager: bool = Field(True, description="No CUDA graphs / torch.compile (faster start).")
     seed: int = Field(0, description="Engine seed.")
 
+    # CPU LoRA path and step scheduling (server/engine/cpu_lora.py, server/engine/vllm_engine.py).
+    cpu_lora_kernel: Literal["segmented", "vllm"] = Field(
+        "segmented", description="CPU LoRA ops: one GEMM pair per adapter segment, or vLLM's per-token gathers.")
+    max_num_batched_tokens: int | None = Field(
+        None, ge=64, description="Tokens one engine step may run (chunked prefill budget); default: vLLM's.")
+
     # Audio front end.
     max_upload_bytes: int = Field(25 * 1024 * 1024, description="Largest audio upload (bytes).")
     max_audio_seconds: float = Field(60.0, description="Longest audio in one request (seconds).")

@@ -84,6 +84,7 @@ def build_engine(settings: Settings, model_path: Path, tokenizer: PreTrainedToke
         gpu_memory_utilization=settings.gpu_memory_utilization, cpu_kv_cache_gib=settings.cpu_kv_cache_gib,
         enforce_eager=settings.enforce_eager, seed=settings.seed,
         lora_target_modules=list(base.linear_modules),
+        cpu_lora_kernel=settings.cpu_lora_kernel, max_num_batched_tokens=settings.max_num_batched_tokens,
     )
 
 

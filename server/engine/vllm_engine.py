@@ -31,22 +31,32 @@ class VLLMEngine(Engine):
                  max_loras: int = 4, max_cpu_loras: int | None = None, enable_prefix_caching: bool = True,
                  gpu_memory_utilization: float = 0.85, cpu_kv_cache_gib: float = 1.0,
                  enforce_eager: bool = True, disable_log_stats: bool = False, seed: int = 0,
-                 lora_target_modules: list[str] | None = None) -> None:
+                 lora_target_modules: list[str] | None = None, enable_lora: bool = True,
+                 cpu_lora_kernel: str = "segmented", max_num_batched_tokens: int | None = None,
+                 block_size: int | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.hidden_size = hidden_size
         self._args = dict(
             model=model, dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
-            enable_lora=True, max_lora_rank=max_lora_rank, max_loras=max_loras,
-            max_cpu_loras=max_cpu_loras, enable_prompt_embeds=True,
+            enable_lora=enable_lora, enable_prompt_embeds=True,
             enable_prefix_caching=enable_prefix_caching,
             gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager,
             disable_log_stats=disable_log_stats, seed=seed,
+            # Tokens per engine step: long prefills are chunked to it, so decodes keep flowing
+            # while a burst of prompts is prefilled (None: vLLM's default).
+            max_num_batched_tokens=max_num_batched_tokens,
+            # KV block size = the unit of prefix caching: only whole blocks are shared between
+            # requests (None: the platform's default, 128 tokens on the CPU).
+            block_size=block_size,
+        )
+        if enable_lora:
             # Restricting LoRA to the linear layers keeps vLLM from wrapping the token embedding
             # with a LoRA layer; that wrapper indexes the whole batch's tokens and breaks when only
             # some positions are token ids (mixed prompt_embeds). AuRA never adapts embeddings.
-            lora_target_modules=lora_target_modules,
-        )
+            self._args.update(max_lora_rank=max_lora_rank, max_loras=max_loras, max_cpu_loras=max_cpu_loras,
+                              lora_target_modules=lora_target_modules)
+        self._cpu_lora_kernel = cpu_lora_kernel
         self._cpu_kv_cache_gib = cpu_kv_cache_gib
         self._llm: Any = None
         self._model_dtype: torch.dtype = torch.float32
@@ -60,10 +70,25 @@ class VLLMEngine(Engine):
             # The CPU backend reads its KV cache size from the environment (GiB); its default
             # derives from gpu_memory_utilization of the whole NUMA node and fails on small hosts.
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(round(self._cpu_kv_cache_gib)))))
+            self._select_cpu_lora_kernel()
         args = AsyncEngineArgs(**{k: v for k, v in self._args.items() if v is not None})
         self._llm = AsyncLLM.from_engine_args(args)
         self._model_dtype = self._llm.model_config.dtype
         log.info("vllm engine started", extra={"model": self.model, "dtype": str(self._model_dtype)})
+
+    def _select_cpu_lora_kernel(self) -> None:
+        """Tell the LoRA plugin (loaded by vLLM in each of its processes, which inherit this
+        environment) which CPU kernel to use, and warn when the plugin is not installed."""
+        from importlib.metadata import entry_points
+
+        from server.engine.cpu_lora_plugin import ENTRY_POINT_NAME, ENV_VAR, SEGMENTED
+
+        os.environ[ENV_VAR] = self._cpu_lora_kernel
+        if self._args["enable_lora"] and self._cpu_lora_kernel == SEGMENTED:
+            names = {ep.name for ep in entry_points(group="vllm.general_plugins")}
+            if ENTRY_POINT_NAME not in names:
+                log.warning("the CPU LoRA plugin is not installed (reinstall aura-serve): vLLM's slower "
+                            "per-token LoRA path will run", extra={"entry_point": ENTRY_POINT_NAME})
 
     async def shutdown(self) -> None:
         if self._llm is not None:
