@@ -28,6 +28,7 @@ from prometheus_client import REGISTRY as DEFAULT_REGISTRY
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.logs import request_id_var
+from server.lora_info import LoraInfoCollector
 
 log = logging.getLogger("server.requests")
 
@@ -110,6 +111,7 @@ class ServerMetrics:
         self.queued = Gauge("aura_requests_queued", "Requests waiting for a pipeline slot.", registry=r)
         self.engine_requests = Gauge("aura_engine_requests_unfinished",
                                      "Requests the engine holds (queued or running in vLLM).", registry=r)
+        r.register(LoraInfoCollector())
 
     def bind(self, *, in_flight: Callable[[], float], queued: Callable[[], float],
              engine_requests: Callable[[], float]) -> None:
