@@ -81,18 +81,20 @@ def cmd_data_responses(args: argparse.Namespace) -> int:
 
 def cmd_data_demo(args: argparse.Namespace) -> int:
     from adapters.models import aura_home
-    from adapters.training.demo_data import make_demo_data
+    from adapters.training.corpus import CorpusOptions, build_corpus
 
-    out = Path(args.out) if args.out else aura_home() / "demo_data"
-    paths = make_demo_data(out, n_train=args.train, n_heldout=args.heldout, seed=args.seed, workers=args.workers)
+    out = Path(args.out) if args.out else aura_home() / "corpus"
+    model = _model_or_demo(args.model, "llm")
+    paths = build_corpus(CorpusOptions(out_dir=out, model=model, n_train=args.train, n_heldout=args.heldout, seed=args.seed,
+                                       workers=args.workers, llm_prompts=args.llm_prompts, progress=not args.quiet))
     filled = {}
     if not args.no_responses:
         from adapters.training.responses import fill_responses
 
-        model = _model_or_demo(args.model, "llm")
-        for split, p in paths.items():
-            filled[split] = fill_responses(p, model, max_tokens=args.max_tokens)
-    _print_json({"out": str(out), **{k: str(v) for k, v in paths.items()}, "responses_filled": filled})
+        for split in ("train", "heldout"):
+            filled[split] = fill_responses(paths[split], model, max_tokens=args.max_tokens)
+    _print_json({"out": str(out), **{k: str(v) for k, v in paths.items()}, "responses_filled": filled,
+                 "stats": json.loads(paths["stats"].read_text())})
     return 0
 
 
@@ -122,15 +124,18 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--overwrite", action="store_true", help="also refill rows that already have a response")
     p.set_defaults(func=cmd_data_responses)
-    p = dsub.add_parser("demo", help="make a spoken demo corpus with espeak-ng (+ responses)")
-    p.add_argument("--out", help="default: $AURA_HOME/demo_data")
-    p.add_argument("--train", type=int, default=1200)
-    p.add_argument("--heldout", type=int, default=80)
+    p = dsub.add_parser("demo", help="build the open-vocabulary spoken corpus (LLM-written lines, espeak-ng voices, "
+                        "augmentation, a held-out split with no shared 4-gram or voice) + responses; resumable")
+    p.add_argument("--out", help="default: $AURA_HOME/corpus")
+    p.add_argument("--train", type=int, default=10_000, help="distinct training lines (clips)")
+    p.add_argument("--heldout", type=int, default=90, help="held-out clips (half qa, a third noisy)")
+    p.add_argument("--llm-prompts", type=int, default=6000, help="lines the LLM is asked to write (about 45%% survive)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--model", help="LLM for responses (default: the demo model)")
+    p.add_argument("--model", help="LLM that writes lines and responses (default: the demo model)")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--no-responses", action="store_true")
+    p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_data_demo)
 
     models = subparsers.add_parser("models", help="model preparation")

@@ -52,6 +52,20 @@ class TrainConfig(BaseModel):
         "Default: teacher layers spread over the student's first third.")
     distill_loss: DistillLoss = "cosine"
     distill_weight: float = Field(1.0, ge=0.0)
+    teacher_context_frames: int | None = Field(
+        None, ge=100, le=3000, description="Run the teacher on each clip padded to a multiple of this many mel frames "
+        "(its position table cut to match) instead of Whisper's full 30 s: several times cheaper targets; None = 30 s.")
+
+    # --- stage and alignment
+    max_layer: int | None = Field(
+        None, ge=0, description="Run only LLM blocks 0..max_layer (a cheap first stage: the distillation and CTC "
+        "losses need nothing above the deepest distilled block). The next-token loss is off in such a stage.")
+    ctc_weight: float = Field(0.0, ge=0.0, description="CTC over the LLM vocabulary at the audio positions (0 = off).")
+    ctc_layer: int | None = Field(None, ge=0, description="Block whose output feeds the CTC head (final norm + LM head); "
+                                  "default: max_layer, else the deepest distilled block.")
+    ce_weight: float = Field(1.0, ge=0.0, description="Weight of the next-token loss on answer tokens.")
+    tasks: list[Literal["transcribe", "qa"]] = Field(
+        default_factory=lambda: ["transcribe", "qa"], description="Manifest tasks trained on (a curriculum: transcribe first).")
 
     # --- targets
     transcribe_prompt: str = "Transcribe the audio."
@@ -65,6 +79,7 @@ class TrainConfig(BaseModel):
     grad_clip: float = Field(1.0, gt=0.0)
     steps: PositiveInt = 500
     batch_size: PositiveInt = 8
+    grad_accum: PositiveInt = Field(1, description="Micro-batches per step (batch_size is split); same update, less memory.")
     precision: Precision = "fp32"
     device: str = Field("auto", description="auto = cuda if present, else cpu.")
     threads: int | None = Field(None, description="torch CPU threads (None = torch default).")
@@ -74,6 +89,9 @@ class TrainConfig(BaseModel):
     log_every: PositiveInt = 10
     eval_every: int = Field(100, ge=0, description="0 disables periodic evaluation.")
     eval_examples: PositiveInt = 32
+    wer_every: int = Field(0, ge=0, description="Held-out WER every N steps (greedy decoding, or best-path CTC in a "
+                           "truncated stage); 0 = only eval losses.")
+    wer_examples: PositiveInt = 24
     save_every: int = Field(100, ge=0, description="Checkpoint interval in steps; 0 = only at the end.")
     keep_checkpoints: PositiveInt = 2
     resume: bool = Field(True, description="Continue from the newest checkpoint in work_dir if there is one.")
@@ -93,6 +111,11 @@ class TrainConfig(BaseModel):
     @field_validator("lora_targets", mode="before")
     @classmethod
     def _split_targets(cls, value: Any) -> Any:
+        return value.split(",") if isinstance(value, str) else value
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _split_tasks(cls, value: Any) -> Any:
         return value.split(",") if isinstance(value, str) else value
 
     @field_validator("lora_layers", mode="before")
@@ -120,7 +143,8 @@ class TrainConfig(BaseModel):
     def fingerprint(self) -> str:
         """Hash of what changes the optimisation trajectory (not bookkeeping like log_every)."""
         skip = {"log_every", "eval_every", "eval_examples", "save_every", "keep_checkpoints", "resume",
-                "progress", "threads", "output", "work_dir", "teacher_cache", "steps"}
+                "progress", "threads", "output", "work_dir", "teacher_cache", "steps", "wer_every", "wer_examples",
+                "eval_manifest"}
         data = {k: v for k, v in json.loads(self.model_dump_json()).items() if k not in skip}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 

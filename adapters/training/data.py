@@ -104,6 +104,7 @@ class Example:
     audio_start: int
     target_ids: list[int]
     task: str
+    transcript_ids: list[int]  # the spoken words' tokens (CTC target; for qa rows not the answer)
 
 
 def end_of_turn_id(tokenizer: Any) -> int:
@@ -134,6 +135,7 @@ def build_example(
         index=index, key=f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}", audio_path=path,
         features=feats[0, :, :n_frames].contiguous(), num_frames=n_frames, num_audio_tokens=n_tok,
         prompt_ids=prompt.token_ids, audio_start=prompt.audio_spans[0][0], target_ids=target, task=row.task,
+        transcript_ids=tokenizer.encode(row.text, add_special_tokens=False),
     )
 
 
@@ -150,6 +152,7 @@ class Batch:
     audio_starts: torch.Tensor  # (B,)
     audio_tokens: torch.Tensor  # (B,)
     teacher: torch.Tensor | None  # (B, n_layers, N, d_teacher) pooled teacher states, zero past audio_tokens
+    transcripts: list[list[int]]  # CTC targets
 
     def to(self, device: str | torch.device) -> "Batch":
         return Batch(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()})
@@ -185,4 +188,5 @@ def collate(examples: list[Example], pad_id: int, teacher: list[torch.Tensor] | 
         frame_lengths=torch.tensor([e.num_frames for e in examples]),
         audio_starts=torch.tensor([e.audio_start for e in examples]),
         audio_tokens=torch.tensor([e.num_audio_tokens for e in examples]), teacher=teach,
+        transcripts=[e.transcript_ids for e in examples],
     )

@@ -33,10 +33,12 @@ class DistillHead(nn.Module):
 
 @dataclass
 class StudentOutput:
-    answer_logits: torch.Tensor  # (n_answer_tokens, V)
+    answer_logits: torch.Tensor | None  # (n_answer_tokens, V); None in a truncated stage
     answer_targets: torch.Tensor  # (n_answer_tokens,)
     audio_hidden: dict[int, torch.Tensor]  # student layer -> (B, N, hidden) at audio positions
     audio_mask: torch.Tensor  # (B, N) bool
+    audio_tokens: torch.Tensor  # (B,) valid audio positions
+    ctc_logits: torch.Tensor | None = None  # (B, N, V) LM-head logits at audio positions
 
 
 def decoder_layers(causal_lm: Any) -> nn.ModuleList:
@@ -76,31 +78,41 @@ class AuraStudent(nn.Module):
             embeds[b, s : s + n] = audio[b, :n]
         return embeds, n_tok
 
-    def forward(self, batch: Batch) -> StudentOutput:
+    def forward(self, batch: Batch, *, max_layer: int | None = None, ctc_layer: int | None = None) -> StudentOutput:
+        """One pass. ``max_layer`` runs blocks 0..max_layer only (no answer logits then: the LM head
+        would read a half-finished residual stream); ``ctc_layer`` adds LM-head logits (after the
+        final norm) of that block's output at the audio positions."""
         embeds, n_tok = self.embed(batch.input_ids, batch.features, batch.frame_lengths, batch.audio_starts)
         captured: dict[int, torch.Tensor] = {}
+        inner = self.causal_lm.model
         blocks = decoder_layers(self.causal_lm)
         hooks = []
-        for layer in self.layer_ids:
+        wanted = set(self.layer_ids) | ({ctc_layer} if ctc_layer is not None else set())
+        for layer in sorted(wanted):
             def hook(_m: nn.Module, _inp: Any, out: Any, layer: int = layer) -> None:
                 captured[layer] = out[0] if isinstance(out, tuple) else out
             hooks.append(blocks[layer].register_forward_hook(hook))
+        if max_layer is not None:
+            inner.layers = nn.ModuleList(list(blocks)[: max_layer + 1])  # the same modules, fewer of them
         try:
-            out = self.causal_lm.model(inputs_embeds=embeds, attention_mask=batch.attention_mask, use_cache=False)
+            out = inner(inputs_embeds=embeds, attention_mask=batch.attention_mask, use_cache=False)
         finally:
+            inner.layers = blocks
             for h in hooks:
                 h.remove()
-        # The LM head only where there is an answer token: it is the largest matmul per position.
         sel = batch.labels != -100
-        logits = self.causal_lm.lm_head(out.last_hidden_state[sel])
+        # The LM head only where there is an answer token: it is the largest matmul per position.
+        logits = self.causal_lm.lm_head(out.last_hidden_state[sel]) if max_layer is None else None
         n_max = int(n_tok.max())
         mask = torch.arange(n_max, device=n_tok.device)[None, :] < n_tok[:, None]
-        audio_hidden: dict[int, torch.Tensor] = {}
+        at_audio: dict[int, torch.Tensor] = {}
         for layer, h in captured.items():
             rows = [torch.nn.functional.pad(h[b, int(s) : int(s) + int(n)], (0, 0, 0, n_max - int(n)))
                     for b, (s, n) in enumerate(zip(batch.audio_starts, n_tok))]
-            audio_hidden[layer] = torch.stack(rows)
-        return StudentOutput(logits, batch.labels[sel], audio_hidden, mask)
+            at_audio[layer] = torch.stack(rows)
+        ctc_logits = self.causal_lm.lm_head(inner.norm(at_audio[ctc_layer])) if ctc_layer is not None else None
+        audio_hidden = {k: v for k, v in at_audio.items() if k in self.layer_ids}
+        return StudentOutput(logits, batch.labels[sel], audio_hidden, mask, n_tok, ctc_logits)
 
     @torch.inference_mode()
     def greedy(self, prompt_ids: list[int], audio_start: int, features: torch.Tensor, num_frames: int,

@@ -74,31 +74,77 @@ def pool_frames(hidden: torch.Tensor, valid: int, group: int) -> torch.Tensor:
     return x.reshape(n, group, -1).sum(1) / counts[:, None]
 
 
+_SHORT: dict[tuple[int, int], Any] = {}
+
+
+def short_encoder(encoder: Any, input_frames: int) -> Any:
+    """The same encoder (shared weights) with its position table cut to ``input_frames`` mel frames.
+
+    Whisper insists on 30 s inputs only because its forward uses the whole position table; the
+    blocks themselves take any length. A 3 s clip padded to 5 s instead of 30 s costs about a
+    sixth; the targets differ slightly from 30 s ones (less padding to attend to), so the choice
+    is part of the teacher cache key and of the run's fingerprint.
+    """
+    import copy
+
+    from torch import nn
+
+    full = encoder.embed_positions.num_embeddings
+    positions = input_frames // 2
+    if positions >= full:
+        return encoder
+    key = (id(encoder), positions)
+    if key not in _SHORT:
+        short = copy.copy(encoder)
+        short._modules = dict(encoder._modules)  # a copy's own module table: the original keeps its own
+        short.embed_positions = nn.Embedding.from_pretrained(encoder.embed_positions.weight[:positions], freeze=True)
+        short.config = copy.copy(encoder.config)
+        short.config.max_source_positions = positions
+        _SHORT[key] = short
+    return _SHORT[key]
+
+
 @torch.no_grad()
 def teacher_targets(
     encoder: Any, samples: list[torch.Tensor], layers: list[int], *, stack_factor: int,
-    features: FeatureConfig, input_frames: int,
+    features: FeatureConfig, input_frames: int, context_frames: int | None = None,
 ) -> list[torch.Tensor]:
-    """Per clip: (len(layers), num_audio_tokens, width) pooled outputs of encoder blocks ``layers`` (0-based)."""
+    """Per clip: (len(layers), num_audio_tokens, width) pooled outputs of encoder blocks ``layers`` (0-based).
+
+    ``context_frames``: pad each clip to a multiple of this many frames (clips of one length run
+    together) instead of to ``input_frames``; a clip's targets never depend on its batch-mates.
+    """
     device = next(encoder.parameters()).device
-    feats, frames = log_mel([s.float() for s in samples], features, pad_to_frames=input_frames)
-    out = encoder(feats.to(device), output_hidden_states=True)
-    hs = out.hidden_states  # embeddings, then each block's output
-    result = []
-    for b, n_frames in enumerate(frames.tolist()):
-        valid = (int(n_frames) + 1) // 2  # Whisper's conv2 has stride 2, same as the student stem
-        result.append(torch.stack([pool_frames(hs[layer + 1][b], valid, stack_factor) for layer in layers]).cpu())
-    return result
+    if context_frames is None:
+        groups = {input_frames: list(range(len(samples)))}
+    else:
+        groups = {}
+        for i, s in enumerate(samples):
+            n = max(1, features.num_frames(len(s)))
+            padded = min(input_frames, -(-n // context_frames) * context_frames)
+            groups.setdefault(padded, []).append(i)
+    result: list[torch.Tensor | None] = [None] * len(samples)
+    for padded, idx in groups.items():
+        enc = short_encoder(encoder, padded)
+        feats, frames = log_mel([samples[i].float() for i in idx], features, pad_to_frames=padded)
+        hs = enc(feats.to(device), output_hidden_states=True).hidden_states  # embeddings, then each block
+        for b, (i, n_frames) in enumerate(zip(idx, frames.tolist())):
+            valid = (int(n_frames) + 1) // 2  # Whisper's conv2 has stride 2, same as the student stem
+            result[i] = torch.stack([pool_frames(hs[layer + 1][b], valid, stack_factor) for layer in layers]).cpu()
+    return [r for r in result if r is not None]
 
 
 class TeacherCache:
     """Pooled teacher targets per clip as small safetensors files; keyed so a stale entry is never used."""
 
     def __init__(self, root: Path, info: TeacherInfo, layers: list[int], stack_factor: int,
-                 features: FeatureConfig) -> None:
+                 features: FeatureConfig, context_frames: int | None = None) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
-        self.salt = json.dumps([info.fingerprint, layers, stack_factor, features.model_dump()], sort_keys=True)
+        salt: list[Any] = [info.fingerprint, layers, stack_factor, features.model_dump()]
+        if context_frames is not None:  # 30 s targets keep their old keys
+            salt.append(context_frames)
+        self.salt = json.dumps(salt, sort_keys=True)
 
     def path(self, clip_key: str) -> Path:
         return self.root / (hashlib.sha256((self.salt + clip_key).encode()).hexdigest()[:32] + ".safetensors")

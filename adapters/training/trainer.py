@@ -27,6 +27,7 @@ from adapters.features import FeatureConfig
 from adapters.prompt import PromptLayout
 from adapters.training.config import TrainConfig
 from adapters.training.data import Example, ManifestRow, build_example, collate, read_manifest
+from adapters.training.ctc import ctc_loss, greedy_ctc
 from adapters.training.losses import distill_loss, next_token_loss
 from adapters.training.student import AuraStudent, DistillHead
 from adapters.training.teacher import (
@@ -85,6 +86,22 @@ def check_config(config: TrainConfig) -> Setup:
             raise ConfigError(f"layer_map: student layer {s} is out of range (the student has layers 0..{base.num_hidden_layers - 1})")
         if not 0 <= t < teacher.num_layers:
             raise ConfigError(f"layer_map: teacher layer {t} is out of range (the teacher has layers 0..{teacher.num_layers - 1})")
+    deepest = max(layer_map) if layer_map and config.distill_loss != "none" and config.distill_weight > 0 else None
+    if config.max_layer is not None:
+        if config.max_layer >= base.num_hidden_layers:
+            raise ConfigError(f"max_layer {config.max_layer} is out of range (the student has layers 0..{base.num_hidden_layers - 1})")
+        if deepest is not None and deepest > config.max_layer:
+            raise ConfigError(f"max_layer {config.max_layer} cuts off distilled layer {deepest}; raise max_layer or change layer_map")
+    ctc_layer = ctc_layer_of(config, deepest)
+    if config.ctc_weight > 0:
+        if ctc_layer is None:
+            raise ConfigError("ctc_weight > 0 needs ctc_layer (or max_layer, or a distilled layer to read from)")
+        if not 0 <= ctc_layer < base.num_hidden_layers or (config.max_layer is not None and ctc_layer > config.max_layer):
+            raise ConfigError(f"ctc_layer {ctc_layer} must be a student layer at or below max_layer")
+    if config.max_layer is not None and config.ctc_weight == 0 and deepest is None:
+        raise ConfigError("a truncated stage (max_layer) trains nothing without distillation or ctc_weight > 0")
+    if config.batch_size % config.grad_accum:
+        raise ConfigError(f"batch_size {config.batch_size} is not a multiple of grad_accum {config.grad_accum}")
     if config.lora_layers is not None:
         bad = [i for i in config.lora_layers if not 0 <= i < base.num_hidden_layers]
         if bad:
@@ -111,12 +128,21 @@ def check_config(config: TrainConfig) -> Setup:
     if audio_cfg.hidden_size != base.hidden_size:
         raise ConfigError(f"hidden size mismatch: audio layer {audio_cfg.hidden_size} vs student {base.hidden_size}")
 
-    rows = read_manifest(config.manifest)
+    rows = [r for r in read_manifest(config.manifest) if r.task in config.tasks]
+    if not rows:
+        raise ConfigError(f"{config.manifest} has no rows of the tasks {config.tasks}")
     for i, r in enumerate(rows, 1):
         if r.task == "qa" and r.response is None:
             raise ConfigError(f"{config.manifest}:{i}: qa row has no 'response'; run `aura data responses --manifest {config.manifest}` first")
     eval_rows = read_manifest(config.eval_manifest) if config.eval_manifest else []
     return Setup(base, teacher, dict(sorted(layer_map.items())), audio_cfg, features, layout, rows, eval_rows)
+
+
+def ctc_layer_of(config: TrainConfig, deepest_distilled: int | None) -> int | None:
+    """The block the CTC head reads: explicit, else the truncated stage's top, else the deepest distilled."""
+    if config.ctc_layer is not None:
+        return config.ctc_layer
+    return config.max_layer if config.max_layer is not None else deepest_distilled
 
 
 class DataOrder:
@@ -209,12 +235,15 @@ class Trainer:
         self.examples = self._examples(s.rows, c.manifest)
         self.eval_examples = self._examples(s.eval_rows[: c.eval_examples], c.eval_manifest) if s.eval_rows else []
         self.teacher_layers = [s.layer_map[k] for k in sorted(s.layer_map)]
-        self.targets: list[torch.Tensor] | None = None
-        self.eval_targets: list[torch.Tensor] | None = None
-        if self.distill:
-            self.targets = self.teacher_targets_for(self.examples, "teacher targets")
-            self.eval_targets = self.teacher_targets_for(self.eval_examples, "teacher targets (eval)")
+        self.ctc_layer = ctc_layer_of(c, max(s.layer_map) if self.distill and s.layer_map else None) if c.ctc_weight > 0 else None
+        self.blank_id = self.tokenizer.eos_token_id
+        self.use_ce = c.max_layer is None and c.ce_weight > 0
+        # teacher targets are computed when a clip is first used (and cached on disk): a large
+        # corpus starts training at once instead of after hours of teacher passes
+        self.targets: dict[int, torch.Tensor] = {}
+        self.eval_targets: dict[int, torch.Tensor] = {}
         self.order = DataOrder(len(self.examples), c.batch_size, c.seed)
+        self.elapsed_s = 0.0
 
     def _examples(self, rows: list[ManifestRow], manifest: Path | None) -> list[Example]:
         assert manifest is not None
@@ -224,74 +253,146 @@ class Trainer:
                               audio_layer=self.student.audio_layer.config, transcribe_prompt=c.transcribe_prompt,
                               max_response_tokens=c.max_response_tokens) for i, r in enumerate(it)]
 
-    def teacher_targets_for(self, examples: list[Example], desc: str) -> list[torch.Tensor]:
-        """Cached pooled teacher states per clip; missing ones are computed in small batches."""
+    def teacher_cache(self) -> TeacherCache:
+        c, s = self.config, self.setup
+        return TeacherCache(c.resolved_teacher_cache, s.teacher, self.teacher_layers, self.student.audio_layer.config.stack_factor,
+                            s.features, c.teacher_context_frames)
+
+    def teacher_targets_for(self, examples: list[Example], desc: str, indices: list[int] | None = None,
+                            memo: dict[int, torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """Pooled teacher states for ``examples[indices]`` (all by default): memory, then disk cache,
+        then the teacher itself in small batches (written to the cache)."""
         from adapters.audio import load_audio_file
 
         c, s = self.config, self.setup
-        cache = TeacherCache(c.resolved_teacher_cache, s.teacher, self.teacher_layers, self.student.audio_layer.config.stack_factor, s.features)
-        out: list[torch.Tensor | None] = [cache.get(e.key) for e in examples]
-        todo = [i for i, t in enumerate(out) if t is None]
-        bar = tqdm(total=len(todo), desc=desc, file=sys.stderr, disable=not c.progress or not todo, leave=False)
+        memo = {} if memo is None else memo
+        indices = list(range(len(examples))) if indices is None else indices
+        cache = self.teacher_cache()
+        todo = []
+        for i in dict.fromkeys(indices):
+            if i not in memo:
+                t = cache.get(examples[i].key)
+                if t is None:
+                    todo.append(i)
+                else:
+                    memo[i] = t
+        bar = tqdm(total=len(todo), desc=desc, file=sys.stderr, disable=not c.progress or len(todo) < 50, leave=False)
         for start in range(0, len(todo), 8):
             chunk = todo[start : start + 8]
             samples = [torch.from_numpy(load_audio_file(examples[i].audio_path, sample_rate=s.features.sample_rate).samples.copy()) for i in chunk]
             for i, t in zip(chunk, teacher_targets(self.teacher_encoder, samples, self.teacher_layers,
                                                    stack_factor=self.student.audio_layer.config.stack_factor,
-                                                   features=s.features, input_frames=s.teacher.input_frames)):
+                                                   features=s.features, input_frames=s.teacher.input_frames,
+                                                   context_frames=c.teacher_context_frames)):
                 if t.shape[1] != examples[i].num_audio_tokens:
                     raise RuntimeError(f"{examples[i].audio_path}: teacher gives {t.shape[1]} tokens, the student {examples[i].num_audio_tokens}")
                 cache.put(examples[i].key, t)
-                out[i] = t
+                memo[i] = t
             bar.update(len(chunk))
         bar.close()
-        return [t for t in out if t is not None]
+        if len(memo) > 4096 and memo is self.targets:  # bound memory on a large corpus; the disk cache stays
+            for k in list(memo)[: len(memo) - 2048]:
+                del memo[k]
+        return [memo[i] for i in indices]
 
     # ----------------------------------------------------------------- steps
-    def _losses(self, idx: list[int], examples: list[Example], targets: list[torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    def _losses(self, idx: list[int], examples: list[Example], memo: dict[int, torch.Tensor],
+                keep_logits: bool = False) -> dict[str, torch.Tensor]:
+        """Loss terms of one (micro-)batch; ``keep_logits`` also returns the CTC logits/lengths (for WER)."""
         c = self.config
-        batch = collate([examples[i] for i in idx], self.pad_id, [targets[i] for i in idx] if targets is not None else None).to(self.device)
+        teach = self.teacher_targets_for(examples, "teacher targets", idx, memo) if self.distill else None
+        batch = collate([examples[i] for i in idx], self.pad_id, teach).to(self.device)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=c.precision == "bf16"):
-            out = self.student(batch)
-            ce = next_token_loss(out.answer_logits, out.answer_targets)
-            terms = {"ce": ce}
+            out = self.student(batch, max_layer=c.max_layer, ctc_layer=self.ctc_layer)
+            terms: dict[str, torch.Tensor] = {}
+            loss = torch.zeros((), device=self.device)
+            if self.use_ce:
+                assert out.answer_logits is not None
+                terms["ce"] = next_token_loss(out.answer_logits, out.answer_targets)
+                loss = loss + c.ce_weight * terms["ce"]
             if self.distill:
                 assert batch.teacher is not None
                 per_layer = [distill_loss(self.student.heads[str(s)](out.audio_hidden[s]), batch.teacher[:, j],
                                           out.audio_mask, c.distill_loss) for j, s in enumerate(sorted(self.setup.layer_map))]
                 terms["distill"] = torch.stack(per_layer).mean()
-                terms["loss"] = ce + c.distill_weight * terms["distill"]
-            else:
-                terms["loss"] = ce
+                loss = loss + c.distill_weight * terms["distill"]
+            if self.ctc_layer is not None:
+                assert out.ctc_logits is not None
+                terms["ctc"] = ctc_loss(out.ctc_logits, out.audio_tokens, batch.transcripts, self.blank_id)
+                loss = loss + c.ctc_weight * terms["ctc"]
+                if keep_logits:
+                    terms["_ctc_logits"], terms["_ctc_lengths"] = out.ctc_logits.detach(), out.audio_tokens
+            terms["loss"] = loss
         return terms
 
     def train_step(self, step: int) -> dict[str, float]:
         for g in self.optimizer.param_groups:
             g["lr"] = lr_at(step, self.config)
-        terms = self._losses(self.order.batch(step), self.examples, self.targets)
+        idx = self.order.batch(step)
+        micro = len(idx) // self.config.grad_accum
         self.optimizer.zero_grad(set_to_none=True)
-        terms["loss"].backward()
+        sums: dict[str, float] = {}
+        for m in range(self.config.grad_accum):
+            terms = self._losses(idx[m * micro : (m + 1) * micro], self.examples, self.targets)
+            (terms["loss"] / self.config.grad_accum).backward()
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach()) / self.config.grad_accum
+        self.reduce_gradients()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)
         self.optimizer.step()
-        rec = {k: float(v.detach()) for k, v in terms.items()}
+        rec = dict(sums)
         rec["grad_norm"] = float(grad_norm)
         rec["lr"] = self.optimizer.param_groups[0]["lr"]
         return rec
 
+    def reduce_gradients(self) -> None:
+        """Hook for data parallelism (the DDP trainer averages gradients over ranks here)."""
+
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float] | None:
+    def evaluate(self, *, wer: bool = False) -> dict[str, float] | None:
+        """Held-out losses; with ``wer`` also the WER of transcribe rows (best-path CTC in a
+        truncated stage, greedy decoding of the full student otherwise)."""
+        from adapters.training.evaluate import wer as corpus_wer
+
         if not self.eval_examples:
             return None
         self.student.eval()
         sums: dict[str, float] = {}
         n = len(self.eval_examples)
-        bs = self.config.batch_size
+        bs = max(1, self.config.batch_size // self.config.grad_accum)
+        refs: list[str] = []
+        ctc_hyps: list[str] = []
         for start in range(0, n, bs):
             idx = list(range(start, min(n, start + bs)))
-            for k, v in self._losses(idx, self.eval_examples, self.eval_targets).items():
+            terms = self._losses(idx, self.eval_examples, self.eval_targets, keep_logits=True)
+            if "_ctc_logits" in terms:
+                hyps = greedy_ctc(terms.pop("_ctc_logits"), terms.pop("_ctc_lengths"), self.blank_id)
+                refs += [self.tokenizer.decode(self.eval_examples[i].transcript_ids) for i in idx]
+                ctc_hyps += [self.tokenizer.decode(h) for h in hyps]
+            for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + float(v) * len(idx)
+        result = {f"eval_{k}": v / n for k, v in sums.items()}
+        if ctc_hyps:
+            result["eval_ctc_wer"] = corpus_wer(refs, ctc_hyps)
+        if wer and self.config.max_layer is None:
+            result["eval_wer"] = self.greedy_wer()
         self.student.train()
-        return {f"eval_{k}": v / n for k, v in sums.items()}
+        return result
+
+    @torch.no_grad()
+    def greedy_wer(self) -> float:
+        """WER of the full student's greedy transcripts on up to ``wer_examples`` held-out transcribe rows."""
+        from adapters.training.evaluate import wer as corpus_wer
+
+        rows = [e for e in self.eval_examples if e.task == "transcribe"][: self.config.wer_examples]
+        eos = {self.blank_id}
+        refs, hyps = [], []
+        for e in rows:
+            out = self.student.greedy(e.prompt_ids, e.audio_start, e.features, e.num_frames,
+                                      max_new_tokens=self.config.max_response_tokens, eos_ids=eos)
+            refs.append(self.tokenizer.decode(e.transcript_ids))
+            hyps.append(self.tokenizer.decode([t for t in out if t not in eos]))
+        return corpus_wer(refs, hyps) if rows else float("nan")
 
     # ----------------------------------------------------------- checkpoints
     def checkpoints(self) -> list[Path]:
@@ -303,7 +404,7 @@ class Trainer:
         tmp = path.with_name(path.name + ".tmp")
         torch.save({"step": step, "fingerprint": self.config.fingerprint(), "trainable": self.student.trainable_state(),
                     "optimizer": self.optimizer.state_dict(), "history": self.history,
-                    "rng": torch.get_rng_state()}, tmp)
+                    "rng": torch.get_rng_state(), "elapsed_s": self._elapsed()}, tmp)
         tmp.replace(path)
         for old in self.checkpoints()[: -self.config.keep_checkpoints]:
             old.unlink(missing_ok=True)
@@ -320,7 +421,13 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.history = list(state["history"])
         torch.set_rng_state(state["rng"])
+        self.elapsed_s = float(state.get("elapsed_s", 0.0))
         return int(state["step"])
+
+    def _elapsed(self) -> float:
+        """Training wall time over all sittings (a resumed run continues the clock)."""
+        t0 = getattr(self, "_t0", None)
+        return self.elapsed_s + (time.perf_counter() - t0 if t0 is not None else 0.0)
 
     # ------------------------------------------------------------------ run
     def train(self, *, stop_after: int | None = None) -> int:
@@ -335,6 +442,7 @@ class Trainer:
         log_file = self.work_dir / "train_log.jsonl"
         bar = tqdm(total=c.steps, initial=start, desc="train", file=sys.stderr, disable=not c.progress, dynamic_ncols=True)
         t0, done = time.perf_counter(), 0
+        self._t0 = t0
         window: list[dict[str, float]] = []
         completed = start
         try:
@@ -363,18 +471,23 @@ class Trainer:
         c = self.config
         window.append(rec)
         bar.update(1)
-        bar.set_postfix({k: f"{rec[k]:.3f}" for k in ("loss", "ce", "distill") if k in rec})
+        bar.set_postfix({k: f"{rec[k]:.3f}" for k in ("loss", "ce", "distill", "ctc") if k in rec})
         if (step + 1) % c.log_every == 0 or step + 1 == end:
             avg = {k: sum(r[k] for r in window) / len(window) for k in window[0]}
-            avg.update(step=step + 1, steps_per_s=done / (time.perf_counter() - t0), time=time.time())
+            avg.update(step=step + 1, steps_per_s=done / (time.perf_counter() - t0), time=time.time(),
+                       elapsed_s=round(self._elapsed(), 1))
             self.history.append(avg)
             window.clear()
             with open(log_file, "a") as f:
                 f.write(json.dumps(avg) + "\n")
-        if c.eval_every and (step + 1) % c.eval_every == 0 and step + 1 < c.steps:
-            ev = self.evaluate()
+        want_wer = bool(c.wer_every) and (step + 1) % c.wer_every == 0
+        if ((c.eval_every and (step + 1) % c.eval_every == 0) or want_wer) and step + 1 < c.steps:
+            t_eval = time.perf_counter()
+            ev = self.evaluate(wer=want_wer)
             if ev:
                 ev["step"] = step + 1
+                ev["elapsed_s"] = round(self._elapsed(), 1)
+                ev["eval_s"] = round(time.perf_counter() - t_eval, 1)
                 self.history.append(ev)
                 bar.write(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in ev.items()), file=sys.stderr)
                 with open(log_file, "a") as f:
@@ -385,7 +498,7 @@ class Trainer:
     def export(self, final_eval: dict[str, float] | None = None) -> Path:
         c, s = self.config, self.setup
         train_recs = [h for h in self.history if "loss" in h]
-        final = {k: train_recs[-1][k] for k in ("loss", "ce", "distill") if train_recs and k in train_recs[-1]}
+        final = {k: train_recs[-1][k] for k in ("loss", "ce", "distill", "ctc") if train_recs and k in train_recs[-1]}
         provenance = {
             "kind": "aura_distillation",
             "data": {"manifest": str(c.manifest), "sha256": sha256_file(c.manifest), "rows": len(self.examples),
@@ -400,6 +513,10 @@ class Trainer:
             "lora": {"rank": c.lora_rank, "alpha": c.lora_alpha, "targets": c.lora_targets, "layers": c.lora_layers},
             "stem_init": getattr(self, "stem_init", "init_from"), "transcribe_prompt": c.transcribe_prompt,
             "config_fingerprint": c.fingerprint(),
+            "stage": {"max_layer": c.max_layer, "ctc_weight": c.ctc_weight, "ctc_layer": self.ctc_layer,
+                      "ce_weight": c.ce_weight if self.use_ce else 0.0, "tasks": c.tasks,
+                      "teacher_context_frames": c.teacher_context_frames, "init_from": str(c.init_from) if c.init_from else None},
+            "elapsed_s": round(self._elapsed(), 1),
         }
         aura = AuraConfig(base_model=base_model_ref(s.base), features=s.features, audio_layer=self.student.audio_layer.config,
                           prompt=s.layout, trained=True, training=provenance)
@@ -407,11 +524,11 @@ class Trainer:
 
     def run(self) -> TrainResult:
         last = self.train()
-        ev = self.evaluate()
+        ev = self.evaluate(wer=bool(self.config.wer_every))
         if ev:
             ev["step"] = last
             self.history.append(ev)
         out = self.export(ev)
         train_recs = [h for h in self.history if "loss" in h]
-        final = {k: train_recs[-1][k] for k in ("loss", "ce", "distill") if train_recs and k in train_recs[-1]}
+        final = {k: train_recs[-1][k] for k in ("loss", "ce", "distill", "ctc") if train_recs and k in train_recs[-1]}
         return TrainResult(out, last, final, ev, getattr(self, "steps_per_s", 0.0))

@@ -1,0 +1,44 @@
+"""Alignment loss at the audio positions: CTC over the LLM's own vocabulary through its own LM head.
+
+The distillation loss says *what the audio sounds like* (the teacher's features); nothing in it
+says *which words* were spoken until the next-token loss, 20 layers further up, back-propagates
+through the whole LLM. CTC reads the hidden states of one early block at the audio positions,
+applies the LLM's final norm and LM head (frozen, shared with generation), and asks that the
+collapsed argmax sequence be the transcript's tokens. That gives the audio layer and the early
+LoRA a direct, dense word-level signal, and works with a student truncated after that block,
+so its steps are several times cheaper than full-depth steps.
+
+The blank symbol is a token id the transcripts never contain (the tokenizer's end-of-turn
+token). ``greedy_ctc`` decodes the same way for a cheap held-out WER during training.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def ctc_loss(logits: torch.Tensor, lengths: torch.Tensor, targets: list[list[int]], blank: int) -> torch.Tensor:
+    """Mean per-token CTC loss. ``logits`` (B, N, V) over audio positions, ``lengths`` (B,) valid positions.
+
+    Normalised by target length (``reduction="mean"``) so long and short clips weigh alike;
+    impossible alignments (a clip with fewer audio tokens than its transcript needs) count zero.
+    """
+    logp = F.log_softmax(logits.float(), dim=-1).transpose(0, 1)  # (N, B, V)
+    flat = torch.tensor([t for seq in targets for t in seq], dtype=torch.long, device=logits.device)
+    target_lengths = torch.tensor([len(seq) for seq in targets], dtype=torch.long, device=logits.device)
+    return F.ctc_loss(logp, flat, lengths.to(torch.long), target_lengths, blank=blank, reduction="mean", zero_infinity=True)
+
+
+def greedy_ctc(logits: torch.Tensor, lengths: torch.Tensor, blank: int) -> list[list[int]]:
+    """Best path: argmax per position, repeats collapsed, blanks removed."""
+    best = logits.argmax(-1).tolist()
+    out = []
+    for b, n in enumerate(lengths.tolist()):
+        seq, prev = [], None
+        for t in best[b][: int(n)]:
+            if t != prev and t != blank:
+                seq.append(t)
+            prev = t
+        out.append(seq)
+    return out
