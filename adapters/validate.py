@@ -144,6 +144,8 @@ def validate_adapter(
     targets = lora.get("target_modules") or []
     if isinstance(targets, str):
         targets = [targets]
+    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+        raise _fail("bad_lora_config", LORA_CONFIG, f"target_modules must be a list of module names, got {targets!r:.80}")
     if not targets:
         raise _fail("bad_lora_config", LORA_CONFIG, "target_modules is empty")
     if base is not None:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -39,6 +40,14 @@ class Settings(BaseSettings):
     metrics_key: str | None = Field(
         None, description="Key for GET /metrics (Authorization: Bearer; 'sha256:<hex>' or plain). Unset: "
         "/metrics needs an admin key when --config defines keys, and is open in open mode.")
+
+    @field_validator("adapter_allowed_networks")
+    @classmethod
+    def _networks_parse(cls, v: list[str]) -> list[str]:
+        """A typo in a CIDR fails at start, not at the first tenant fetch."""
+        for n in v:
+            ipaddress.ip_network(n, strict=False)  # ValueError names the bad entry
+        return v
 
     host: str = Field("127.0.0.1", description="Address to listen on.")
     port: int = Field(8000, description="Port to listen on.")

@@ -50,6 +50,7 @@ import asyncio
 import hashlib
 import ipaddress
 import logging
+import lzma
 import os
 import shutil
 import socket
@@ -59,6 +60,7 @@ import tempfile
 import threading
 import time
 import zipfile
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -72,6 +74,10 @@ ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
 _BLOCK = 64 * 1024  # one read: small, so the deadline is checked often
 MAX_REDIRECTS = 5
 _REDIRECTS = (301, 302, 303, 307, 308)
+# zlib/lzma raise their own errors on a corrupt stream; zipfile raises NotImplementedError for an
+# unknown compression method and RuntimeError for an encrypted member.
+_ARCHIVE_ERRORS = (tarfile.TarError, zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, zlib.error,
+                   lzma.LZMAError, ValueError, NotImplementedError, RuntimeError)
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -479,7 +485,7 @@ class AdapterCache:
                 self._unzip(archive, out, budget)
             else:
                 self._untar(archive, out, budget)
-        except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as e:
+        except _ARCHIVE_ERRORS as e:  # every way a corrupt archive can fail to read: a 4xx, never a 500
             raise SourceError("unsafe_archive", f"{archive.name}: not a readable archive ({e})") from None
         return digest
 

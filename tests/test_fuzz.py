@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import random
+import re
 import time
 
 import httpx
@@ -88,3 +89,39 @@ def test_mutants_are_deterministic(speech):
     a = [d for _, d in _mutants(sources)]
     b = [d for _, d in _mutants(sources)]
     assert a == b and len(a) == CASES and np.mean([len(x) for x in a]) > 0
+
+
+# ---- the HTTP-surface fuzzer (bench/fuzz.py), a fast seeded subset ----------------------------------
+
+FUZZ_CASES_PER_FAMILY = 5
+# Findings the fuzzer reproduces whose fixes live on the request-path branch (issue 9, item 9:
+# JSON nested 100,000 deep, seed >= 2**64, an empty stop string -> 500). Case names matching
+# these are reported, not failed, until that branch is merged; then empty this tuple.
+PENDING_ON_SERVICE_BRANCH = (r"^deep-", r"^odd_value-seed-", r"^odd_numbers-seed-", r"^many_stops-",
+                             r"^odd_text-stop-")
+
+
+def test_seeded_fuzzer_over_every_family_keeps_the_server_whole(server, speech, tiny, tmp_path):
+    """Multipart, JSON, headers, audio containers and adapter archives: every case a 2xx or a
+    JSON 4xx, and after each one the same tokens for a good request and fast /health, /metrics."""
+    from bench.fuzz import FAMILIES, make_seeds, print_table, run
+
+    seeds = make_seeds(speech["capital"].read_bytes(), tiny.adapters["alpha"], tmp_path)
+    result = run(server.url, seeds, FUZZ_CASES_PER_FAMILY * len(FAMILIES), seed=7, budget_s=240)
+    print_table(result)
+    assert result["cases"] >= 2 * len(FAMILIES), result
+    assert set(result["families"]) == set(FAMILIES)
+    violations = [v for f in result["families"].values() for v in f["violations"]]
+    pending = [v for v in violations if any(re.match(p, v) for p in PENDING_ON_SERVICE_BRANCH)]
+    if pending:
+        print("pending on the service branch:", pending)
+    assert not [v for v in violations if v not in pending], violations
+
+
+def test_fuzz_cases_are_deterministic(speech, tiny, tmp_path):
+    from bench.fuzz import cases, make_seeds
+
+    seeds = make_seeds(speech["capital"].read_bytes(), tiny.adapters["alpha"], tmp_path)
+    a = [(c.family, c.name, c.body, c.raw) for c in cases(seeds, 60, seed=3)]
+    b = [(c.family, c.name, c.body, c.raw) for c in cases(seeds, 60, seed=3)]
+    assert a == b and len({c[0] for c in a}) == 6

@@ -253,3 +253,28 @@ async def test_tenant_https_sources_reach_only_public_or_allowed_addresses(tiny,
                 with pytest.raises(SourceError) as e:
                     await cache.fetch(f"{hop}/alpha.tar.gz", trusted=False)
                 assert e.value.kind == "forbidden", target
+
+
+async def test_corrupt_archives_fail_as_source_or_validation_errors_never_anything_else(tiny, tmp_path):
+    """Bit flips in a .tar.gz once escaped as zlib.error (a 500); every failure must be typed."""
+    import random
+
+    from adapters.validate import AdapterValidationError
+
+    good = make_tarball(tiny.adapters["alpha"], tmp_path / "good.tar.gz").read_bytes()
+    cache = AdapterCache(tmp_path / "cache", max_bytes=50 * 1024**2, timeout_s=30)
+    rng = random.Random(5)
+    kinds = set()
+    for i in range(40):
+        data = bytearray(good)
+        for _ in range(rng.choice([1, 4, 32])):
+            data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+        path = tmp_path / f"flip{i}.tar.gz"
+        path.write_bytes(bytes(data))
+        try:
+            await cache.fetch(str(path), trusted=True, validate=validate_adapter)
+            kinds.add("ok")
+        except (SourceError, AdapterValidationError) as e:
+            kinds.add(type(e).__name__)
+    assert "SourceError" in kinds
+    assert not [p for p in cache.root.iterdir() if p.name.startswith(".staging")]
