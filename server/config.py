@@ -72,6 +72,8 @@ class Settings(BaseSettings):
         "segmented", description="CPU LoRA ops: one GEMM pair per adapter segment, or vLLM's per-token gathers.")
     max_num_batched_tokens: int | None = Field(
         None, ge=64, description="Tokens one engine step may run (chunked prefill budget); default: vLLM's.")
+    kv_block_size: int | None = Field(
+        None, ge=16, description="KV block size, the unit prefix caching shares; default 32 on the CPU, vLLM's elsewhere.")
 
     # Audio front end.
     max_upload_bytes: int = Field(25 * 1024 * 1024, description="Largest audio upload (bytes).")

@@ -44,6 +44,15 @@ def run_probe(kernel: str, model: Path, adapters: list[tuple[str, Path]], out_di
     return json.loads(out.read_text()), log
 
 
+def test_plugin_is_registered_with_vllm():
+    from importlib.metadata import entry_points
+
+    from server.engine.cpu_lora_plugin import ENTRY_POINT_NAME
+
+    names = {ep.name for ep in entry_points(group="vllm.general_plugins")}
+    assert ENTRY_POINT_NAME in names, "reinstall the package (pip install -e .): vLLM finds plugins by entry point"
+
+
 def test_segmented_kernel_gives_vllms_tokens_over_mixed_adapters(tiny, ranked_adapters, tmp_path):
     theirs, their_log = run_probe("vllm", tiny.llm, ranked_adapters, tmp_path)
     ours, our_log = run_probe("segmented", tiny.llm, ranked_adapters, tmp_path)

@@ -8,13 +8,15 @@ the layer it adapts.
 
 vLLM lays a batch's tokens out request by request, so the tokens of one adapter form contiguous
 runs ("segments"; ``compute_meta`` already merges neighbouring requests of the same adapter).
-This wrapper does, per segment, ``x[s:e] @ A[i].T`` (shrink) and ``buf[s:e] @ B[i].T`` (expand):
-plain GEMMs on views of the stacked weights, nothing gathered or copied per token. Index -1 (a
-request without LoRA) gets no delta at all.
+This wrapper does, per segment and output slice, ``h = scale * (x[s:e] @ A[i].T)`` (shrink) and
+``y[s:e, slice].addmm_(h, B[i].T)`` (expand): plain GEMMs on views of the stacked weights, nothing
+gathered or copied per token, and no intermediate buffer (adding into a strided block of ``y``
+with ``addmm_`` is several times cheaper than materialising the product and adding it). Index -1
+(a request without LoRA) gets no delta at all.
 
-The arithmetic follows the torch ops it replaces so outputs match them: the shrink runs in the
-buffer's dtype (float32) and assigns ``scale * (x @ A.T)``; the expand runs in the output's dtype
-and adds. Only the summation order inside a GEMM can differ from the einsum (float rounding).
+The arithmetic follows the torch ops it replaces so outputs match them: the shrink runs in
+float32 (the parent's buffer dtype), the expand in the output's dtype. Only the summation order
+inside a GEMM differs from the einsum (float rounding).
 
 Nothing here is specific to one model or server: it is written to be proposed upstream as the
 body of ``PunicaWrapperCPU``. Until then ``server.engine.cpu_lora_plugin`` selects it through
@@ -54,7 +56,8 @@ class SegmentedPunicaWrapperCPU(PunicaWrapperCPU):
     """``PunicaWrapperCPU`` whose linear-layer LoRA ops run one GEMM pair per adapter segment.
 
     The segments are computed once per step in ``update_metadata`` and reused by every LoRA
-    module of the forward pass. Embedding and logits LoRA keep the parent's implementation.
+    module of the forward pass. ``add_shrink``/``add_expand`` (called on their own by the fully
+    sharded layers) are segmented too; embedding and logits LoRA keep the parent's code.
     """
 
     def __init__(self, max_num_batched_tokens: int, max_batches: int, device: torch.device | str,
@@ -113,14 +116,26 @@ class SegmentedPunicaWrapperCPU(PunicaWrapperCPU):
     def add_lora_linear(self, y: torch.Tensor, x: torch.Tensor, lora_a_stacked: tuple[torch.Tensor, ...],
                         lora_b_stacked: tuple[torch.Tensor, ...], scale: float, output_slices: tuple[int, ...],
                         *, buffer: tuple[torch.Tensor, ...] | None = None, **kwargs: Any) -> None:
-        """Shrink into a float32 buffer, then expand into ``y`` (as the parent), skipping the
-        buffer entirely when no token of the step uses a LoRA."""
+        """``y[s:e, slice] += (scale * x[s:e] @ A[slot].T) @ B[slot].T`` per segment and slice.
+
+        The same arithmetic as the parent's shrink-into-float32-buffer then expand, without the
+        buffer: each segment's shrink result goes straight into an in-place ``addmm_`` on its
+        block of ``y``. Steps where no token uses a LoRA return at once."""
         assert len(lora_a_stacked) == len(lora_b_stacked) == len(output_slices)
-        if all(slot < 0 for _, _, slot in self._segments):
+        if buffer is not None:  # a caller-provided buffer: keep the two-phase contract
+            self.add_shrink(buffer, x, lora_a_stacked, scale, **kwargs)
+            self.add_expand(y, buffer, lora_b_stacked, output_slices, add_inputs=True, **kwargs)
             return
-        if buffer is None:
-            rank = lora_b_stacked[0].size(-1)
-            buffer = tuple(torch.zeros((x.size(0), rank), dtype=torch.float32, device=x.device)
-                           for _ in range(len(output_slices)))
-        self.add_shrink(buffer, x, lora_a_stacked, scale, **kwargs)
-        self.add_expand(y, buffer, lora_b_stacked, output_slices, add_inputs=True, **kwargs)
+        x2 = x.view(-1, x.shape[-1])
+        y2 = y.view(-1, y.shape[-1])
+        for start, end, slot in self._segments:
+            if slot < 0:
+                continue
+            xs = x2[start:end].to(torch.float32)
+            offset = 0
+            for a, b, size in zip(lora_a_stacked, lora_b_stacked, output_slices):
+                shrunk = xs @ a[slot, 0].to(torch.float32).T  # (tokens, rank), float32 as the buffer
+                if scale != 1.0:
+                    shrunk = scale * shrunk
+                y2[start:end, offset: offset + size].addmm_(shrunk.to(y2.dtype), b[slot, 0].to(y2.dtype).T)
+                offset += size

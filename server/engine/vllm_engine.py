@@ -22,6 +22,8 @@ from server.engine.base import (
 
 log = logging.getLogger(__name__)
 
+CPU_KV_BLOCK_SIZE = 32
+
 
 class VLLMEngine(Engine):
     name = "vllm"
@@ -46,8 +48,6 @@ class VLLMEngine(Engine):
             # Tokens per engine step: long prefills are chunked to it, so decodes keep flowing
             # while a burst of prompts is prefilled (None: vLLM's default).
             max_num_batched_tokens=max_num_batched_tokens,
-            # KV block size = the unit of prefix caching: only whole blocks are shared between
-            # requests (None: the platform's default, 128 tokens on the CPU).
             block_size=block_size,
         )
         if enable_lora:
@@ -71,6 +71,11 @@ class VLLMEngine(Engine):
             # derives from gpu_memory_utilization of the whole NUMA node and fails on small hosts.
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(round(self._cpu_kv_cache_gib)))))
             self._select_cpu_lora_kernel()
+            if self._args["block_size"] is None:
+                # The KV block is the unit prefix caching shares, and vLLM's CPU default (128)
+                # is longer than a whole AuRA prompt: nothing would ever be reused. 32 is the
+                # smallest block the CPU attention kernel takes.
+                self._args["block_size"] = CPU_KV_BLOCK_SIZE
         args = AsyncEngineArgs(**{k: v for k, v in self._args.items() if v is not None})
         self._llm = AsyncLLM.from_engine_args(args)
         self._model_dtype = self._llm.model_config.dtype
