@@ -62,6 +62,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"aura train: {e}", file=sys.stderr)
         return 2
+    if args.export_only:
+        out = trainer.export_latest()
+        _print_json({"adapter": str(out), "steps": trainer.history[-1].get("step") if trainer.history else 0})
+        return 0
     result = trainer.run()
     _print_json({"adapter": str(result.output), "steps": result.steps, "final": result.final,
                  "eval": result.eval, "steps_per_s": round(result.steps_per_s, 4)})
@@ -112,6 +116,8 @@ def add_commands(subparsers: Any) -> None:
     p = subparsers.add_parser("train", help="train an AuRA adapter (distillation from a Whisper teacher)",
                               description="Every config field can be given in --config YAML and overridden here.")
     p.add_argument("--config", help="YAML file with TrainConfig fields")
+    p.add_argument("--export-only", action="store_true",
+                   help="write the adapter from the newest checkpoint of work_dir (a run still in progress) and stop")
     _add_config_overrides(p)
     p.set_defaults(func=cmd_train)
 

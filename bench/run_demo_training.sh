@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
 # The demo adapter end to end, as it was run for adapters/demo_adapter (2 shared CPU cores).
+# HISTORICAL: it used the templated corpus of adapters/training/demo_data.py (closed vocabulary,
+# held-out split sharing templates), removed after commit 4b05534; `aura data demo` now builds the
+# open-vocabulary corpus. The successor of this script is bench/train_demo.sh.
 # Usage: AURA_HOME=/path bench/run_demo_training.sh   (each stage is cached/resumable)
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -8,6 +8,7 @@ if it had never stopped.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -297,13 +298,13 @@ class Trainer:
 
     # ----------------------------------------------------------------- steps
     def _losses(self, idx: list[int], examples: list[Example], memo: dict[int, torch.Tensor],
-                keep_logits: bool = False) -> dict[str, torch.Tensor]:
+                keep_logits: bool = False, module: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
         """Loss terms of one (micro-)batch; ``keep_logits`` also returns the CTC logits/lengths (for WER)."""
         c = self.config
         teach = self.teacher_targets_for(examples, "teacher targets", idx, memo) if self.distill else None
         batch = collate([examples[i] for i in idx], self.pad_id, teach).to(self.device)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=c.precision == "bf16"):
-            out = self.student(batch, max_layer=c.max_layer, ctc_layer=self.ctc_layer)
+            out = (module or self.student)(batch, max_layer=c.max_layer, ctc_layer=self.ctc_layer)
             terms: dict[str, torch.Tensor] = {}
             loss = torch.zeros((), device=self.device)
             if self.use_ce:
@@ -328,13 +329,14 @@ class Trainer:
     def train_step(self, step: int) -> dict[str, float]:
         for g in self.optimizer.param_groups:
             g["lr"] = lr_at(step, self.config)
-        idx = self.order.batch(step)
+        idx = self.batch_indices(step)
         micro = len(idx) // self.config.grad_accum
         self.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, float] = {}
         for m in range(self.config.grad_accum):
-            terms = self._losses(idx[m * micro : (m + 1) * micro], self.examples, self.targets)
-            (terms["loss"] / self.config.grad_accum).backward()
+            with self.micro_batch_context(last=m == self.config.grad_accum - 1):
+                terms = self._losses(idx[m * micro : (m + 1) * micro], self.examples, self.targets, module=self.train_module())
+                (terms["loss"] / self.config.grad_accum).backward()
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach()) / self.config.grad_accum
         self.reduce_gradients()
@@ -345,8 +347,21 @@ class Trainer:
         rec["lr"] = self.optimizer.param_groups[0]["lr"]
         return rec
 
+    # Hooks for data parallelism (adapters.training.ddp overrides them).
+    def batch_indices(self, step: int) -> list[int]:
+        """This process's examples for ``step``."""
+        return self.order.batch(step)
+
+    def train_module(self) -> torch.nn.Module:
+        """The module training steps run through (the DDP wrapper under torchrun)."""
+        return self.student
+
+    def micro_batch_context(self, *, last: bool) -> contextlib.AbstractContextManager[None]:
+        """Context of one micro-batch's forward/backward (DDP skips the gradient sync until the last)."""
+        return contextlib.nullcontext()
+
     def reduce_gradients(self) -> None:
-        """Hook for data parallelism (the DDP trainer averages gradients over ranks here)."""
+        """Called after all micro-batches, before clipping."""
 
     @torch.no_grad()
     def evaluate(self, *, wer: bool = False) -> dict[str, float] | None:
@@ -521,6 +536,14 @@ class Trainer:
         aura = AuraConfig(base_model=base_model_ref(s.base), features=s.features, audio_layer=self.student.audio_layer.config,
                           prompt=s.layout, trained=True, training=provenance)
         return save_adapter(c.output, config=aura, audio_layer=self.student.audio_layer, peft_model=self.student.peft_model)
+
+    def export_latest(self) -> Path:
+        """The adapter as of the newest checkpoint, without training (e.g. to evaluate a run that goes on)."""
+        ckpts = self.checkpoints()
+        if not ckpts:
+            raise ConfigError(f"no checkpoint in {self.work_dir} to export")
+        self.load_checkpoint(ckpts[-1])
+        return self.export()
 
     def run(self) -> TrainResult:
         last = self.train()

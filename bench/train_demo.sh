@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The open-vocabulary demo adapter end to end (successor of bench/run_demo_training.sh).
+#
+#   corpus -> responses -> stage 1 (blocks 0..9 only, transcription, distillation + CTC)
+#          -> stage 2 (full student from stage 1, transcription + QA) -> held-out eval
+#
+# Every stage is cached or resumable: rerun the same command after an interruption and it
+# continues (texts_raw.jsonl / audio_meta.jsonl for the corpus, filled responses are kept,
+# checkpoints every save_every steps; teacher targets are cached per clip on first use).
+#
+# Usage (CPU, 1 torch thread, as run for this repo):
+#   AURA_HOME=/work/main/.aura bench/train_demo.sh
+# Stages can be picked: STAGES="corpus responses stage1 stage2 eval" (default: all).
+# GPU (device auto -> cuda): the same script, with bf16 autocast and a larger batch:
+#   AURA_HOME=... PRECISION=bf16 BATCH=32 ACCUM=1 THREADS=4 STAGES="stage1 stage2" bench/train_demo.sh
+# (the corpus and responses need vLLM, which the GPU machine lacks: build them on a CPU box and
+# copy $AURA_HOME/corpus over). Multi-GPU: TORCHRUN="torchrun --nproc_per_node 8" (see adapters/training/ddp.py).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+export PYTHONPATH=${PYTHONPATH:-$PWD}
+export AURA_HOME=${AURA_HOME:-$HOME/.cache/aura}
+M=$AURA_HOME/models C=${CORPUS:-$AURA_HOME/corpus} R=${RUN:-$AURA_HOME/runs/open_vocab}
+STAGES=${STAGES:-"corpus responses stage1 stage2 eval"}
+TRAIN_LINES=${TRAIN_LINES:-10000} HELDOUT=${HELDOUT:-90} LLM_PROMPTS=${LLM_PROMPTS:-1536}
+STAGE1_STEPS=${STAGE1_STEPS:-4000} STAGE2_STEPS=${STAGE2_STEPS:-4000}
+PRECISION=${PRECISION:-fp32} BATCH=${BATCH:-8} ACCUM=${ACCUM:-1} THREADS=${THREADS:-1}
+mkdir -p "$R"
+has() { [[ " $STAGES " == *" $1 "* ]]; }
+train() { if [[ -n "${TORCHRUN:-}" ]]; then $TORCHRUN -m adapters.training.ddp "$@"; else "$PY" -m adapters.cli train "$@"; fi; }
+
+"$PY" -m adapters.cli models demo --quiet                 # SmolLM2-135M-Instruct + Whisper tiny.en (one-time)
+if has corpus; then
+  # LLM-written everyday lines (vLLM) + encyclopedia trigram lines, espeak-ng accents x variants, augmentation
+  "$PY" -m adapters.cli data demo --out "$C" --train "$TRAIN_LINES" --heldout "$HELDOUT" --llm-prompts "$LLM_PROMPTS" --no-responses
+fi
+if has responses; then
+  "$PY" -m adapters.cli data responses --manifest "$C/train.jsonl" --max-tokens 64   # the base LLM's own answers
+  "$PY" -m adapters.cli data responses --manifest "$C/heldout.jsonl" --max-tokens 64
+fi
+common=(--student "$M/smollm2-135m-instruct" --teacher "$M/whisper-tiny.en" --eval-manifest "$C/heldout.jsonl"
+        --teacher-cache "$AURA_HOME/teacher_cache" --precision "$PRECISION" --batch-size "$BATCH" --grad-accum "$ACCUM"
+        --threads "$THREADS")
+if has stage1; then
+  train --config bench/train_open_stage1.yaml "${common[@]}" --manifest "$C/train.jsonl" --steps "$STAGE1_STEPS" \
+      --output "$R/stage1/adapter" --work-dir "$R/stage1/work"
+fi
+if has stage2; then
+  [[ -f "$R/stage1/adapter/aura_config.json" ]] || "$PY" -m adapters.cli train --config bench/train_open_stage1.yaml "${common[@]}" \
+      --manifest "$C/train.jsonl" --steps "$STAGE1_STEPS" --output "$R/stage1/adapter" --work-dir "$R/stage1/work" --export-only
+  train --config bench/train_open_stage2.yaml "${common[@]}" --manifest "$C/train.jsonl" --steps "$STAGE2_STEPS" \
+      --init-from "$R/stage1/adapter" --output "$R/stage2/adapter" --work-dir "$R/stage2/work"
+fi
+if has eval; then
+  # held-out: no 4-gram shared with training, voice variants never used in training, a third noisy
+  "$PY" -m adapters.cli eval --manifest "$C/heldout.jsonl" --adapter "$R/stage2/adapter" --threads "$THREADS" \
+      --details "$R/eval_stage2.jsonl" | tee "$R/eval_stage2.json"
+  "$PY" -m adapters.cli eval --manifest "$C/heldout.jsonl" --adapter adapters/demo_adapter --no-cascade --threads "$THREADS" \
+      --details "$R/eval_old_demo.jsonl" | tee "$R/eval_old_demo.json"
+fi
