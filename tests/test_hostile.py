@@ -211,9 +211,9 @@ def _chunked_upload(url: str, parts: list[tuple[bytes, int]], boundary: str = "x
 
 def test_chunked_form_fields_cannot_pass_the_body_limit(server, baseline, wav):
     field = b'Content-Disposition: form-data; name="prompt"'
-    status, sent = _chunked_upload(server.url, [(field, 20 << 20), (field, 20 << 20)])
-    assert status in (400, 413), status
-    assert sent < 40 << 20
+    status, sent = _chunked_upload(server.url, [(field, 30 << 20), (field, 30 << 20)])
+    assert status in (413, None), status  # 413, or the connection cut while we were still sending
+    assert sent < 60 << 20, "the server read both 30 MiB fields (the limit is ~34 MiB)"
     assert _good_tokens(server.url, wav) == baseline
 
 

@@ -18,7 +18,8 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field, ValidationError
-from starlette.datastructures import Headers, UploadFile
+from starlette.datastructures import FormData, Headers, UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.types import Receive, Scope, Send
 
 from adapters.bounded_json import JSONLimitError, loads
@@ -28,7 +29,7 @@ from server.protocol import (
     AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice, ChunkChoice, Delta,
     error_responses,
 )
-from server.routes.door import parse_form, precheck, read_body, request_context
+from server.routes.door import receive, request_context
 from server.serving import AudioInput, ChatChunk, ChatJob, Finished, Started, TextDelta, collect
 from server.state import ServerState
 from server.tenancy import Principal, authenticate
@@ -60,6 +61,21 @@ class AudioChatForm(BaseModel):
 
 
 # ---- wire -> job ---------------------------------------------------------------------------------
+
+async def parse_form(body: bytes, headers: Headers, settings: Settings) -> FormData:
+    """Multipart from an already bounded body: at most one file, ``max_form_fields`` fields of at
+    most ``max_form_field_bytes`` each."""
+
+    async def stream() -> AsyncIterator[bytes]:
+        yield body
+
+    parser = MultiPartParser(headers, stream(), max_files=1, max_fields=settings.max_form_fields,
+                             max_part_size=settings.max_form_field_bytes)
+    try:
+        return await parser.parse()
+    except MultiPartException as e:  # starlette says what is wrong (too many fields, part too large...)
+        raise BadRequest(f"malformed multipart body: {e.message}", code="bad_multipart") from None
+
 
 async def job_from_form(body: bytes, headers: Headers, settings: Settings) -> ChatJob:
     form = await parse_form(body, headers, settings)
@@ -214,8 +230,7 @@ async def serve_job(request: Request, principal: Principal, parse: JobParser, re
     ctx = request_context(request, principal, state.settings)
     status = 500
     try:
-        await precheck(request, service)
-        body = await read_body(request, service, ctx)
+        body = await receive(request, service, ctx)
         job = await parse(body, request.headers, state.settings)
         chunks = service.run(job, ctx)
         try:

@@ -16,16 +16,14 @@ Nothing here writes to ``request.state``.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 
 from fastapi import Request
-from starlette.datastructures import FormData, Headers
-from starlette.formparsers import MultiPartException, MultiPartParser
 
 from server.admission import Deadline
 from server.config import Settings
 from server.context import RequestContext
-from server.errors import APIError, BadRequest, PayloadTooLarge, RequestTimeout
+from server.errors import APIError, PayloadTooLarge, RequestTimeout
 from server.logs import request_id_var
 from server.serving import ChatService
 from server.tenancy import OPEN_TENANT, Principal
@@ -51,6 +49,12 @@ def request_context(request: Request, principal: Principal, settings: Settings) 
     if rid:
         ctx.request_id = rid
     return ctx
+
+
+async def receive(request: Request, service: ChatService, ctx: RequestContext) -> bytes:
+    """The door in one call: cheap refusals first, then the bounded, timed body."""
+    await precheck(request, service)
+    return await read_body(request, service, ctx)
 
 
 async def precheck(request: Request, service: ChatService) -> None:
@@ -107,18 +111,3 @@ async def read_body(request: Request, service: ChatService, ctx: RequestContext)
     finally:
         upload.release()
     return b"".join(chunks)
-
-
-async def parse_form(body: bytes, headers: Headers, settings: Settings) -> FormData:
-    """Multipart from an already bounded body: at most one file, ``max_form_fields`` fields of at
-    most ``max_form_field_bytes`` each."""
-
-    async def stream() -> AsyncIterator[bytes]:
-        yield body
-
-    parser = MultiPartParser(headers, stream(), max_files=1, max_fields=settings.max_form_fields,
-                             max_part_size=settings.max_form_field_bytes)
-    try:
-        return await parser.parse()
-    except MultiPartException as e:  # starlette says what is wrong (too many fields, part too large...)
-        raise BadRequest(f"malformed multipart body: {e.message}", code="bad_multipart") from None
