@@ -28,8 +28,7 @@ from server.protocol import (
     TranscriptionForm, Transcription, TranscriptionInputDetails, TranscriptionUsage, TranscriptionVerbose,
     TranscriptTextDelta, TranscriptTextDone, error_responses,
 )
-from server.routes.chat import SSE_HEADERS, ClosingStream, serve_job
-from server.routes.door import parse_form
+from server.routes.chat import SSE_HEADERS, ClosingStream, parse_form, serve_job
 from server.serving import AudioInput, ChatChunk, ChatJob, Finished, Started, TextDelta
 from server.tenancy import Principal, authenticate
 
