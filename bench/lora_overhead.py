@@ -15,6 +15,10 @@ with 32 audio positions passed as embeddings (embedding rows of a filler sentenc
 request) instead of the audio front end's output: 68 tokens, greedy. Per mode and concurrency it prints TTFT p50/p90 and output tokens/s,
 and each LoRA mode's ratio to ``none`` (TTFT: LoRA / none, throughput: none / LoRA; 1.0 = free).
 The server's front end is not in the loop: this isolates the engine.
+
+A mode may also fix the step token budget and KV block size, ``KERNEL[:BUDGET[:BLOCK]]``, to
+compare scheduling settings in one interleaved run, e.g.
+``--modes segmented:2048:32 segmented:256:32 --concurrency 16`` (ratios are then to the first mode).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import torch
 
 from bench.common import machine, pct
 
+KERNELS = ("none", "vllm", "segmented")
 AUDIO_POSITIONS = 32
 FILLER = ("the quick brown fox jumps over the lazy dog while a small bird sings softly in the old "
           "green tree near the quiet river bank on a warm and sunny afternoon in early summer")
@@ -115,18 +120,29 @@ async def run_load(engine, lora, prompts: list[Prompt], concurrency: int, max_to
     tally.tokens += sum(r[1] for r in results)
 
 
+def parse_mode(mode: str, args: argparse.Namespace) -> tuple[str, int | None, int | None]:
+    """``KERNEL[:MAX_NUM_BATCHED_TOKENS[:BLOCK_SIZE]]``; missing parts come from the flags."""
+    kernel, *rest = mode.split(":")
+    if kernel not in KERNELS:
+        raise SystemExit(f"unknown mode {mode!r}: the kernel is one of {', '.join(KERNELS)}")
+    budget = int(rest[0]) if len(rest) > 0 and rest[0] else args.max_num_batched_tokens
+    block = int(rest[1]) if len(rest) > 1 and rest[1] else args.block_size
+    return kernel, budget, block
+
+
 async def start_engine(mode: str, args: argparse.Namespace, model_dir: Path, tokenizer, hidden: int,
                        linear_modules: list[str]):
     from server.engine.base import LoraHandle
     from server.engine.vllm_engine import VLLMEngine
 
-    use_lora = mode != "none"
+    kernel, budget, block = parse_mode(mode, args)
+    use_lora = kernel != "none"
     engine = VLLMEngine(
         model=str(model_dir), tokenizer=tokenizer, hidden_size=hidden, dtype=args.dtype,
         max_model_len=1024, max_num_seqs=max(args.concurrency), max_lora_rank=16, max_loras=4,
         enable_prefix_caching=not args.no_prefix_caching, enable_lora=use_lora,
-        cpu_lora_kernel=mode if use_lora else "vllm", max_num_batched_tokens=args.max_num_batched_tokens,
-        block_size=args.block_size, lora_target_modules=linear_modules, disable_log_stats=True)
+        cpu_lora_kernel=kernel if use_lora else "vllm", max_num_batched_tokens=budget,
+        block_size=block, lora_target_modules=linear_modules, disable_log_stats=True)
     await engine.start()  # exports the kernel choice before vLLM spawns this engine's processes
     lora = None
     if use_lora:
@@ -171,7 +187,9 @@ async def bench(args: argparse.Namespace, model_dir: Path, tokenizer, hidden: in
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, help="base model folder (default: the demo SmolLM2-135M)")
-    ap.add_argument("--modes", nargs="+", default=["none", "vllm", "segmented"], choices=["none", "vllm", "segmented"])
+    ap.add_argument("--modes", nargs="+", default=list(KERNELS),
+                    help="KERNEL[:MAX_NUM_BATCHED_TOKENS[:BLOCK_SIZE]], kernel one of none, vllm, segmented; "
+                         "e.g. segmented:256:32 to compare step budgets or block sizes in one run")
     ap.add_argument("--concurrency", nargs="+", type=int, default=[1, 16])
     ap.add_argument("--requests", type=int, default=16, help="requests per round and concurrency level (at least c)")
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds (all modes each round)")
@@ -201,11 +219,11 @@ def main() -> None:
     tallies = asyncio.run(bench(args, model_dir, tokenizer, base.hidden_size, list(base.linear_modules)))
     results = {m: {c: tallies[m, c].summary() for c in args.concurrency} for m in args.modes}
 
-    print(f"\n| mode | c | TTFT p50 ms | TTFT p90 ms | output tok/s | vs none: TTFT p50 | vs none: tok/s |")
+    print(f"\n| mode | c | TTFT p50 ms | TTFT p90 ms | output tok/s | vs {args.modes[0]}: TTFT p50 | vs {args.modes[0]}: tok/s |")
     print("|---|---|---|---|---|---|---|")
     for m, per_c in results.items():
         for c, r in per_c.items():
-            base_r = results.get("none", {}).get(c)
+            base_r = results.get(args.modes[0], {}).get(c) if m != args.modes[0] else None
             ttft_x = f"{r['ttft_p50_ms'] / base_r['ttft_p50_ms']:.2f}x" if base_r else "-"
             tps_x = f"{base_r['output_tok_s'] / r['output_tok_s']:.2f}x" if base_r else "-"
             print(f"| {m} | {c} | {r['ttft_p50_ms']:.0f} | {r['ttft_p90_ms']:.0f} | {r['output_tok_s']:.1f} "

@@ -71,7 +71,7 @@ class Settings(BaseSettings):
     cpu_lora_kernel: Literal["segmented", "vllm"] = Field(
         "segmented", description="CPU LoRA ops: one GEMM pair per adapter segment, or vLLM's per-token gathers.")
     max_num_batched_tokens: int | None = Field(
-        None, ge=64, description="Tokens one engine step may run (chunked prefill budget); default: vLLM's.")
+        None, ge=64, description="Tokens one engine step may run (chunked prefill budget); default 256 on the CPU, vLLM's elsewhere.")
     kv_block_size: int | None = Field(
         None, ge=16, description="KV block size, the unit prefix caching shares; default 32 on the CPU, vLLM's elsewhere.")
 
