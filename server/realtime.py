@@ -40,6 +40,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import numpy as np
+import torch
 from pydantic import TypeAdapter, ValidationError
 
 from server.admission import Deadline
@@ -127,13 +128,15 @@ class RealtimeConversation:
         self.buffer = bytearray()
         self.written_ms = 0
         self.item_id = _id("item")  # the user item the current buffer will become
-        self.last_item: tuple[str, bytes] | None = None  # committed (item id, WAV), awaiting a response
+        # committed (item id, WAV, warm-up vectors), awaiting a response
+        self.last_item: tuple[str, bytes, torch.Tensor | None] | None = None
         self.previous_item_id: str | None = None
         self.response: asyncio.Task[None] | None = None
         self._response_id: str | None = None
         self._vad = self._new_vad()
         self._warm: asyncio.Task[None] | None = None
         self._warmed_bytes = 0
+        self._warm_vectors: torch.Tensor | None = None  # what the last warm-up sent, for reuse_audio
 
     # ---- plumbing ---------------------------------------------------------------------------
 
@@ -237,6 +240,7 @@ class RealtimeConversation:
     def _reset_buffer(self) -> None:
         self.buffer.clear()
         self._warmed_bytes = 0
+        self._warm_vectors = None
         self._vad = self._new_vad()
 
     async def append(self, event: InputAudioBufferAppend) -> None:
@@ -271,7 +275,9 @@ class RealtimeConversation:
             raise _EventError(f"the input audio buffer holds {ms} ms; at least {_MIN_COMMIT_MS} ms are needed to commit",
                               "input_audio_buffer_commit_empty", None)
         item_id = self.item_id
-        self.last_item = (item_id, pcm16_wav(bytes(self.buffer), self.rate))
+        if self._warm is not None and not self._warm.done():
+            await asyncio.wait([self._warm])  # its vectors are what the cache holds
+        self.last_item = (item_id, pcm16_wav(bytes(self.buffer), self.rate), self._warm_vectors)
         self._reset_buffer()
         self.item_id = _id("item")
         await self.send("input_audio_buffer.committed", item_id=item_id, previous_item_id=self.previous_item_id)
@@ -282,12 +288,14 @@ class RealtimeConversation:
 
     # ---- responses --------------------------------------------------------------------------
 
-    def _job(self, wav: bytes, max_tokens: int | None, instructions: str | None, stream: bool = True) -> ChatJob:
+    def _job(self, wav: bytes, max_tokens: int | None, instructions: str | None, stream: bool = True,
+             reuse: torch.Tensor | None = None) -> ChatJob:
         turns: list[tuple[str, list[str | AudioInput]]] = []
         if instructions:
             turns.append(("system", [instructions]))
         turns.append(("user", [AudioInput(wav, "wav")]))
-        return ChatJob(adapter=self.session.model, turns=turns, max_tokens=max_tokens, stream=stream)
+        return ChatJob(adapter=self.session.model, turns=turns, max_tokens=max_tokens, stream=stream,
+                       reuse_audio=reuse)
 
     def _context(self) -> RequestContext:
         return RequestContext(principal=self.principal, tenant=self.tenant,
@@ -304,10 +312,11 @@ class RealtimeConversation:
         max_tokens = None if limit == "inf" else int(limit)
         instructions = event.response.instructions if event.response.instructions is not None \
             else self.session.instructions
-        item_id, wav = self.last_item
+        item_id, wav, warm = self.last_item
         self.last_item = None
         self._response_id = _id("resp")
-        self.response = asyncio.create_task(self._respond(self._response_id, self._job(wav, max_tokens, instructions)))
+        job = self._job(wav, max_tokens, instructions, reuse=warm if instructions == self.session.instructions else None)
+        self.response = asyncio.create_task(self._respond(self._response_id, job))
 
     async def cancel_response(self) -> None:
         if self.response is None or self.response.done():
@@ -387,12 +396,13 @@ class RealtimeConversation:
         if len(self.buffer) - self._warmed_bytes < step or len(self.buffer) < step:
             return
         self._warmed_bytes = len(self.buffer)
-        job = self._job(pcm16_wav(bytes(self.buffer), self.rate), 1, self.session.instructions, stream=False)
+        job = self._job(pcm16_wav(bytes(self.buffer), self.rate), 1, self.session.instructions, stream=False,
+                        reuse=self._warm_vectors)
         self._warm = asyncio.create_task(self._prefill(job))
 
     async def _prefill(self, job: ChatJob) -> None:
         try:
-            await self.service.prefill(job, self._context())
+            self._warm_vectors = await self.service.prefill(job, self._context())
         except APIError as e:  # e.g. the adapter is gone: the real response will say so
             log.debug("prefill skipped", extra={"reason": e.message})
 

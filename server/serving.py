@@ -84,6 +84,11 @@ class ChatJob:
     # "transcribe": the adapter's own training transcription prompt follows the audio of the user
     # turn (known only once the adapter version is leased, hence a task rather than a text part).
     task: Literal["chat", "transcribe"] = "chat"
+    # Audio vectors an earlier prefill computed for a prefix of this job's first audio part (a
+    # realtime session's warm-up). Leading positions that equal them within float noise are taken
+    # from them bit for bit: vLLM's prefix cache hashes the exact bytes of prompt embeddings, and a
+    # GEMM over a longer clip may round differently in the last bit.
+    reuse_audio: torch.Tensor | None = None
 
 
 # ---- the typed chunks run() yields ---------------------------------------------------------------
@@ -177,6 +182,24 @@ class RequestRecord:
 
 
 Observer = Callable[[RequestRecord], None]
+
+
+REUSE_ATOL = 1e-5  # float noise of the audio layer's GEMMs; real changes (a new log-mel peak) are far larger
+
+
+def reuse_prefix(vectors: torch.Tensor, earlier: torch.Tensor, atol: float = REUSE_ATOL) -> torch.Tensor:
+    """``vectors`` with its longest leading run of positions that match ``earlier`` within
+    ``atol`` replaced by ``earlier``'s exact values (a copy; ``vectors`` is not changed)."""
+    n = min(len(vectors), len(earlier))
+    if n == 0:
+        return vectors
+    close = ((vectors[:n] - earlier[:n]).abs().amax(dim=1) <= atol).tolist()
+    k = close.index(False) if False in close else n
+    if k == 0:
+        return vectors
+    out = vectors.clone()
+    out[:k] = earlier[:k]
+    return out
 
 
 def _check_text(value: str, param: str) -> None:
@@ -277,13 +300,14 @@ class ChatService:
                 lease.release()
             ctx.slot.release()
 
-    async def prefill(self, job: ChatJob, ctx: RequestContext) -> None:
+    async def prefill(self, job: ChatJob, ctx: RequestContext) -> torch.Tensor:
         """Compute the job's prompt into the engine's prefix cache, answering nothing.
 
         For realtime sessions that warm the cache while the user is still speaking: one output
         token, discarded; no pipeline slot (a session keeps at most one prefill in flight, and the
         real request that follows is admitted as usual) and no metrics record. The same checks as
-        :meth:`run` apply: the caller must be allowed the adapter."""
+        :meth:`run` apply: the caller must be allowed the adapter. Returns the audio vectors it
+        used, for the next job's ``reuse_audio``."""
         self.check_job(job)
         await self.check_accepting()
         name = self.resolve_adapter(job.adapter, ctx.principal.default_adapter)
@@ -298,6 +322,7 @@ class ChatService:
                     pass
             finally:
                 await stream.aclose()
+            return prepared.request.audio_embeds
         finally:
             lease.release()
 
@@ -345,6 +370,8 @@ class ChatService:
                         "send at least a few tens of milliseconds", code="audio_too_short", param="file")
                 ctx.deadline.check("decoding audio")
                 vectors, t = await self.frontend.embed(adapter, decoded.samples)
+                if not embeds and job.reuse_audio is not None:
+                    vectors = reuse_prefix(vectors, job.reuse_audio)
                 audio_seconds += decoded.duration_s
                 timings.decode_s += decode_s
                 timings.queue_s += t.queue_s
