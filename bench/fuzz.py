@@ -531,6 +531,7 @@ def run(url: str, seeds: Seeds, n: int, seed: int, families: tuple[str, ...] = F
     tallies: dict[str, Tally] = defaultdict(Tally)
     health_s: list[float] = []
     metrics_s: list[float] = []
+    slow_once = 0
     t0 = time.monotonic()
     with httpx.Client() as client:
         expected = _good_tokens(url, seeds.wav, client)
@@ -555,6 +556,13 @@ def run(url: str, seeds: Seeds, n: int, seed: int, families: tuple[str, ...] = F
             ms, mt = _timed_get(client, f"{url}/metrics", metrics_headers or {})
             health_s.append(ht)
             metrics_s.append(mt)
+            if max(ht, mt) > PROBE_LIMIT_S and hs == ms == 200:
+                # One re-probe: on a shared machine a single slow scrape is noise; a server the case
+                # broke (a blocked loop, threads still busy) is slow again.
+                slow_once += 1
+                time.sleep(0.05)
+                hs, ht = _timed_get(client, f"{url}/health", {})
+                ms, mt = _timed_get(client, f"{url}/metrics", metrics_headers or {})
             if hs != 200 or ms != 200 or ht > PROBE_LIMIT_S or mt > PROBE_LIMIT_S:
                 t.violations.append(f"{case.name}: /health {hs} in {ht * 1e3:.0f} ms, /metrics {ms} in {mt * 1e3:.0f} ms")
             if on_case is not None:
@@ -571,6 +579,7 @@ def run(url: str, seeds: Seeds, n: int, seed: int, families: tuple[str, ...] = F
                           "violations": t.violations} for f, t in tallies.items()},
         "health_ms": {"p50": ms_(health_s, 50), "p99": ms_(health_s, 99), "max": ms_(health_s, 100)},
         "metrics_ms": {"p50": ms_(metrics_s, 50), "p99": ms_(metrics_s, 99), "max": ms_(metrics_s, 100)},
+        "probes_slow_once": slow_once,
     }
 
 
@@ -588,7 +597,8 @@ def print_table(result: dict) -> None:
     viol = sum(len(f["violations"]) for f in result["families"].values())
     print(f"{'all':<11} {result['cases']:>5} " + " ".join(f"{total.get(s, 0):>5}" for s in statuses) + f" {viol:>10}")
     print(f"/health ms: {result['health_ms']}   /metrics ms: {result['metrics_ms']}   "
-          f"(probe limit {PROBE_LIMIT_S * 1e3:.0f} ms; seed {result['seed']}; {result['wall_s']} s)")
+          f"(probe limit {PROBE_LIMIT_S * 1e3:.0f} ms, slow once then fast on a re-probe: "
+          f"{result['probes_slow_once']}; seed {result['seed']}; {result['wall_s']} s)")
     print("xport: the request failed in transport (connection dropped, timeout: a violation); drop: a raw "
           "request with a lying length was closed without an answer (acceptable)")
     for fam, f in result["families"].items():

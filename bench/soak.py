@@ -122,7 +122,8 @@ async def soak(url: str, pid: int, args: argparse.Namespace) -> dict:
         sampling = asyncio.create_task(sampler())
         await asyncio.gather(*(client_loop(i) for i in range(args.clients)))
         sampling.cancel()
-        samples.append((time.monotonic() - t_start, tally.served, process_rss(pid)))
+        if time.monotonic() - t_start - samples[-1][0] > 1.0:
+            samples.append((time.monotonic() - t_start, tally.served, process_rss(pid)))
     wall = time.monotonic() - t_start
     roles = sorted({k for _, _, r in samples for k in r}, key=lambda k: (k != "api", k))
     warm = next((s for s in samples if s[0] >= args.warmup_s), samples[-1])

@@ -57,7 +57,9 @@ def srv(tiny, s3env, tmp_path_factory):
     cfg.write_text(json.dumps(config))  # JSON is YAML
     args = ["--model", str(tiny.llm), "--dtype", "float32", "--max-num-seqs", "32", "--max-model-len", "1024",
             "--config", str(cfg)]
-    server = start_server(args, home, home / "server.log", env={**s3env, "AURA_ADAPTER_ALLOW_HTTP": "1"})
+    # AURA_ADAPTER_ROOTS: tenants with manage (ops) may load local folders only under these
+    env = {**s3env, "AURA_ADAPTER_ALLOW_HTTP": "1", "AURA_ADAPTER_ROOTS": json.dumps([str(tiny.root)])}
+    server = start_server(args, home, home / "server.log", env=env)
     yield server
     stop_server(server)
 

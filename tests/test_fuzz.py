@@ -93,12 +93,14 @@ def test_mutants_are_deterministic(speech):
 
 # ---- the HTTP-surface fuzzer (bench/fuzz.py), a fast seeded subset ----------------------------------
 
-FUZZ_CASES_PER_FAMILY = 5
+FUZZ_CASES_PER_FAMILY = 10
 # Findings the fuzzer reproduces whose fixes live on the request-path branch (issue 9, item 9:
-# JSON nested 100,000 deep, seed >= 2**64, an empty stop string -> 500). Case names matching
-# these are reported, not failed, until that branch is merged; then empty this tuple.
+# JSON nested 100,000 deep, lone surrogates, seed >= 2**64, an empty stop string, a WAV with a
+# few ms of samples -> 500 or a dropped stream). Case names matching these are reported, not
+# failed, until that branch is merged; then empty this tuple.
 PENDING_ON_SERVICE_BRANCH = (r"^deep-", r"^odd_value-seed-", r"^odd_numbers-seed-", r"^many_stops-",
-                             r"^odd_text-stop-")
+                             r"^odd_text-stop-", r"^odd_text-prompt-", r"^odd_text-model-", r"^weird_text-",
+                             r"^wav_short-", r"^repeat-wav-")
 
 
 def test_seeded_fuzzer_over_every_family_keeps_the_server_whole(server, speech, tiny, tmp_path):
