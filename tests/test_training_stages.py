@@ -154,3 +154,20 @@ def test_short_context_teacher(world: dict[str, Path], tmp_path: Path) -> None:
     assert short_encoder(enc, 200).embed_positions.num_embeddings == 100
     assert enc.embed_positions.num_embeddings == 300 and enc.config.max_source_positions == 300  # untouched
     del clip
+
+
+def test_truncated_stage_resumes_exactly(world: dict[str, Path]) -> None:
+    """A stage-1 run stopped after 3 steps and resumed equals one that ran 6 steps straight
+    (lazy, cached teacher targets and the cumulative clock included)."""
+    kw = dict(max_layer=1, ctc_weight=1.0, distill_weight=1.0, teacher_context_frames=200, steps=6, save_every=3)
+    straight = Trainer(_config(world, "resume_a", **kw))
+    straight.train()
+    first = Trainer(_config(world, "resume_b", **kw))
+    assert first.train(stop_after=3) == 3
+    del first
+    second = Trainer(_config(world, "resume_b", **kw))
+    assert second.train() == 6
+    for (name, a), (_, b) in zip(sorted(straight.student.trainable_state().items()), sorted(second.student.trainable_state().items())):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=lambda m, n=name: f"{n}: {m}")
+    log = [json.loads(l) for l in (second.work_dir / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [3, 5, 6] and log[-1]["elapsed_s"] >= log[0]["elapsed_s"]

@@ -136,6 +136,11 @@ def check_config(config: TrainConfig) -> Setup:
         if r.task == "qa" and r.response is None:
             raise ConfigError(f"{config.manifest}:{i}: qa row has no 'response'; run `aura data responses --manifest {config.manifest}` first")
     eval_rows = read_manifest(config.eval_manifest) if config.eval_manifest else []
+    # held-out rows of the tasks this stage trains; qa rows still waiting for a response are skipped
+    skipped = sum(1 for r in eval_rows if r.task == "qa" and r.response is None and "qa" in config.tasks)
+    eval_rows = [r for r in eval_rows if r.task in config.tasks and (r.task != "qa" or r.response is not None)]
+    if skipped:
+        log.warning("%s: %d qa rows have no response yet and are left out of evaluation", config.eval_manifest, skipped)
     return Setup(base, teacher, dict(sorted(layer_map.items())), audio_cfg, features, layout, rows, eval_rows)
 
 
