@@ -171,3 +171,16 @@ def test_truncated_stage_resumes_exactly(world: dict[str, Path]) -> None:
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=lambda m, n=name: f"{n}: {m}")
     log = [json.loads(l) for l in (second.work_dir / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [3, 5, 6] and log[-1]["elapsed_s"] >= log[0]["elapsed_s"]
+
+
+def test_lazy_features_equal_kept_ones(world: dict[str, Path]) -> None:
+    """Large corpora keep only frame counts; the features computed per batch are the same tensors."""
+    from adapters.training.data import build_example, with_features
+
+    t = Trainer(_config(world, "lazy", steps=1))
+    e = t.examples[0]
+    lazy = build_example(0, t.setup.rows[0], world["manifest"].parent, tokenizer=t.tokenizer, layout=t.setup.layout,
+                         features=t.setup.features, audio_layer=t.student.audio_layer.config,
+                         transcribe_prompt=t.config.transcribe_prompt, max_response_tokens=64, keep_features=False)
+    assert lazy.features is None and (lazy.num_frames, lazy.num_audio_tokens, lazy.prompt_ids) == (e.num_frames, e.num_audio_tokens, e.prompt_ids)
+    torch.testing.assert_close(with_features(lazy, t.setup.features).features, e.features)
