@@ -184,3 +184,18 @@ def test_lazy_features_equal_kept_ones(world: dict[str, Path]) -> None:
                          transcribe_prompt=t.config.transcribe_prompt, max_response_tokens=64, keep_features=False)
     assert lazy.features is None and (lazy.num_frames, lazy.num_audio_tokens, lazy.prompt_ids) == (e.num_frames, e.num_audio_tokens, e.prompt_ids)
     torch.testing.assert_close(with_features(lazy, t.setup.features).features, e.features)
+
+
+def test_export_latest_writes_the_checkpointed_adapter(world: dict[str, Path]) -> None:
+    """`aura train --export-only`: a run still in progress can be exported (e.g. stage 1 for stage 2)."""
+    from adapters.adapter import load_adapter
+
+    kw = dict(max_layer=1, ctc_weight=1.0, steps=10, save_every=2)
+    running = Trainer(_config(world, "export_latest", **kw))
+    running.train(stop_after=4)
+    exporter = Trainer(_config(world, "export_latest", **kw))
+    out = exporter.export_latest()
+    loaded = load_adapter(out)
+    ckpt = torch.load(sorted(exporter.work_dir.glob("ckpt-*.pt"))[-1], weights_only=False)
+    assert ckpt["step"] == 4 and loaded.config.training["stage"]["max_layer"] == 1
+    torch.testing.assert_close(loaded.audio_layer.proj.weight.float(), running.student.audio_layer.proj.weight.detach().float())
