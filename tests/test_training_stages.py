@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_training import CLIPS, make_tiny_whisper
+from test_training import world  # noqa: F401  (the tiny student/teacher/espeak-ng world, session-scoped)
 from audio_helpers import speak
-from tiny_models import make_tiny_llama, save_smollm2_tokenizer
 
 from adapters.features import FeatureConfig
 from adapters.training.config import TrainConfig
@@ -41,7 +40,7 @@ def test_ctc_learns_a_toy_alignment_and_best_path_decodes_it() -> None:
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert float(loss) < 0.05 * first
+    assert float(loss.detach()) < 0.05 * first
     assert greedy_ctc(model(feats), lengths, blank) == targets  # incl. the repeated 5 (needs a blank between)
 
 
@@ -51,22 +50,6 @@ def test_ctc_ignores_positions_past_each_length() -> None:
     loss = ctc_loss(logits, torch.tensor([9, 5]), [[1, 2], [3]], blank=0)
     loss.backward()
     assert logits.grad[1, 5:].abs().max() == 0 and logits.grad[1, :5].abs().max() > 0
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("aura_stages")
-    tok = save_smollm2_tokenizer(root / "tok")
-    student = make_tiny_llama(root / "student", tok, num_layers=4)
-    teacher = make_tiny_whisper(root / "teacher")
-    data = root / "data"
-    (data / "audio").mkdir(parents=True)
-    rows = []
-    for i, (task, text, response) in enumerate(CLIPS):
-        speak(text, data / "audio" / f"c{i}.wav")
-        rows.append({"audio": f"audio/c{i}.wav", "task": task, "text": text, **({"response": response} if response else {})})
-    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return {"root": root, "student": student, "teacher": teacher, "manifest": data / "train.jsonl"}
 
 
 def _config(world: dict[str, Path], name: str, **kw: object) -> TrainConfig:
@@ -121,7 +104,9 @@ def test_stage_settings_that_cannot_work_fail_early(world: dict[str, Path]) -> N
 
 
 def test_grad_accumulation_gives_the_same_update(world: dict[str, Path]) -> None:
-    """batch 4 in one pass vs 2 micro-batches of 2: the same parameters after two steps (fp32).
+    """batch 4 in one pass vs 2 micro-batches of 2: the same parameters after two steps (fp32),
+    within atol 1e-4 (lr 3e-3: a micro-batch left out moves parameters by ~1e-3; AdamW's
+    normalisation turns summation-order noise on near-zero gradients into ~1e-5 differences).
 
     CTC is a mean over examples, so micro-batch means average to the batch mean exactly; the
     token-weighted losses (distillation, next-token) weigh micro-batches by their token counts,
@@ -134,7 +119,7 @@ def test_grad_accumulation_gives_the_same_update(world: dict[str, Path]) -> None
         t.train()
         out.append({n: p.detach().clone() for n, p in t.student.named_parameters() if p.requires_grad})
     for n in out[0]:
-        torch.testing.assert_close(out[0][n], out[1][n], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(out[0][n], out[1][n], rtol=1e-3, atol=1e-4)
 
 
 def test_short_context_teacher(world: dict[str, Path], tmp_path: Path) -> None:
