@@ -9,7 +9,7 @@ and end with the tokenizer's end-of-turn token, so the adapter learns to stop.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -97,7 +97,7 @@ class Example:
     index: int
     key: str  # stable per clip, used for the teacher cache
     audio_path: Path
-    features: torch.Tensor  # (n_mels, frames)
+    features: torch.Tensor | None  # (n_mels, frames); None = computed from the clip when batched (large corpora)
     num_frames: int
     num_audio_tokens: int
     prompt_ids: list[int]
@@ -117,13 +117,16 @@ def end_of_turn_id(tokenizer: Any) -> int:
 def build_example(
     index: int, row: ManifestRow, manifest_dir: Path, *, tokenizer: Any, layout: PromptLayout,
     features: FeatureConfig, audio_layer: AudioLayerConfig, transcribe_prompt: str, max_response_tokens: int,
-    samples: torch.Tensor | None = None,
+    samples: torch.Tensor | None = None, keep_features: bool = True,
 ) -> Example:
     path = row.audio_path(manifest_dir)
     if samples is None:
         samples = torch.from_numpy(load_audio_file(path, sample_rate=features.sample_rate).samples.copy())
-    feats, frames = log_mel([samples.float()], features)
-    n_frames = int(frames[0])
+    if keep_features:
+        feats, frames = log_mel([samples.float()], features)
+        n_frames = int(frames[0])
+    else:  # a 10k-clip corpus's features are GBs: keep the frame count only
+        feats, n_frames = None, features.num_frames(len(samples))
     if n_frames == 0:
         raise ValueError(f"{path}: clip is shorter than one feature frame")
     n_tok = audio_layer.num_tokens(n_frames)
@@ -133,7 +136,7 @@ def build_example(
     stat = path.stat()
     return Example(
         index=index, key=f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}", audio_path=path,
-        features=feats[0, :, :n_frames].contiguous(), num_frames=n_frames, num_audio_tokens=n_tok,
+        features=feats[0, :, :n_frames].contiguous() if feats is not None else None, num_frames=n_frames, num_audio_tokens=n_tok,
         prompt_ids=prompt.token_ids, audio_start=prompt.audio_spans[0][0], target_ids=target, task=row.task,
         transcript_ids=tokenizer.encode(row.text, add_special_tokens=False),
     )
@@ -158,6 +161,17 @@ class Batch:
         return Batch(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()})
 
 
+def with_features(e: Example, features: FeatureConfig) -> Example:
+    """``e`` with its log-mel features, computed from the clip if they were not kept."""
+    if e.features is not None:
+        return e
+    samples = torch.from_numpy(load_audio_file(e.audio_path, sample_rate=features.sample_rate).samples.copy())
+    feats, frames = log_mel([samples.float()], features)
+    if int(frames[0]) != e.num_frames:
+        raise RuntimeError(f"{e.audio_path}: the clip changed since training started ({int(frames[0])} frames, was {e.num_frames})")
+    return replace(e, features=feats[0, :, : e.num_frames].contiguous())
+
+
 def collate(examples: list[Example], pad_id: int, teacher: list[torch.Tensor] | None = None) -> Batch:
     seqs = [e.prompt_ids + e.target_ids for e in examples]
     length = max(len(s) for s in seqs)
@@ -172,7 +186,9 @@ def collate(examples: list[Example], pad_id: int, teacher: list[torch.Tensor] | 
         # position p-1 (last prompt token) predicts the first answer token, and so on
         labels[i, p - 1 : p - 1 + len(e.target_ids)] = torch.tensor(e.target_ids)
     frames = max(e.num_frames for e in examples)
-    n_mels = examples[0].features.shape[0]
+    if any(e.features is None for e in examples):
+        raise ValueError("collate needs features: pass examples through with_features first")
+    n_mels = examples[0].features.shape[0]  # type: ignore[union-attr]
     feats = torch.zeros((b, n_mels, frames))
     for i, e in enumerate(examples):
         feats[i, :, : e.num_frames] = e.features

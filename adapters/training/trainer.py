@@ -27,7 +27,7 @@ from adapters.base_model import BaseModelInfo, read_base_model
 from adapters.features import FeatureConfig
 from adapters.prompt import PromptLayout
 from adapters.training.config import TrainConfig
-from adapters.training.data import Example, ManifestRow, build_example, collate, read_manifest
+from adapters.training.data import Example, ManifestRow, build_example, collate, read_manifest, with_features
 from adapters.training.ctc import ctc_loss, greedy_ctc
 from adapters.training.losses import distill_loss, next_token_loss
 from adapters.training.student import AuraStudent, DistillHead
@@ -136,6 +136,11 @@ def check_config(config: TrainConfig) -> Setup:
         if r.task == "qa" and r.response is None:
             raise ConfigError(f"{config.manifest}:{i}: qa row has no 'response'; run `aura data responses --manifest {config.manifest}` first")
     eval_rows = read_manifest(config.eval_manifest) if config.eval_manifest else []
+    # held-out rows of the tasks this stage trains; qa rows still waiting for a response are skipped
+    skipped = sum(1 for r in eval_rows if r.task == "qa" and r.response is None and "qa" in config.tasks)
+    eval_rows = [r for r in eval_rows if r.task in config.tasks and (r.task != "qa" or r.response is not None)]
+    if skipped:
+        log.warning("%s: %d qa rows have no response yet and are left out of evaluation", config.eval_manifest, skipped)
     return Setup(base, teacher, dict(sorted(layer_map.items())), audio_cfg, features, layout, rows, eval_rows)
 
 
@@ -250,9 +255,10 @@ class Trainer:
         assert manifest is not None
         s, c = self.setup, self.config
         it = tqdm(rows, desc="loading clips", file=sys.stderr, disable=not c.progress or len(rows) < 50, leave=False)
+        keep = len(rows) <= 2000  # larger corpora: features are recomputed per batch (bounded memory)
         return [build_example(i, r, Path(manifest).parent, tokenizer=self.tokenizer, layout=s.layout, features=s.features,
                               audio_layer=self.student.audio_layer.config, transcribe_prompt=c.transcribe_prompt,
-                              max_response_tokens=c.max_response_tokens) for i, r in enumerate(it)]
+                              max_response_tokens=c.max_response_tokens, keep_features=keep) for i, r in enumerate(it)]
 
     def teacher_cache(self) -> TeacherCache:
         c, s = self.config, self.setup
@@ -291,8 +297,8 @@ class Trainer:
                 memo[i] = t
             bar.update(len(chunk))
         bar.close()
-        if len(memo) > 4096 and memo is self.targets:  # bound memory on a large corpus; the disk cache stays
-            for k in list(memo)[: len(memo) - 2048]:
+        if len(memo) > 1024 and memo is self.targets:  # ~0.3 MB each: bound memory; the disk cache keeps them all
+            for k in list(memo)[: len(memo) - 512]:
                 del memo[k]
         return [memo[i] for i in indices]
 
@@ -302,7 +308,7 @@ class Trainer:
         """Loss terms of one (micro-)batch; ``keep_logits`` also returns the CTC logits/lengths (for WER)."""
         c = self.config
         teach = self.teacher_targets_for(examples, "teacher targets", idx, memo) if self.distill else None
-        batch = collate([examples[i] for i in idx], self.pad_id, teach).to(self.device)
+        batch = collate([with_features(examples[i], self.setup.features) for i in idx], self.pad_id, teach).to(self.device)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=c.precision == "bf16"):
             out = (module or self.student)(batch, max_layer=c.max_layer, ctc_layer=self.ctc_layer)
             terms: dict[str, torch.Tensor] = {}
@@ -403,7 +409,9 @@ class Trainer:
         eos = {self.blank_id}
         refs, hyps = [], []
         for e in rows:
-            out = self.student.greedy(e.prompt_ids, e.audio_start, e.features, e.num_frames,
+            feats = with_features(e, self.setup.features).features
+            assert feats is not None
+            out = self.student.greedy(e.prompt_ids, e.audio_start, feats, e.num_frames,
                                       max_new_tokens=self.config.max_response_tokens, eos_ids=eos)
             refs.append(self.tokenizer.decode(e.transcript_ids))
             hyps.append(self.tokenizer.decode([t for t in out if t not in eos]))
