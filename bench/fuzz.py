@@ -320,7 +320,7 @@ def gen_headers(rng: random.Random, s: Seeds, i: int) -> Case:
         headers["accept"] = rng.choice(["text/event-stream", "application/xml", "*/*;q=abc", "a" * 4000])
     else:
         host = "127.0.0.1"
-        head = [f"POST /v1/audio/chat HTTP/1.1", f"Host: {host}", f"Content-Type: {base.headers['content-type']}"]
+        head = ["POST /v1/audio/chat HTTP/1.1", f"Host: {host}", f"Content-Type: {base.headers['content-type']}"]
         body = base.body
         if kind == "length_short":  # declares more than it sends, then half-closes
             head.append(f"Content-Length: {len(body) + rng.choice([1, 1000, 10**9])}")

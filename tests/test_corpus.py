@@ -48,8 +48,8 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     opts = CorpusOptions(out_dir=out, model=None, n_train=N_TRAIN, n_heldout=24, seed=3, llm_prompts=n_prompts,
                          progress=False, workers=2)
     paths = build_corpus(opts)
-    return {"out": out, "paths": paths, "train": [json.loads(l) for l in paths["train"].read_text().splitlines()],
-            "heldout": [json.loads(l) for l in paths["heldout"].read_text().splitlines()],
+    return {"out": out, "paths": paths, "train": [json.loads(line) for line in paths["train"].read_text().splitlines()],
+            "heldout": [json.loads(line) for line in paths["heldout"].read_text().splitlines()],
             "stats": json.loads(paths["stats"].read_text())}
 
 
@@ -107,10 +107,10 @@ def test_rebuild_is_reproducible(corpus: dict[str, object], tmp_path: Path) -> N
     (tmp_path / "texts_raw.jsonl").write_text((src / "texts_raw.jsonl").read_text())
     paths = build_corpus(CorpusOptions(out_dir=tmp_path, model=None, n_train=N_TRAIN, n_heldout=24, seed=3,
                                        llm_prompts=N_PROMPTS, progress=False))
-    again = [json.loads(l) for l in paths["heldout"].read_text().splitlines()]
+    again = [json.loads(line) for line in paths["heldout"].read_text().splitlines()]
     assert again == corpus["heldout"]
     first = corpus["train"][0]
-    twin = next(r for r in (json.loads(l) for l in paths["train"].read_text().splitlines())
+    twin = next(r for r in (json.loads(line) for line in paths["train"].read_text().splitlines())
                 if r["audio"] == first["audio"] and r["task"] == first["task"])
     assert twin == first
     assert (tmp_path / first["audio"]).read_bytes() == (src / first["audio"]).read_bytes()

@@ -90,7 +90,7 @@ def test_truncated_stage_learns(world: dict[str, Path]) -> None:
     assert before is not None and after is not None
     assert after["eval_ctc"] < 0.7 * before["eval_ctc"] and after["eval_distill"] < before["eval_distill"]
     assert 0.0 <= after["eval_ctc_wer"] <= before["eval_ctc_wer"]
-    log = [json.loads(l) for l in (trainer.work_dir / "train_log.jsonl").read_text().splitlines()]
+    log = [json.loads(line) for line in (trainer.work_dir / "train_log.jsonl").read_text().splitlines()]
     assert all("elapsed_s" in r and "ctc" in r for r in log)
 
 
@@ -154,7 +154,7 @@ def test_truncated_stage_resumes_exactly(world: dict[str, Path]) -> None:
     assert second.train() == 6
     for (name, a), (_, b) in zip(sorted(straight.student.trainable_state().items()), sorted(second.student.trainable_state().items())):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=lambda m, n=name: f"{n}: {m}")
-    log = [json.loads(l) for l in (second.work_dir / "train_log.jsonl").read_text().splitlines()]
+    log = [json.loads(line) for line in (second.work_dir / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [3, 5, 6] and log[-1]["elapsed_s"] >= log[0]["elapsed_s"]
 
 

@@ -161,8 +161,8 @@ def build_corpus(opts: CorpusOptions, *, log: Callable[[str], None] | None = Non
     for split in ("train", "heldout"):
         rng.shuffle(rows[split])
         p = out / f"{split}.jsonl"
-        existing = {json.loads(l)["audio"] + json.loads(l)["task"]: json.loads(l).get("response")
-                    for l in p.read_text().splitlines() if l.strip()} if p.is_file() else {}
+        old = [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.is_file() else []
+        existing = {r["audio"] + r["task"]: r.get("response") for r in old}
         for r in rows[split]:  # keep responses already filled by an earlier build
             resp = existing.get(str(r["audio"]) + str(r["task"]))
             if resp is not None:
