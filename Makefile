@@ -6,17 +6,24 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-10)
 PYTEST_ARGS ?=
 
-.PHONY: install system-deps serve test bench clean
+.PHONY: install system-deps test-deps serve test bench clean
 
 install: system-deps $(STAMP)
 
-# FFmpeg libraries come with PyAV's wheel; the ffmpeg and espeak-ng programs make test audio,
-# and Debian's chromium runs the playground's browser test (Playwright drives it; it downloads no browser).
+# FFmpeg libraries come with PyAV's wheel; the ffmpeg and espeak-ng programs make test audio.
 system-deps:
-	@if ! command -v ffmpeg >/dev/null || ! command -v espeak-ng >/dev/null || ! command -v chromium >/dev/null; then \
-		echo "installing ffmpeg + espeak-ng + chromium (apt-get)"; \
+	@if ! command -v ffmpeg >/dev/null || ! command -v espeak-ng >/dev/null; then \
+		echo "installing ffmpeg + espeak-ng (apt-get)"; \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq ffmpeg espeak-ng chromium >/dev/null; \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq ffmpeg espeak-ng >/dev/null; \
+	fi
+
+# Debian's chromium runs the playground's browser test (Playwright drives it; it downloads no browser).
+test-deps:
+	@if ! command -v chromium >/dev/null; then \
+		echo "installing chromium (apt-get)"; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; \
 	fi
 
 $(VENV)/bin/python:
@@ -38,7 +45,7 @@ $(STAMP): pyproject.toml Makefile | $(VENV)/bin/python
 serve: install
 	$(VENV)/bin/aura serve $(ARGS)
 
-test: install
+test: install test-deps
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
 
