@@ -69,7 +69,7 @@ class EvalOptions:
     home: Path | None = None  # models and adapter cache (default: the server's)
 
 
-class _Whisper:
+class WhisperASR:
     """Greedy Whisper transcription on the same features recipe the teacher saw in training."""
 
     def __init__(self, path: Path) -> None:
@@ -155,7 +155,7 @@ async def _run(opts: EvalOptions) -> dict[str, Any]:
             log.warning("evaluating an UNTRAINED adapter", extra={"adapter": adapter_name})
         prompt_for_transcribe = opts.transcribe_prompt or version.adapter.config.training.get(
             "transcribe_prompt", "Transcribe the audio.")
-        whisper = _Whisper(opts.teacher) if opts.teacher is not None else None
+        whisper = WhisperASR(opts.teacher) if opts.teacher is not None else None
         engine, tokenizer = state.engine, state.tokenizer
 
         async def aura(row: ManifestRow, path: Path) -> tuple[str, float, float]:
