@@ -77,16 +77,22 @@ async def parse_form(body: bytes, headers: Headers, settings: Settings) -> FormD
         raise BadRequest(f"malformed multipart body: {e.message}", code="bad_multipart") from None
 
 
+async def read_upload(form: FormData, settings: Settings, what: str = "the audio upload") -> AudioInput:
+    """The form's ``file`` part as an :class:`AudioInput`, within the upload limit (422 / 413)."""
+    upload = form.get("file")
+    if not isinstance(upload, UploadFile):
+        raise Unprocessable(f"multipart field 'file' ({what}) is required", param="file")
+    data = await upload.read(settings.max_upload_bytes + 1)
+    if len(data) > settings.max_upload_bytes:
+        raise PayloadTooLarge(f"the upload is larger than {settings.max_upload_bytes} bytes; send a smaller "
+                              "file", code="audio_too_large", param="file")
+    return AudioInput(data, upload.content_type)
+
+
 async def job_from_form(body: bytes, headers: Headers, settings: Settings) -> ChatJob:
     form = await parse_form(body, headers, settings)
     try:
-        upload = form.get("file")
-        if not isinstance(upload, UploadFile):
-            raise Unprocessable("multipart field 'file' (the audio upload) is required", param="file")
-        data = await upload.read(settings.max_upload_bytes + 1)
-        if len(data) > settings.max_upload_bytes:
-            raise PayloadTooLarge(f"the upload is larger than {settings.max_upload_bytes} bytes; send a smaller "
-                                  "file", code="audio_too_large", param="file")
+        audio = await read_upload(form, settings)
         fields = {k: v for k, v in form.multi_items() if isinstance(v, str) and k != "stop"}
         stops = [v for v in form.getlist("stop") if isinstance(v, str) and v]
         try:
@@ -95,7 +101,7 @@ async def job_from_form(body: bytes, headers: Headers, settings: Settings) -> Ch
             raise first_error(e, "form") from None
     finally:
         await form.close()
-    parts: list[str | AudioInput] = [AudioInput(data, upload.content_type)]
+    parts: list[str | AudioInput] = [audio]
     if f.prompt:
         parts.append(f.prompt)
     return ChatJob(adapter=f.adapter or f.model, turns=[("user", parts)], max_tokens=f.max_tokens,

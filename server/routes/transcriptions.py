@@ -20,16 +20,16 @@ from dataclasses import dataclass
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import ValidationError
-from starlette.datastructures import Headers, UploadFile
+from starlette.datastructures import Headers
 
 from server.config import Settings
-from server.errors import APIError, BadRequest, PayloadTooLarge, UnsupportedMedia, Unprocessable, first_error
+from server.errors import APIError, BadRequest, PayloadTooLarge, UnsupportedMedia, first_error
 from server.protocol import (
     TranscriptionForm, Transcription, TranscriptionInputDetails, TranscriptionUsage, TranscriptionVerbose,
     TranscriptTextDelta, TranscriptTextDone, error_responses,
 )
-from server.routes.chat import SSE_HEADERS, ClosingStream, parse_form, serve_job
-from server.serving import AudioInput, ChatChunk, ChatJob, Finished, Started, TextDelta
+from server.routes.chat import SSE_HEADERS, ClosingStream, parse_form, read_upload, serve_job
+from server.serving import ChatChunk, ChatJob, Finished, Started, TextDelta
 from server.tenancy import Principal, authenticate
 
 log = logging.getLogger("server")
@@ -63,13 +63,7 @@ def _usage(done: Finished) -> TranscriptionUsage:
 async def job_from_transcription_form(body: bytes, headers: Headers, settings: Settings) -> ChatJob:
     form = await parse_form(body, headers, settings)
     try:
-        upload = form.get("file")
-        if not isinstance(upload, UploadFile):
-            raise Unprocessable("multipart field 'file' (the audio to transcribe) is required", param="file")
-        data = await upload.read(settings.max_upload_bytes + 1)
-        if len(data) > settings.max_upload_bytes:
-            raise PayloadTooLarge(f"the upload is larger than {settings.max_upload_bytes} bytes; send a smaller "
-                                  "file", code="audio_too_large", param="file")
+        audio = await read_upload(form, settings, "the audio to transcribe")
         fields: dict[str, str | list[str]] = {}
         for key, value in form.multi_items():
             if not isinstance(value, str):
@@ -92,18 +86,12 @@ async def job_from_transcription_form(body: bytes, headers: Headers, settings: S
     if f.include:
         raise BadRequest(f"include={f.include} is not supported (no logprobs); leave it out",
                          code="unsupported_include", param="include[]")
-    for text, param in ((f.prompt, "prompt"), (f.model, "model")):
-        if text is not None:
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError:
-                raise BadRequest(f"'{param}' holds a lone UTF-16 surrogate; send valid Unicode text",
-                                 code="invalid_text", param=param) from None
+    # `model` is checked with every other job field by ChatService.check_job; `prompt` is not used.
     if f.prompt and len(f.prompt) > settings.max_prompt_chars:
         raise PayloadTooLarge(f"the prompt is {len(f.prompt)} characters; the limit is {settings.max_prompt_chars}",
                               code="prompt_too_long", param="prompt")
     return _TranscriptionJob(
-        adapter=f.model, turns=[("user", [AudioInput(data, upload.content_type)])],
+        adapter=f.model, turns=[("user", [audio])],
         max_tokens=f.max_tokens or settings.max_tokens_limit, temperature=f.temperature, stream=f.stream, task="transcribe",
         response_format=f.response_format, language=f.language)
 
