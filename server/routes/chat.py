@@ -174,6 +174,26 @@ class ClosingStream(StreamingResponse):
             await self._content.aclose()
 
 
+ErrorEvent = Callable[[dict], dict]
+
+
+async def guarded_sse(events: AsyncIterator[str], chunks: AsyncGenerator[ChatChunk, None],
+                      error_event: ErrorEvent = lambda body: body) -> AsyncGenerator[str, None]:
+    """``events``, then, if the pipeline fails mid-stream, one SSE error event (``error_event``
+    shapes the ``{"error": ...}`` body for the wire format) instead of a dropped connection; the
+    chunk stream is closed however it ends, so the engine request is aborted at once."""
+    try:
+        async for line in events:
+            yield line
+    except APIError as e:
+        yield f"data: {json.dumps(error_event(e.to_dict()))}\n\n"
+    except Exception:  # a bug mid-stream: say so in the stream rather than dropping the connection
+        log.exception("stream failed")
+        yield f"data: {json.dumps(error_event(APIError('internal server error mid-stream').to_dict()))}\n\n"
+    finally:
+        await chunks.aclose()
+
+
 async def _sse(first: Started, chunks: AsyncGenerator[ChatChunk, None], job: ChatJob) -> AsyncGenerator[str, None]:
     """SSE lines: a role chunk, content deltas, the finish chunk, a usage chunk, [DONE]."""
     cid = f"chatcmpl-{first.request_id}"
@@ -183,23 +203,15 @@ async def _sse(first: Started, chunks: AsyncGenerator[ChatChunk, None], job: Cha
                                     usage=usage.usage if usage else None)
         return f"data: {chunk.model_dump_json(exclude_none=False)}\n\n"
 
-    try:
-        yield event([ChunkChoice(delta=Delta(role="assistant", content=""))])
-        async for c in chunks:
-            if isinstance(c, TextDelta):
-                if c.text or c.finish_reason or (c.token_ids and job.return_token_ids):
-                    yield event([ChunkChoice(delta=Delta(content=c.text or None), finish_reason=c.finish_reason,
-                                             token_ids=c.token_ids if job.return_token_ids else None)])
-            elif isinstance(c, Finished) and job.include_usage:
-                yield event([], c)
-        yield "data: [DONE]\n\n"
-    except APIError as e:
-        yield f"data: {json.dumps(e.to_dict())}\n\n"
-    except Exception:  # a bug mid-stream: say so in the stream rather than dropping the connection
-        log.exception("stream failed")
-        yield f"data: {json.dumps(APIError('internal server error mid-stream').to_dict())}\n\n"
-    finally:
-        await chunks.aclose()
+    yield event([ChunkChoice(delta=Delta(role="assistant", content=""))])
+    async for c in chunks:
+        if isinstance(c, TextDelta):
+            if c.text or c.finish_reason or (c.token_ids and job.return_token_ids):
+                yield event([ChunkChoice(delta=Delta(content=c.text or None), finish_reason=c.finish_reason,
+                                         token_ids=c.token_ids if job.return_token_ids else None)])
+        elif isinstance(c, Finished) and job.include_usage:
+            yield event([], c)
+    yield "data: [DONE]\n\n"
 
 
 async def _completion(first: Started, chunks: AsyncGenerator[ChatChunk, None], job: ChatJob) -> ChatCompletion:
@@ -222,7 +234,7 @@ Renderer = Callable[[Started, AsyncIterator[ChatChunk], ChatJob], Awaitable[Resp
 async def render_chat(first: Started, chunks: AsyncIterator[ChatChunk], job: ChatJob) -> Response:
     """``chat.completion`` JSON, or SSE ``chat.completion.chunk`` events when the job streams."""
     if job.stream:
-        return ClosingStream(_sse(first, chunks, job), media_type="text/event-stream", headers=SSE_HEADERS)
+        return ClosingStream(guarded_sse(_sse(first, chunks, job), chunks), media_type="text/event-stream", headers=SSE_HEADERS)
     return JSONResponse((await _completion(first, chunks, job)).model_dump())
 
 

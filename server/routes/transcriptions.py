@@ -12,7 +12,6 @@ an AuRA adapter emits text only, and invented timestamps would be worse than non
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -23,12 +22,12 @@ from pydantic import ValidationError
 from starlette.datastructures import Headers
 
 from server.config import Settings
-from server.errors import APIError, BadRequest, PayloadTooLarge, UnsupportedMedia, first_error
+from server.errors import BadRequest, PayloadTooLarge, UnsupportedMedia, first_error
 from server.protocol import (
     TranscriptionForm, Transcription, TranscriptionInputDetails, TranscriptionUsage, TranscriptionVerbose,
     TranscriptTextDelta, TranscriptTextDone, error_responses,
 )
-from server.routes.chat import SSE_HEADERS, ClosingStream, parse_form, read_upload, serve_job
+from server.routes.chat import SSE_HEADERS, ClosingStream, guarded_sse, parse_form, read_upload, serve_job
 from server.serving import ChatChunk, ChatJob, Finished, Started, TextDelta
 from server.tenancy import Principal, authenticate
 
@@ -99,27 +98,19 @@ async def job_from_transcription_form(body: bytes, headers: Headers, settings: S
 async def _deltas(chunks: AsyncIterator[ChatChunk]) -> AsyncIterator[str]:
     """SSE: ``transcript.text.delta`` per step, then ``transcript.text.done`` with text and usage."""
     texts: list[str] = []
-    try:
-        async for c in chunks:
-            if isinstance(c, TextDelta) and c.text:
-                texts.append(c.text)
-                yield f"data: {TranscriptTextDelta(delta=c.text).model_dump_json()}\n\n"
-            elif isinstance(c, Finished):
-                done = TranscriptTextDone(text="".join(texts).strip(), usage=_usage(c))
-                yield f"data: {done.model_dump_json()}\n\n"
-    except APIError as e:
-        yield f"data: {json.dumps({'type': 'error', **e.to_dict()})}\n\n"
-    except Exception:  # a bug mid-stream: say so in the stream rather than dropping the connection
-        log.exception("transcription stream failed")
-        yield f"data: {json.dumps({'type': 'error', **APIError('internal server error mid-stream').to_dict()})}\n\n"
-    finally:
-        await chunks.aclose()  # type: ignore[attr-defined]  # an async generator
+    async for c in chunks:
+        if isinstance(c, TextDelta) and c.text:
+            texts.append(c.text)
+            yield f"data: {TranscriptTextDelta(delta=c.text).model_dump_json()}\n\n"
+        elif isinstance(c, Finished):
+            done = TranscriptTextDone(text="".join(texts).strip(), usage=_usage(c))
+            yield f"data: {done.model_dump_json()}\n\n"
 
 
 async def render_transcription(first: Started, chunks: AsyncIterator[ChatChunk], job: ChatJob) -> Response:
     assert isinstance(job, _TranscriptionJob)
     if job.stream:
-        return ClosingStream(_deltas(chunks), media_type="text/event-stream", headers=SSE_HEADERS)
+        return ClosingStream(guarded_sse(_deltas(chunks), chunks, lambda body: {'type': 'error', **body}), media_type="text/event-stream", headers=SSE_HEADERS)
     texts: list[str] = []
     done: Finished | None = None
     async for c in chunks:
