@@ -21,7 +21,7 @@ from adapters.features import FeatureConfig
 from adapters.training.config import TrainConfig
 from adapters.training.ctc import ctc_loss, greedy_ctc
 from adapters.training.student import decoder_layers
-from adapters.training.teacher import load_teacher_encoder, short_encoder, teacher_targets
+from adapters.training.teacher import encoder_states, load_teacher_encoder, teacher_targets
 from adapters.training.trainer import ConfigError, Trainer
 
 
@@ -136,9 +136,34 @@ def test_short_context_teacher(world: dict[str, Path], tmp_path: Path) -> None:
     assert short.shape == full.shape and not torch.allclose(short, full)
     cos = torch.nn.functional.cosine_similarity(short.flatten(1), full.flatten(1), dim=-1)
     assert float(cos.min()) > 0.5  # the same speech, a little less padding to attend to
-    assert short_encoder(enc, 200).embed_positions.num_embeddings == 100
     assert enc.embed_positions.num_embeddings == 300 and enc.config.max_source_positions == 300  # untouched
     del clip
+
+
+def test_teacher_layers_are_each_blocks_own_output_on_every_call(world: dict[str, Path], tmp_path: Path) -> None:
+    """Each distillation target is its own block's output, equal to Whisper's own hidden states,
+    and stays so on later calls with other context lengths. The old short-encoder copy broke this
+    from the second padded length on: every block but the last reported the same tensor."""
+    from adapters.audio import load_audio_file
+
+    enc = load_teacher_encoder(world["teacher"])
+    feats = FeatureConfig()
+    x = torch.randn(2, feats.n_mels, 600)
+    with torch.no_grad():
+        reference = enc(x, output_hidden_states=True).hidden_states  # fresh encoder, full 30 s input
+        mine = encoder_states(enc, x, [0, 1])
+    for layer in (0, 1):
+        torch.testing.assert_close(mine[layer], reference[layer + 1], rtol=1e-5, atol=1e-5)
+    clips = []
+    for i, text in enumerate(["A short clip.", "A somewhat longer clip that needs a second window of context."]):
+        speak(text, tmp_path / f"c{i}.wav")
+        clips.append(torch.from_numpy(load_audio_file(tmp_path / f"c{i}.wav").samples.copy()))
+    runs = [teacher_targets(enc, clips, [0, 1], stack_factor=4, features=feats, input_frames=600, context_frames=200)
+            for _ in range(2)]
+    for first, again in zip(*runs):
+        torch.testing.assert_close(first, again)  # a second call gives the same targets
+        rel = (first[0] - first[1]).norm() / first[0].norm()
+        assert float(rel) > 0.05, "two teacher layers gave the same target"
 
 
 def test_truncated_stage_resumes_exactly(world: dict[str, Path]) -> None:

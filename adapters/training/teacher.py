@@ -74,34 +74,33 @@ def pool_frames(hidden: torch.Tensor, valid: int, group: int) -> torch.Tensor:
     return x.reshape(n, group, -1).sum(1) / counts[:, None]
 
 
-_SHORT: dict[tuple[int, int], Any] = {}
+def encoder_states(encoder: Any, features: torch.Tensor, layers: list[int]) -> dict[int, torch.Tensor]:
+    """Outputs of Whisper encoder blocks ``layers`` (0-based) for (B, n_mels, T) log-mel input of any length.
 
-
-def short_encoder(encoder: Any, input_frames: int) -> Any:
-    """The same encoder (shared weights) with its position table cut to ``input_frames`` mel frames.
-
-    Whisper insists on 30 s inputs only because its forward uses the whole position table; the
-    blocks themselves take any length. A 3 s clip padded to 5 s instead of 30 s costs about a
-    sixth; the targets differ slightly from 30 s ones (less padding to attend to), so the choice
-    is part of the teacher cache key and of the run's fingerprint.
+    Whisper's own forward insists on 30 s inputs only because it adds its whole position table;
+    the blocks take any length, so this runs the stem, the first ``T / 2`` positions and the blocks
+    up to the deepest one wanted, itself. It does not ask transformers for ``output_hidden_states``:
+    in transformers 5 those are captured by hooks, and a shallow copy of the encoder (how short
+    inputs used to be run) made every block but the last report the same tensor, so three of four
+    distillation targets were identical. The last block's output gets the final LayerNorm, as in
+    Whisper's ``last_hidden_state`` (what its decoder reads).
     """
-    import copy
-
-    from torch import nn
-
-    full = encoder.embed_positions.num_embeddings
-    positions = input_frames // 2
-    if positions >= full:
-        return encoder
-    key = (id(encoder), positions)
-    if key not in _SHORT:
-        short = copy.copy(encoder)
-        short._modules = dict(encoder._modules)  # a copy's own module table: the original keeps its own
-        short.embed_positions = nn.Embedding.from_pretrained(encoder.embed_positions.weight[:positions], freeze=True)
-        short.config = copy.copy(encoder.config)
-        short.config.max_source_positions = positions
-        _SHORT[key] = short
-    return _SHORT[key]
+    F = torch.nn.functional
+    x = F.gelu(encoder.conv1(features))
+    x = F.gelu(encoder.conv2(x)).permute(0, 2, 1)
+    positions = encoder.embed_positions.weight
+    if x.shape[1] > positions.shape[0]:
+        raise ValueError(f"{x.shape[1]} encoder frames exceed the teacher's {positions.shape[0]} positions")
+    x = x + positions[: x.shape[1]].to(x.dtype)
+    wanted = set(layers)
+    last = len(encoder.layers) - 1
+    out: dict[int, torch.Tensor] = {}
+    for i, block in enumerate(encoder.layers[: max(wanted) + 1]):
+        x = block(x, None)
+        x = x[0] if isinstance(x, tuple) else x
+        if i in wanted:
+            out[i] = encoder.layer_norm(x) if i == last else x
+    return out
 
 
 @torch.no_grad()
@@ -125,12 +124,11 @@ def teacher_targets(
             groups.setdefault(padded, []).append(i)
     result: list[torch.Tensor | None] = [None] * len(samples)
     for padded, idx in groups.items():
-        enc = short_encoder(encoder, padded)
         feats, frames = log_mel([samples[i].float() for i in idx], features, pad_to_frames=padded)
-        hs = enc(feats.to(device), output_hidden_states=True).hidden_states  # embeddings, then each block
+        hs = encoder_states(encoder, feats.to(device), layers)
         for b, (i, n_frames) in enumerate(zip(idx, frames.tolist())):
             valid = (int(n_frames) + 1) // 2  # Whisper's conv2 has stride 2, same as the student stem
-            result[i] = torch.stack([pool_frames(hs[layer + 1][b], valid, stack_factor) for layer in layers]).cpu()
+            result[i] = torch.stack([pool_frames(hs[layer][b], valid, stack_factor) for layer in layers]).cpu()
     return [r for r in result if r is not None]
 
 
@@ -142,6 +140,7 @@ class TeacherCache:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         salt: list[Any] = [info.fingerprint, layers, stack_factor, features.model_dump()]
+        salt.append("blocks-v2")  # targets made before encoder_states (identical early layers) are never reused
         if context_frames is not None:  # 30 s targets keep their old keys
             salt.append(context_frames)
         self.salt = json.dumps(salt, sort_keys=True)
