@@ -209,3 +209,45 @@ def test_export_latest_writes_the_checkpointed_adapter(world: dict[str, Path]) -
     ckpt = torch.load(sorted(exporter.work_dir.glob("ckpt-*.pt"))[-1], weights_only=False)
     assert ckpt["step"] == 4 and loaded.config.training["stage"]["max_layer"] == 1
     torch.testing.assert_close(loaded.audio_layer.proj.weight.float(), running.student.audio_layer.proj.weight.detach().float())
+
+
+def test_centered_targets_leave_no_position_signal() -> None:
+    """Targets that are position + content: after centering, a predictor that knows only the
+    position is at cosine distance ~1 (it was ~0 on the raw targets), while the content
+    survives (centered targets still tell two clips apart)."""
+    from adapters.training.losses import distill_loss
+    from adapters.training.teacher import TargetStats
+
+    torch.manual_seed(3)
+    layers, width, positions = 2, 32, 20
+    pos = 10.0 * torch.randn(layers, positions, width)  # a large position signal, as in Whisper's early blocks
+    clips = [pos[:, :n] + torch.randn(layers, n, width) for n in (12, 20, 16, 20, 9, 18, 20, 14) * 8]
+    stats = TargetStats.estimate(clips)
+    centered = [stats.normalize(t) for t in clips]
+    pooled = torch.cat(centered, dim=1)
+    assert float(pooled.std()) == pytest.approx(1.0, abs=0.1)
+    for target in clips[:4]:
+        n = target.shape[1]
+        mask = torch.ones(1, n, dtype=torch.bool)
+        position_only = stats.mean[:, :n]
+        raw = distill_loss(position_only[0][None], target[0][None], mask, "cosine")
+        cen = distill_loss(stats.normalize(position_only)[0][None], stats.normalize(target)[0][None], mask, "cosine")
+        assert float(raw) < 0.05 and float(cen) > 0.8
+    longer = stats.normalize(pos[:, :5].repeat(1, 6, 1))  # past the longest sampled clip: the last mean
+    assert longer.shape == (layers, 30, width)
+
+
+def test_trainer_centers_teacher_targets_when_asked(world: dict[str, Path]) -> None:
+    """The centering statistics exist only when asked for, and the distillation term really uses
+    them: the same student on the same batch gives another loss with the raw targets."""
+    raw = Trainer(_config(world, "raw_t", max_layer=1, tasks="transcribe"))
+    cen = Trainer(_config(world, "cen_t", max_layer=1, tasks="transcribe", distill_targets="centered", distill_stats_clips=6))
+    assert raw.target_stats is None and cen.target_stats is not None
+    assert cen.target_stats.mean.shape[0] == 2  # one per distilled layer
+    cen.student.eval()
+    with torch.no_grad():
+        centered = float(cen._losses([0, 1], cen.examples, {})["distill"])
+        stats, cen.target_stats = cen.target_stats, None
+        uncentered = float(cen._losses([0, 1], cen.examples, {})["distill"])
+    cen.target_stats = stats
+    assert abs(centered - uncentered) > 1e-3

@@ -52,6 +52,11 @@ class TrainConfig(BaseModel):
         "Default: teacher layers spread over the student's first third.")
     distill_loss: DistillLoss = "cosine"
     distill_weight: float = Field(1.0, ge=0.0)
+    distill_targets: Literal["raw", "centered"] = Field(
+        "raw", description="centered: subtract each position's corpus mean from the teacher targets and divide by "
+        "each channel's spread, so the loss is about what was said (Whisper's positions explain 16-64% of its early "
+        "blocks' variance, and a student that only counts positions gets cosine distance ~0.1 on raw targets).")
+    distill_stats_clips: PositiveInt = Field(256, description="Training clips (a seeded sample) the centering statistics come from.")
     teacher_context_frames: int | None = Field(
         None, ge=100, le=3000, description="Run the teacher on each clip padded to a multiple of this many mel frames "
         "(its position table cut to match) instead of Whisper's full 30 s: several times cheaper targets; None = 30 s.")

@@ -132,6 +132,45 @@ def teacher_targets(
     return [r for r in result if r is not None]
 
 
+@dataclass
+class TargetStats:
+    """Per-position mean and per-channel spread of pooled teacher targets, estimated on a sample.
+
+    Whisper adds absolute position embeddings, and its early blocks keep much of them: a student
+    that only tracks the audio token's index already matches raw targets to a cosine distance of
+    about 0.1. Centering each position on its corpus mean leaves what the clip itself carries, so
+    the distillation gradient is about the speech; positions past the sample's longest clip use
+    the last mean.
+    """
+
+    mean: torch.Tensor  # (n_layers, positions, d)
+    std: torch.Tensor  # (n_layers, d)
+
+    @classmethod
+    def estimate(cls, targets: list[torch.Tensor]) -> "TargetStats":
+        if not targets:
+            raise ValueError("no teacher targets to estimate centering statistics from")
+        n_layers, _, width = targets[0].shape
+        positions = max(t.shape[1] for t in targets)
+        sums = torch.zeros(n_layers, positions, width, dtype=torch.float64)
+        counts = torch.zeros(positions, dtype=torch.float64)
+        for t in targets:
+            sums[:, : t.shape[1]] += t.double()
+            counts[: t.shape[1]] += 1
+        mean = sums / counts[None, :, None]
+        centered = torch.cat([(t.double() - mean[:, : t.shape[1]]) for t in targets], dim=1)
+        std = centered.pow(2).mean(1).sqrt().clamp(min=1e-6)
+        return cls(mean.float(), std.float())
+
+    def normalize(self, target: torch.Tensor) -> torch.Tensor:
+        """(n_layers, N, d) targets of one clip -> centered, scaled targets."""
+        n = target.shape[1]
+        mean = self.mean[:, :n]
+        if n > mean.shape[1]:
+            mean = torch.cat([mean, self.mean[:, -1:].expand(-1, n - mean.shape[1], -1)], dim=1)
+        return (target - mean) / self.std[:, None, :]
+
+
 class TeacherCache:
     """Pooled teacher targets per clip as small safetensors files; keyed so a stale entry is never used."""
 

@@ -32,7 +32,7 @@ from adapters.training.ctc import ctc_loss, greedy_ctc
 from adapters.training.losses import distill_loss, next_token_loss
 from adapters.training.student import AuraStudent, DistillHead
 from adapters.training.teacher import (
-    TeacherCache, TeacherInfo, load_teacher_encoder, teacher_info, teacher_targets,
+    TargetStats, TeacherCache, TeacherInfo, load_teacher_encoder, teacher_info, teacher_targets,
 )
 
 log = logging.getLogger(__name__)
@@ -249,7 +249,16 @@ class Trainer:
         self.targets: dict[int, torch.Tensor] = {}
         self.eval_targets: dict[int, torch.Tensor] = {}
         self.order = DataOrder(len(self.examples), c.batch_size, c.seed)
+        self.target_stats = self._target_stats() if self.distill and c.distill_targets == "centered" else None
         self.elapsed_s = 0.0
+
+    def _target_stats(self) -> TargetStats:
+        """Centering statistics from a seeded sample of training clips (their targets are cached, so a
+        resumed run recomputes exactly the same statistics)."""
+        c = self.config
+        g = torch.Generator().manual_seed(c.seed)
+        sample = torch.randperm(len(self.examples), generator=g)[: c.distill_stats_clips].tolist()
+        return TargetStats.estimate(self.teacher_targets_for(self.examples, "centering statistics", sample, {}))
 
     def _examples(self, rows: list[ManifestRow], manifest: Path | None) -> list[Example]:
         assert manifest is not None
@@ -308,6 +317,8 @@ class Trainer:
         """Loss terms of one (micro-)batch; ``keep_logits`` also returns the CTC logits/lengths (for WER)."""
         c = self.config
         teach = self.teacher_targets_for(examples, "teacher targets", idx, memo) if self.distill else None
+        if teach is not None and self.target_stats is not None:
+            teach = [self.target_stats.normalize(t) for t in teach]
         batch = collate([with_features(examples[i], self.setup.features) for i in idx], self.pad_id, teach).to(self.device)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=c.precision == "bf16"):
             out = (module or self.student)(batch, max_layer=c.max_layer, ctc_layer=self.ctc_layer)
@@ -533,6 +544,7 @@ class Trainer:
                         "width": s.teacher.width, "layers": s.teacher.num_layers},
             "layer_map": {str(k): v for k, v in s.layer_map.items()},
             "distill_loss": c.distill_loss if self.distill else "none", "distill_weight": c.distill_weight if self.distill else 0.0,
+            "distill_targets": c.distill_targets if self.distill else "raw",
             "lora": {"rank": c.lora_rank, "alpha": c.lora_alpha, "targets": c.lora_targets, "layers": c.lora_layers},
             "stem_init": getattr(self, "stem_init", "init_from"), "transcribe_prompt": c.transcribe_prompt,
             "config_fingerprint": c.fingerprint(),
