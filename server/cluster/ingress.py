@@ -174,10 +174,15 @@ async def ready(request: Request) -> JSONResponse:
     state = _state(request)
     if state.draining:
         return JSONResponse({"status": "draining"}, status_code=503)
+    listing: ClusterAdapterList = await state.service.catalog.listing.remote()
+    wanted = state.settings.replicas or 1
+    if len(listing.replicas) < wanted:  # model replicas report to the catalog once their engine runs
+        return JSONResponse({"status": "starting", "replicas": len(listing.replicas), "wanted": wanted},
+                            status_code=503)
     default = await state.service.catalog.get_default.remote()
     if default is None:
         return JSONResponse({"status": "no_adapter"}, status_code=503)
-    return JSONResponse({"status": "ready", "default_adapter": default})
+    return JSONResponse({"status": "ready", "default_adapter": default, "replicas": len(listing.replicas)})
 
 
 @router.get("/v1/models", response_model=ModelList, responses=error_responses(401))
@@ -219,6 +224,9 @@ async def load_adapter(body: AdapterLoadRequest, request: Request, who: Principa
         out = await handle.publish.remote(body.name, body.source, body.sha256, who.is_admin)
     except RayError as e:
         raise replica_failed(e) from None
+    holder = _answered_by.get()
+    if holder is not None:
+        holder.append(out["replica"])
     if "error" in out:
         raise out["error"].error()
     return AdapterInfo.model_validate(out["info"])

@@ -142,7 +142,7 @@ class ModelReplica:
             return {"info": info.model_copy(update={"version": entry.version}).model_dump(),
                     "replica": self.replica_id}
         except APIError as e:
-            return {"error": WireError.of(e)}
+            return {"error": WireError.of(e), "replica": self.replica_id}
 
     # ---- requests -------------------------------------------------------------------------------
 
@@ -172,6 +172,7 @@ class ModelReplica:
     async def __del__(self) -> None:
         """Serve's graceful stop (after the running requests finished): end the engine's
         processes with the replica, rather than leaving them to the OS."""
+        await self.catalog.forget_replica.remote(self.replica_id)
         self.state.frontend.close()
         await self.state.engine.shutdown()
 
