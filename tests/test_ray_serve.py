@@ -201,3 +201,56 @@ def test_sigterm_drains_running_streams(cluster: ServerProc):
     assert len(stream.token_ids) > 0
     assert cluster.proc.wait(timeout=120) == 0
     assert "drained unfinished=0" in cluster.log.read_text()
+
+
+# ---- a second cluster on Serve's default routing (no multiplexing), after the first one stopped ----
+
+@pytest.fixture(scope="module")
+def spread_cluster(tiny: Tiny, tmp_path_factory: pytest.TempPathFactory):
+    """Without adapter affinity every replica ends up loading every adapter: what a replace must
+    keep consistent across replicas."""
+    home = tmp_path_factory.mktemp("ray-home-spread")
+    args = ["--replicas", "2", "--no-replica-affinity", "--model", str(tiny.llm), "--dtype", "float32",
+            "--max-num-seqs", "32", "--max-model-len", "1024", "--cpu-kv-cache-gib", "0.25", "--ray-num-cpus", "2"]
+    for name, path in tiny.adapters.items():
+        args += ["--adapter", f"{name}={path}"]
+    srv = start_server(args, home, home / "cluster.log", timeout=600)
+    yield srv
+    stop_server(srv)
+
+
+def test_replace_reaches_every_replica(spread_cluster: ServerProc, server: ServerProc, tiny: Tiny):
+    url = spread_cluster.url
+    text = "Tell me a long story about the sea."
+    want_v1 = tokens(chat(server.url, "alpha", text, LONG))
+    want_v2 = tokens(chat(server.url, "beta", text, 24))
+    for _ in range(30):  # random routing: soon both replicas hold alpha v1
+        assert tokens(chat(url, "alpha", text, 24)) == want_v1[:24]
+        alpha = next(a for a in listing(url)["data"] if a["name"] == "alpha")
+        if len(alpha["replicas"]) == 2:
+            break
+    assert alpha["replicas"] and set(alpha["replicas"].values()) == {1} and len(alpha["replicas"]) == 2
+    long = BackgroundStream(url, "alpha", text)
+    long.start()
+    assert long.started.wait(120)
+    r = httpx.post(f"{url}/v1/adapters", json={"name": "alpha", "source": str(tiny.adapters["beta"])}, timeout=120)
+    assert r.status_code == 200 and r.json()["version"] == 2, r.text
+    seen: set[str] = set()
+    for _ in range(30):  # whichever replica answers, it answers with v2 (the stale one reloads first)
+        reply = chat(url, "alpha", text, 24)
+        assert tokens(reply) == want_v2
+        seen.add(replica_of(reply))
+        if len(seen) == 2:
+            break
+    assert len(seen) == 2
+    stream = long.result()
+    assert stream.done and stream.token_ids == want_v1, "the running stream finished on v1"
+    deadline = time.monotonic() + 30
+    while True:  # v1 leaves both engines once its last stream ended
+        state = listing(url)
+        alpha = next(a for a in state["data"] if a["name"] == "alpha")
+        engines = [r["engine_versions"].get("alpha") for r in state["replicas"]]
+        if set(alpha["replicas"].values()) == {2} and engines == [1, 1]:
+            break
+        assert time.monotonic() < deadline, (alpha, engines)
+        time.sleep(0.5)

@@ -33,6 +33,8 @@ class ReplicaHolding(BaseModel):
     pid: int
     adapters: dict[str, int] = Field(default_factory=dict)
     loads: int = Field(0, description="Adapter loads this replica has done (first use, new version).")
+    engine_versions: dict[str, int] = Field(
+        default_factory=dict, description="adapter -> versions in this replica's engine (current + draining).")
 
 
 class ClusterAdapter(BaseModel):
@@ -93,8 +95,8 @@ class AdapterCatalog:
     def set_default(self, name: str) -> None:
         self.default = name
 
-    def report(self, replica: str, pid: int, adapters: dict[str, int], loads: int) -> None:
-        self.holdings[replica] = ReplicaHolding(replica=replica, pid=pid, adapters=adapters, loads=loads)
+    def report(self, holding: ReplicaHolding) -> None:
+        self.holdings[holding.replica] = holding
 
     def forget_replica(self, replica: str) -> None:
         self.holdings.pop(replica, None)

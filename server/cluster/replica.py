@@ -17,7 +17,7 @@ import os
 from collections.abc import AsyncGenerator, Awaitable, Callable
 
 from server.adapter_admin import adapter_info, load_from_source
-from server.cluster.catalog import CatalogEntry
+from server.cluster.catalog import CatalogEntry, ReplicaHolding
 from server.cluster.wire import ReplicaHello, WireContext, WireError
 from server.config import Settings
 from server.errors import APIError, Conflict, NotFound
@@ -84,8 +84,15 @@ class ModelReplica:
     async def _catalog(self, method: str, *args: object) -> object:
         return await getattr(self.catalog, method).remote(*args)
 
+    def holding(self) -> ReplicaHolding:
+        engine: dict[str, int] = {}
+        for v in self.state.registry.live_versions():
+            engine[v.name] = engine.get(v.name, 0) + 1
+        return ReplicaHolding(replica=self.replica_id, pid=os.getpid(), adapters=dict(self.versions),
+                              loads=self.loads, engine_versions=engine)
+
     async def _report(self) -> None:
-        await self._catalog("report", self.replica_id, os.getpid(), dict(self.versions), self.loads)
+        await self._catalog("report", self.holding())
 
     async def _install(self, name: str, min_version: int) -> int:
         """Make this replica serve ``name`` at the catalog's current version if it holds none or
@@ -168,6 +175,10 @@ class ModelReplica:
             yield WireError.of(e)
         finally:
             await chunks.aclose()
+            if any(v.retired for v in self.state.registry.live_versions()):
+                # An old version's last stream ended: once the engine dropped it, say so.
+                await self.state.registry.wait_idle()
+                await self._report()
 
     async def __del__(self) -> None:
         """Serve's graceful stop (after the running requests finished): end the engine's
@@ -180,7 +191,4 @@ class ModelReplica:
         """Serve's health check: a dead engine makes Serve replace this replica."""
         await self.state.engine.check_health()
 
-    def stats(self) -> dict:
-        return {"replica": self.replica_id, "pid": os.getpid(), "adapters": dict(self.versions), "loads": self.loads,
-                "running": self.state.admission.running}
 
