@@ -143,6 +143,9 @@ class Settings(BaseSettings):
     replica_affinity: bool = Field(
         True, description="Route each request to a replica that holds its adapter (Serve model multiplexing); off: "
                           "Serve's default routing (the benchmark's baseline).")
+    replica_metrics_port: int | None = Field(
+        None, ge=1, le=65535, description="Per-replica Prometheus endpoints: the model replica of local rank r serves "
+                                          "GET /metrics on this port + r (series labelled replica=...); unset: off.")
     autoscale_max_replicas: int | None = Field(
         None, ge=1, description="Autoscale the model replicas between --replicas and this many (Serve "
                                 "AutoscalingConfig); unset: a fixed count.")

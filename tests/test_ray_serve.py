@@ -9,7 +9,11 @@ Every answer is compared token for token with the single ``aura serve`` of tests
 from __future__ import annotations
 
 import os
+import re
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -18,7 +22,7 @@ import psutil
 import pytest
 
 from conftest import Tiny
-from launch import ServerProc, start_server, stop_server
+from launch import ROOT, ServerProc, free_port, start_server, stop_server
 from sse import Stream, parse_sse
 from test_serving_api import post_audio
 
@@ -27,10 +31,27 @@ pytest.importorskip("ray.serve")
 LONG = 400  # tokens in a "long" stream: several seconds on this CPU, so things can happen during it
 
 
+def free_ports(n: int) -> int:
+    """The first of ``n`` consecutive free loopback ports."""
+    for _ in range(100):
+        first = free_port()
+        try:
+            for p in range(first, first + n):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p))
+            return first
+        except OSError:
+            continue
+    raise RuntimeError("no consecutive free ports")
+
+
+METRICS_PORT = free_ports(2)
+
+
 @pytest.fixture(scope="module")
 def cluster(tiny: Tiny, tmp_path_factory: pytest.TempPathFactory):
     home = tmp_path_factory.mktemp("ray-home")
-    args = ["--replicas", "2", "--model", str(tiny.llm), "--dtype", "float32", "--max-num-seqs", "32",
+    args = ["--replicas", "2", "--replica-metrics-port", str(METRICS_PORT), "--model", str(tiny.llm), "--dtype", "float32", "--max-num-seqs", "32",
             "--max-model-len", "1024", "--cpu-kv-cache-gib", "0.25", "--ray-num-cpus", "2",
             "--drain-timeout", "60"]
     for name, path in tiny.adapters.items():
@@ -110,6 +131,12 @@ def test_requests_follow_their_adapter_and_spread(cluster: ServerProc):
     assert data["beta"]["replicas"] == {other: 1}
     loads = {r["replica"]: r["loads"] for r in listing(cluster.url)["replicas"]}
     assert loads == {first: 1, other: 1}, "each adapter loaded once, on its own replica"
+    # The same from each replica's own /metrics (replica label next to adapter and tenant).
+    for replica, alpha, beta in ((first, 6, 0), (other, 0, 5)):
+        text = replica_metrics(replica)
+        assert "vllm:" in text, "the replica's engine metrics are served too"
+        assert sample(text, "aura_generations_total", adapter="alpha", outcome="ok", replica=replica) == alpha
+        assert sample(text, "aura_generations_total", adapter="beta", outcome="ok", replica=replica) == beta
 
 
 @pytest.mark.parametrize("adapter", ["alpha", "beta"])
@@ -135,6 +162,43 @@ def test_errors_keep_their_status_and_shape(cluster: ServerProc):
     assert r.status_code == 404 and r.json()["error"]["code"] == "adapter_not_found"
     r = chat(cluster.url, "alpha", max_tokens=10**6)
     assert r.status_code == 400 and r.json()["error"]["code"] == "max_tokens_too_large"
+
+
+def replica_metrics(replica: str) -> str:
+    """The Prometheus text of one model replica (found by its replica label)."""
+    for port in (METRICS_PORT, METRICS_PORT + 1):
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        if f'replica="{replica}"' in text:
+            return text
+    raise AssertionError(f"no metrics endpoint serves {replica}")
+
+
+def sample(text: str, metric: str, **labels: str) -> float:
+    total = 0.0
+    for m in re.finditer(rf"^{re.escape(metric)}\{{([^}}]*)\}} (\S+)$", text, re.M):
+        found = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
+        if all(found.get(k) == v for k, v in labels.items()):
+            total += float(m.group(2))
+    return total
+
+
+def test_client_disconnect_aborts_the_replicas_engine_request(cluster: ServerProc):
+    body = {"model": "alpha", "messages": [{"role": "user", "content": "Tell me a long story."}],
+            "max_tokens": LONG, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{cluster.url}/v1/chat/completions", json=body, timeout=120) as r:
+        replica = r.headers["x-aura-replica"]
+        lines = r.iter_lines()
+        for _ in range(6):
+            next(lines)
+    # Gone after a few chunks: the ingress cancels the replica's stream, which aborts its engine request.
+    deadline = time.monotonic() + 30
+    while True:
+        text = replica_metrics(replica)
+        aborted = sample(text, "aura_generations_total", adapter="alpha", outcome="aborted")
+        if aborted == 1 and sample(text, "aura_engine_requests_unfinished") == 0:
+            break
+        assert time.monotonic() < deadline, (aborted, sample(text, "aura_engine_requests_unfinished"))
+        time.sleep(0.5)
 
 
 def test_hot_swap_while_a_long_stream_runs(cluster: ServerProc, server: ServerProc, tiny: Tiny):
@@ -254,3 +318,12 @@ def test_replace_reaches_every_replica(spread_cluster: ServerProc, server: Serve
             break
         assert time.monotonic() < deadline, (alpha, engines)
         time.sleep(0.5)
+
+
+def test_a_plain_server_never_imports_ray():
+    code = ("import sys; import server.cli, server.app, server.state, server.routes.chat, server.cluster; "
+            "server.cli.settings_from_args(server.cli.build_parser().parse_args(['serve'])); "
+            "assert 'ray' not in sys.modules, 'ray was imported'")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr[-2000:]

@@ -55,7 +55,8 @@ class ModelReplica:
         from ray import serve
 
         from server.logs import setup_logging
-        from server.metrics import log_record
+        from server.cluster.replica_metrics import serve_metrics
+        from server.metrics import ServerMetrics, log_record
         from server.state import build_state
 
         setup_logging(settings.log_level, settings.log_format)
@@ -66,6 +67,15 @@ class ModelReplica:
         self.state: ServerState = await build_state(settings, preload=False)
         if settings.log_requests:
             self.state.service.observers.append(log_record)
+        self._metrics_server = None
+        if settings.replica_metrics_port is not None:
+            metrics = ServerMetrics(settings.metrics_max_label_values)
+            admission, engine = self.state.admission, self.state.engine
+            metrics.bind(in_flight=lambda: admission.running, queued=lambda: admission.waiting,
+                         engine_requests=engine.num_running)
+            self.state.service.observers.append(metrics.observe)
+            self._metrics_server = serve_metrics(settings.host, settings.replica_metrics_port + context.rank.local_rank,
+                                                 metrics.render, self.replica_id)
         self.versions: dict[str, int] = {}  # adapter -> catalog version this replica serves
         self.loads = 0
         self._locks: dict[str, asyncio.Lock] = {}
@@ -184,6 +194,9 @@ class ModelReplica:
         """Serve's graceful stop (after the running requests finished): end the engine's
         processes with the replica, rather than leaving them to the OS."""
         await self.catalog.forget_replica.remote(self.replica_id)
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
         self.state.frontend.close()
         await self.state.engine.shutdown()
 
