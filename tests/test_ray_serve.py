@@ -327,3 +327,15 @@ def test_a_plain_server_never_imports_ray():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_replica_label_is_added_to_every_sample():
+    from server.cluster.replica_metrics import with_label
+
+    text = ('# HELP x_total help {not a label}\n# TYPE x_total counter\nx_total 3.0\n'
+            'y{adapter="a",tenant="t b"} 1\nvllm:lora_requests_info{running_lora_adapters="p,q"} 1.7e+09\n')
+    out = with_label(text, "replica", 'M-"1"')
+    assert out.splitlines() == [
+        "# HELP x_total help {not a label}", "# TYPE x_total counter", 'x_total{replica="M-\\"1\\""} 3.0',
+        'y{replica="M-\\"1\\"",adapter="a",tenant="t b"} 1',
+        'vllm:lora_requests_info{replica="M-\\"1\\"",running_lora_adapters="p,q"} 1.7e+09']

@@ -20,6 +20,7 @@ from server.adapter_admin import adapter_info, load_from_source
 from server.cluster.catalog import CatalogEntry, ReplicaHolding
 from server.cluster.wire import ReplicaHello, WireContext, WireError
 from server.config import Settings
+from server.context import RequestContext
 from server.errors import APIError, Conflict, NotFound
 from server.serving import ChatChunk, ChatJob
 from server.state import ServerState
@@ -168,17 +169,17 @@ class ModelReplica:
         :class:`WireError` item (before or after ``Started``), so the ingress re-raises the same
         status and code. Cancelled by the ingress (client gone): closing ``run`` aborts the engine."""
         name = job.adapter or ""
-        version: int | None = None
         try:
             await self._get_adapter(name)
             version = await self._install(name, wire.min_version)
+            chunks, first = await self._start(job, wire.context(), name, wire.min_version)
         except APIError as e:
             yield ReplicaHello(self.replica_id, None)
             yield WireError.of(e)
             return
-        yield ReplicaHello(self.replica_id, version)
-        chunks = self.state.service.run(job, wire.context())
+        yield ReplicaHello(self.replica_id, self.versions.get(name, version))
         try:
+            yield first
             async for chunk in chunks:
                 yield chunk
         except APIError as e:
@@ -190,15 +191,42 @@ class ModelReplica:
                 await self.state.registry.wait_idle()
                 await self._report()
 
+    async def _start(self, job: ChatJob, ctx: RequestContext, name: str,
+                     min_version: int) -> tuple[AsyncGenerator[ChatChunk, None], ChatChunk]:
+        """``ChatService.run`` up to its first chunk. Serve's LRU may evict this request's adapter
+        while it waits for admission (another adapter's first use needed the slot): then the
+        adapter is loaded again and the request starts once more, instead of a spurious 404."""
+        for attempt in range(2):
+            chunks = self.state.service.run(job, ctx)
+            try:
+                return chunks, await anext(chunks)
+            except NotFound as e:
+                await chunks.aclose()
+                if attempt or e.code != "adapter_not_found":
+                    raise
+                log.info("adapter evicted while the request waited; loading it again",
+                         extra={"replica": self.replica_id, "adapter": name})
+                await self._get_adapter(name)
+                await self._install(name, min_version)
+            except BaseException:
+                await chunks.aclose()
+                raise
+        raise AssertionError("unreachable")
+
     async def __del__(self) -> None:
         """Serve's graceful stop (after the running requests finished): end the engine's
         processes with the replica, rather than leaving them to the OS."""
-        await self.catalog.forget_replica.remote(self.replica_id)
+        from ray.exceptions import RayError
+
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
         self.state.frontend.close()
         await self.state.engine.shutdown()
+        try:
+            await self.catalog.forget_replica.remote(self.replica_id)
+        except RayError:  # the catalog stops with the cluster: nothing left to tell
+            pass
 
     async def check_health(self) -> None:
         """Serve's health check: a dead engine makes Serve replace this replica."""
