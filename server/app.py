@@ -67,6 +67,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = metrics
     # Request ids on every log line + X-Request-ID (pure ASGI: see server/metrics.py).
     app.add_middleware(ObservabilityMiddleware)
+    add_error_handlers(app)
+    return app
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Every failure as ``{"error": {...}}`` (also used by the Ray Serve ingress, server/cluster)."""
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -85,8 +91,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         log.exception("unhandled error")
         err = APIError("internal server error; the request id in X-Request-ID finds it in the logs")
         return JSONResponse(err.to_dict(), status_code=500)
-
-    return app
 
 
 async def _watch_engine(state: ServerState, app: FastAPI, every_s: float = 0.5) -> None:

@@ -83,6 +83,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from server.lifecycle import serve
 
     settings = settings_from_args(args)
+    if settings.replicas is not None:  # Ray Serve; imported here so a plain `aura serve` never imports ray
+        from server.cluster.launch import run_cluster
+
+        return run_cluster(settings)
     return serve(create_app(settings), host=settings.host, port=settings.port, access_log=settings.access_log,
                  drain_timeout_s=settings.drain_timeout_s)
 

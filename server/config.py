@@ -127,6 +127,31 @@ class Settings(BaseSettings):
         400.0, ge=0, description="While the user speaks, warm the engine's prefix cache with the audio so far "
                                  "every this many ms of audio (0: off), so end of speech leaves only the tail to prefill.")
 
+    # Scale-out on Ray Serve (server/cluster/, the `ray` extra). replicas unset: one process, no Ray.
+    replicas: int | None = Field(
+        None, ge=1, description="Serve with Ray Serve: this many model replicas, each with its own engine, behind one "
+                                "ingress (same HTTP API); unset: a single process without Ray.")
+    ray_address: str | None = Field(
+        None, description="Ray cluster to join with --replicas (ray://host:10001, or 'auto'); unset: RAY_ADDRESS, "
+                          "else a new local cluster.")
+    ray_num_cpus: int | None = Field(
+        None, ge=1, description="CPUs a locally started Ray cluster advertises (default: the machine's). Replicas "
+                                "reserve none; vLLM and the front end use their own thread settings.")
+    ray_object_store_bytes: int = Field(
+        200 * 1024**2, ge=80 * 1024**2, description="Object store of a locally started Ray cluster (bytes); the "
+                                                    "requests and chunks that cross it are small.")
+    replica_affinity: bool = Field(
+        True, description="Route each request to a replica that holds its adapter (Serve model multiplexing); off: "
+                          "Serve's default routing (the benchmark's baseline).")
+    replica_metrics_port: int | None = Field(
+        None, ge=1, le=65535, description="Per-replica Prometheus endpoints: the model replica of local rank r serves "
+                                          "GET /metrics on this port + r (series labelled replica=...); unset: off.")
+    autoscale_max_replicas: int | None = Field(
+        None, ge=1, description="Autoscale the model replicas between --replicas and this many (Serve "
+                                "AutoscalingConfig); unset: a fixed count.")
+    autoscale_target_ongoing_requests: float = Field(
+        8.0, gt=0, description="Autoscaling target: requests in progress per model replica.")
+
     log_level: str = Field("INFO", description="debug, info, warning, error (debug also shows vLLM's info lines).")
     log_format: Literal["json", "text"] = Field("json", description="Log lines as JSON objects or as text.")
     access_log: bool = Field(False, description="uvicorn's access log (one line per HTTP request).")

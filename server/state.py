@@ -109,7 +109,8 @@ def default_adapter_path(settings: Settings, model_path: Path, base: BaseModelIn
     return out, False
 
 
-async def build_state(settings: Settings) -> ServerState:
+async def build_state(settings: Settings, *, preload: bool = True) -> ServerState:
+    """``preload=False``: no adapter at start (a Ray model replica loads each on first use)."""
     from transformers import AutoTokenizer
 
     from server.adapter_admin import load_from_source
@@ -154,6 +155,8 @@ async def build_state(settings: Settings) -> ServerState:
     preloads: list[tuple[str, str, bool | None, str | None]] = [
         (name, str(path), None, None) for name, path in settings.adapters.items()]  # pin: None = if room
     preloads += [(a.name, a.source, a.pin, a.sha256) for a in (tenancy_config.adapters if tenancy_config else [])]
+    if not preload:
+        return state
     if not preloads:
         path, trained = default_adapter_path(settings, model_path, base)
         preloads = [("default" if not trained else "aura-demo", str(path), None, None)]
