@@ -193,7 +193,7 @@ class AdapterRegistry:
             if old is not None:
                 await self._retire(old)
         log.info("adapter loaded", extra={"adapter": name, "version": version_no, "lora_id": lora.lora_id,
-                                          "trained": adapter.trained, "pinned": pin, "source": new.source,
+                                          "trained": adapter.trained, "pinned": new.pinned, "merged": new.merged, "source": new.source,
                                           "replaced": old.version if old else None})
         return new
 
