@@ -8,7 +8,13 @@ started in this process and measured in interleaved rounds:
 
 - ``none``: LoRA off in the engine (the floor a LoRA is measured against);
 - ``vllm``: LoRA on, the demo adapter on every request, vLLM's own CPU punica ops;
-- ``segmented``: the same with ``server/engine/cpu_lora.py`` (one GEMM pair per adapter segment).
+- ``segmented``: the same with ``server/engine/cpu_lora.py`` (one GEMM pair per adapter segment);
+- ``merged``: the demo adapter's LoRA merged into the base weights (``adapters/merge.py``, what
+  ``aura serve --merge-adapter`` runs), LoRA off in the engine.
+
+A kernel may end in ``+compile`` (e.g. ``merged+compile``): that engine runs with
+``enforce_eager=False``, so vLLM compiles the model (its default; the server's is eager for a
+fast start). vLLM turns compilation off by itself whenever LoRA is on.
 
 Prompts are the server's own (``adapters.prompt.build_prompt`` with the demo adapter's layout)
 with 32 audio positions passed as embeddings (embedding rows of a filler sentence, different per
@@ -36,7 +42,7 @@ import torch
 
 from bench.common import machine, pct
 
-KERNELS = ("none", "vllm", "segmented")
+KERNELS = ("none", "vllm", "segmented", "merged")
 AUDIO_POSITIONS = 32
 FILLER = ("the quick brown fox jumps over the lazy dog while a small bird sings softly in the old "
           "green tree near the quiet river bank on a warm and sunny afternoon in early summer")
@@ -120,14 +126,15 @@ async def run_load(engine, lora, prompts: list[Prompt], concurrency: int, max_to
     tally.tokens += sum(r[1] for r in results)
 
 
-def parse_mode(mode: str, args: argparse.Namespace) -> tuple[str, int | None, int | None]:
-    """``KERNEL[:MAX_NUM_BATCHED_TOKENS[:BLOCK_SIZE]]``; missing parts come from the flags."""
+def parse_mode(mode: str, args: argparse.Namespace) -> tuple[str, bool, int | None, int | None]:
+    """``KERNEL[+compile][:MAX_NUM_BATCHED_TOKENS[:BLOCK_SIZE]]``; missing parts come from the flags."""
     kernel, *rest = mode.split(":")
-    if kernel not in KERNELS:
-        raise SystemExit(f"unknown mode {mode!r}: the kernel is one of {', '.join(KERNELS)}")
+    kernel, plus, extra = kernel.partition("+")
+    if kernel not in KERNELS or (plus and extra != "compile"):
+        raise SystemExit(f"unknown mode {mode!r}: the kernel is one of {', '.join(KERNELS)}, optionally +compile")
     budget = int(rest[0]) if len(rest) > 0 and rest[0] else args.max_num_batched_tokens
     block = int(rest[1]) if len(rest) > 1 and rest[1] else args.block_size
-    return kernel, budget, block
+    return kernel, bool(plus), budget, block
 
 
 async def start_engine(mode: str, args: argparse.Namespace, model_dir: Path, tokenizer, hidden: int,
@@ -135,10 +142,14 @@ async def start_engine(mode: str, args: argparse.Namespace, model_dir: Path, tok
     from server.engine.base import LoraHandle
     from server.engine.vllm_engine import VLLMEngine
 
-    kernel, budget, block = parse_mode(mode, args)
-    use_lora = kernel != "none"
+    kernel, compile_, budget, block = parse_mode(mode, args)
+    use_lora = kernel not in ("none", "merged")
+    if kernel == "merged":
+        from adapters.merge import merged_model_dir
+
+        model_dir = merged_model_dir(model_dir, DEMO_ADAPTER, args.merge_cache)
     engine = VLLMEngine(
-        model=str(model_dir), tokenizer=tokenizer, hidden_size=hidden, dtype=args.dtype,
+        model=str(model_dir), enforce_eager=not compile_, tokenizer=tokenizer, hidden_size=hidden, dtype=args.dtype,
         max_model_len=1024, max_num_seqs=max(args.concurrency), max_lora_rank=16, max_loras=4,
         enable_prefix_caching=not args.no_prefix_caching, enable_lora=use_lora,
         cpu_lora_kernel=kernel if use_lora else "vllm", max_num_batched_tokens=budget,
@@ -197,6 +208,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--max-num-batched-tokens", type=int, default=None)
     ap.add_argument("--block-size", type=int, default=None, help="KV block size (default: vLLM's)")
+    ap.add_argument("--merge-cache", type=Path, default=Path(os.environ.get("AURA_HOME", Path.home() / ".cache" / "aura")) / "merged",
+                    help="where the merged mode's model folder is made (reused across runs)")
     ap.add_argument("--no-prefix-caching", action="store_true",
                     help="measure every prefill in full (the prompts share the chat-template prefix)")
     args = ap.parse_args()

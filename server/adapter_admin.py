@@ -70,7 +70,9 @@ async def load_from_source(registry: AdapterRegistry, cache: AdapterCache, name:
 def adapter_info(v: AdapterVersion, registry: AdapterRegistry, resident_ids: set[int] | None,
                  default: str | None, previous_version: int | None = None) -> AdapterInfo:
     a = v.adapter
-    if resident_ids is None:
+    if v.merged:
+        resident = "engine"  # in the engine's weights (--merge-adapter)
+    elif resident_ids is None:
         resident = "unknown"
     else:
         resident = "engine" if v.lora.lora_id in resident_ids else "disk"

@@ -18,6 +18,10 @@ class Settings(BaseSettings):
     model_name: str | None = Field(None, description="Name reported in /v1/models (default: folder name).")
     adapters: dict[str, str] = Field(default_factory=dict, description="name -> adapter path to load at start.")
     default_adapter: str | None = Field(None, description="Adapter used when a request names none.")
+    merge_adapter: str | None = Field(
+        None, description="Serve only this adapter (one of --adapter / the config file's, or 'aura-demo'), its LoRA "
+        "merged into the base weights at start (cached under home/merged) and LoRA off in the engine: the fastest "
+        "single-tenant path. Loading other adapters, replacing or unloading it answer 409; a new version needs a restart.")
     config_file: Path | None = Field(None, description="Tenancy/adapters YAML file.")
     home: Path = Field(Path.home() / ".cache" / "aura", description="Models, demo adapter and adapter cache.")
 

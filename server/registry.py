@@ -27,6 +27,7 @@ from pathlib import Path
 
 from adapters.adapter import AuraAdapter, load_adapter
 from adapters.base_model import BaseModelInfo
+from adapters.merge import lora_digest
 from adapters.validate import validate_adapter
 from server.engine.base import Engine, LoraHandle
 from server.errors import Conflict, NotFound
@@ -46,6 +47,13 @@ class AdapterVersion:
     active: int = 0
     retired: bool = False
     dropped: bool = False
+    # The LoRA is merged into the engine's weights (--merge-adapter): the engine gets no LoRA request.
+    merged: bool = False
+
+    @property
+    def engine_lora(self) -> LoraHandle | None:
+        """What a request hands the engine: the LoRA version, or None when it is in the weights."""
+        return None if self.merged else self.lora
 
     @property
     def trained(self) -> bool:
@@ -63,10 +71,23 @@ class AdapterVersion:
         return "draining" if self.retired else "serving"
 
 
+@dataclass(frozen=True)
+class MergedAdapter:
+    """The one adapter whose LoRA the engine's weights already hold (``--merge-adapter``)."""
+
+    name: str
+    lora_sha256: str  # adapters.merge.lora_digest of the folder that was merged
+
+
 class AdapterRegistry:
     def __init__(self, engine: Engine, base: BaseModelInfo, *, max_lora_rank: int,
-                 device: str = "cpu", max_pinned: int | None = None) -> None:
+                 device: str = "cpu", max_pinned: int | None = None, merged: MergedAdapter | None = None) -> None:
         self.engine = engine
+        # Set: this server serves exactly that adapter, merged into the base weights at start.
+        # Its LoRA can change only with the weights, i.e. by a restart: loading any other
+        # adapter, replacing it or unloading it is refused (409) instead of silently serving
+        # weights that no longer match the registry.
+        self.merged = merged
         self.base = base
         self.max_lora_rank = max_lora_rank
         self.device = device
@@ -98,7 +119,9 @@ class AdapterRegistry:
         try:
             return self._current[name]
         except KeyError:
-            raise NotFound(f"adapter '{name}' is not loaded; GET /v1/models lists the adapters you can use",
+            only = (f" (this server serves only '{self.merged.name}', merged into its weights)"
+                    if self.merged is not None else "")
+            raise NotFound(f"adapter '{name}' is not loaded{only}; GET /v1/models lists the adapters you can use",
                            code="adapter_not_found", param="model") from None
 
     def __contains__(self, name: str) -> bool:
@@ -132,13 +155,19 @@ class AdapterRegistry:
         ``fetch`` (instead of ``path``) produces the folder under the name's lock, so a slow
         download cannot be overtaken by a later request for the same name.
         """
+        if self.merged is not None:
+            self._check_merged_name(name)  # before any fetch: a refused load costs nothing
         async with self._name_lock(name):
+            if self.merged is not None:
+                self._check_merged_name(name)
             if fetch is not None:
                 path = await fetch()
             if path is None:
                 raise ValueError("load() needs a path or a fetch function")
             path = Path(path).resolve()
             await asyncio.to_thread(validate_adapter, path, base=self.base, max_lora_rank=self.max_lora_rank)
+            if self.merged is not None:
+                await self._check_merged_digest(name, path)
             adapter = await asyncio.to_thread(load_adapter, path, name, device=self.device)
             old = self._current.get(name)
             async with self._engine_lock:
@@ -149,10 +178,13 @@ class AdapterRegistry:
                         "unload one, or raise --max-loras", code="too_many_pinned")
                 version_no = self._versions.get(name, 0) + 1
                 lora = LoraHandle(name=name, lora_id=next(self._ids), path=path)
-                # Load into the engine before it becomes visible, so the first request does not
-                # stall its batch on a disk read, and a failure leaves the old version serving.
-                await self.engine.add_lora(lora, pin=pin)
-                new = AdapterVersion(name, version_no, adapter, lora, source or str(path), pinned=pin)
+                merged = self.merged is not None
+                if not merged:
+                    # Load into the engine before it becomes visible, so the first request does not
+                    # stall its batch on a disk read, and a failure leaves the old version serving.
+                    await self.engine.add_lora(lora, pin=pin)
+                new = AdapterVersion(name, version_no, adapter, lora, source or str(path), pinned=pin and not merged,
+                                     merged=merged)
                 self._live[lora.lora_id] = new
                 self._current[name] = new  # the swap: one assignment, no await in between
                 self._versions[name] = version_no
@@ -161,11 +193,34 @@ class AdapterRegistry:
             if old is not None:
                 await self._retire(old)
         log.info("adapter loaded", extra={"adapter": name, "version": version_no, "lora_id": lora.lora_id,
-                                          "trained": adapter.trained, "pinned": pin, "source": new.source,
+                                          "trained": adapter.trained, "pinned": new.pinned, "merged": new.merged, "source": new.source,
                                           "replaced": old.version if old else None})
         return new
 
+    def _check_merged_name(self, name: str) -> None:
+        assert self.merged is not None
+        if name != self.merged.name:
+            raise Conflict(
+                f"this server serves only the adapter '{self.merged.name}', merged into the base weights "
+                f"(--merge-adapter); '{name}' cannot be loaded beside it. Serve other adapters from a server "
+                "started without --merge-adapter", code="merged_adapter_only", param="name")
+        if name in self._current:
+            raise Conflict(
+                f"'{name}' is merged into the engine's weights at start and cannot be replaced while serving; "
+                "restart the server with the new version (it is merged again at start), or serve it from a "
+                "server started without --merge-adapter to hot-swap it", code="merged_adapter_replace",
+                param="name")
+
+    async def _check_merged_digest(self, name: str, path: Path) -> None:
+        assert self.merged is not None
+        if await asyncio.to_thread(lora_digest, path) != self.merged.lora_sha256:
+            raise Conflict(f"the LoRA of this '{name}' differs from the one merged into the engine's weights at "
+                           "start; restart the server to serve it", code="merged_adapter_mismatch", param="source")
+
     async def unload(self, name: str) -> AdapterVersion:
+        if self.merged is not None and name == self.merged.name and name in self._current:
+            raise Conflict(f"'{name}' is merged into the engine's weights and is the only adapter this server "
+                           "serves; it cannot be unloaded (stop the server instead)", code="merged_adapter_unload")
         async with self._name_lock(name):
             old = self._current.pop(name, None)
             if old is None:
@@ -187,6 +242,8 @@ class AdapterRegistry:
             return
         version.dropped = True
         self._live.pop(version.lora.lora_id, None)
+        if version.merged:
+            return
         try:
             async with self._engine_lock:
                 await self.engine.remove_lora(version.lora)

@@ -394,7 +394,7 @@ class ChatService:
         )
         request = GenerationRequest(
             request_id=f"{ctx.request_id}-{uuid.uuid4().hex[:8]}", token_ids=prompt.token_ids,
-            is_token_ids=prompt.is_token_ids, audio_embeds=audio, sampling=sampling, lora=version.lora,
+            is_token_ids=prompt.is_token_ids, audio_embeds=audio, sampling=sampling, lora=version.engine_lora,
         )
         return Prepared(job, version, request, audio_seconds, prompt.num_audio_tokens, timings)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from server.admission import AdmissionController
 from server.config import Settings
 from server.engine.base import Engine
 from server.frontend import AudioFrontend
-from server.registry import AdapterRegistry
+from server.registry import AdapterRegistry, MergedAdapter
 from server.serving import ChatService
 from server.sources import AdapterCache
 from server.tenancy import Tenancy
@@ -66,7 +67,7 @@ def resolve_model(settings: Settings) -> tuple[Path, str]:
 
 
 def build_engine(settings: Settings, model_path: Path, tokenizer: PreTrainedTokenizerBase,
-                 base: BaseModelInfo) -> Engine:
+                 base: BaseModelInfo, *, enable_lora: bool = True) -> Engine:
     if settings.engine == "reference":
         from server.engine.reference import ReferenceEngine
 
@@ -85,7 +86,7 @@ def build_engine(settings: Settings, model_path: Path, tokenizer: PreTrainedToke
         enforce_eager=settings.enforce_eager, seed=settings.seed,
         lora_target_modules=list(base.linear_modules),
         cpu_lora_kernel=settings.cpu_lora_kernel, max_num_batched_tokens=settings.max_num_batched_tokens,
-        block_size=settings.kv_block_size,
+        block_size=settings.kv_block_size, enable_lora=enable_lora,
     )
 
 
@@ -109,6 +110,49 @@ def default_adapter_path(settings: Settings, model_path: Path, base: BaseModelIn
     return out, False
 
 
+Preload = tuple[str, str, bool | None, str | None]  # (name, source, pin, sha256)
+
+
+async def prepare_merged(settings: Settings, preloads: list[Preload], model_path: Path, base: BaseModelInfo,
+                         cache: AdapterCache) -> tuple[Path, MergedAdapter]:
+    """``--merge-adapter NAME``: the base model with NAME's LoRA merged in, for a LoRA-free engine.
+
+    NAME must be the one adapter configured (``--adapter`` / the config file / the demo): a
+    merged engine cannot serve any other LoRA, so a second configured adapter is a start-up
+    error rather than a surprise 409 later. The adapter goes through the same content-addressed
+    cache and validation as every load; the merged folder is keyed by both digests
+    (``adapters.merge``), so a restart with a new version merges again and an unchanged pair
+    reuses the folder.
+    """
+    from adapters.merge import MergeError, lora_digest, merged_model_dir
+    from adapters.validate import AdapterValidationError, validate_adapter
+    from server.sources import SourceError
+
+    name = settings.merge_adapter
+    names = [p[0] for p in preloads]
+    if name not in names:
+        raise RuntimeError(f"--merge-adapter {name}: no adapter of that name is configured (configured: {names}); "
+                           f"pass --adapter {name}=PATH or list it in the config file")
+    if len(set(names)) > 1:
+        others = sorted(set(names) - {name})
+        raise RuntimeError(f"--merge-adapter {name} serves that one adapter only, but {others} are configured too; "
+                           "remove them or start without --merge-adapter")
+    _, source, _, sha = next(p for p in preloads if p[0] == name)
+
+    def check(folder: Path) -> None:
+        validate_adapter(folder, base=base, max_lora_rank=settings.max_lora_rank)
+
+    try:
+        fetched = await cache.fetch(source, sha256=sha, in_use=set, trusted=True, validate=check)
+        merged_dir = await asyncio.to_thread(merged_model_dir, model_path, fetched.path, settings.home / "merged")
+        digest = await asyncio.to_thread(lora_digest, fetched.path)
+    except (SourceError, AdapterValidationError, MergeError) as e:
+        raise RuntimeError(f"--merge-adapter {name}: cannot merge the adapter from {source}: {e}") from None
+    log.info("serving one adapter merged into the base weights (LoRA off in the engine)",
+             extra={"adapter": name, "merged_model": str(merged_dir)})
+    return merged_dir, MergedAdapter(name, digest)
+
+
 async def build_state(settings: Settings, *, preload: bool = True) -> ServerState:
     """``preload=False``: no adapter at start (a Ray model replica loads each on first use)."""
     from transformers import AutoTokenizer
@@ -129,37 +173,45 @@ async def build_state(settings: Settings, *, preload: bool = True) -> ServerStat
     tokenizer = AutoTokenizer.from_pretrained(str(model_path))
     if settings.engine == "vllm":
         torch.set_num_threads(max(1, settings.frontend_threads))
-    engine = build_engine(settings, model_path, tokenizer, base)
-    await engine.start()
-    device = resolve_device(settings.device)
-    registry = AdapterRegistry(engine, base, max_lora_rank=settings.max_lora_rank, device=device,
-                               max_pinned=max(0, settings.max_loras - 1))
-    frontend = AudioFrontend(device=device, max_batch=settings.embed_max_batch,
-                             window_ms=settings.embed_batch_window_ms, threads=settings.frontend_threads,
-                             max_upload_bytes=settings.max_upload_bytes,
-                             max_audio_seconds=settings.max_audio_seconds)
-    admission = AdmissionController.from_settings(settings)
-    service = ChatService(settings, engine, registry, frontend, tokenizer, model_name, admission)
     adapter_cache = AdapterCache(
         settings.home / "adapter-cache", max_bytes=settings.adapter_cache_bytes,
         timeout_s=settings.adapter_fetch_timeout_s, allow_http=settings.adapter_allow_http,
         verify=str(settings.adapter_ca_bundle) if settings.adapter_ca_bundle else True,
         roots=settings.adapter_roots, allowed_networks=settings.adapter_allowed_networks,
         workers=settings.adapter_fetch_workers, read_timeout_s=settings.adapter_read_timeout_s)
-    state = ServerState(settings, model_path, model_name, base, tokenizer, engine, registry, frontend, service,
-                        admission, tenancy, adapter_cache)
 
     # (name, source, pin, sha256): --adapter flags first, then the config file's preloads.
     # Flag adapters stay pinned while slots allow (a server's few named adapters should not be
     # LRU-evicted); every load goes through the cache so a version's files never change under it.
-    preloads: list[tuple[str, str, bool | None, str | None]] = [
+    preloads: list[Preload] = [
         (name, str(path), None, None) for name, path in settings.adapters.items()]  # pin: None = if room
     preloads += [(a.name, a.source, a.pin, a.sha256) for a in (tenancy_config.adapters if tenancy_config else [])]
-    if not preload:
-        return state
-    if not preloads:
+    if not preload and settings.merge_adapter:
+        raise RuntimeError("--merge-adapter serves one adapter merged into one engine; Ray replicas (--replicas) "
+                           "load adapters per replica on first use, so start them without --merge-adapter")
+    if preload and not preloads:
         path, trained = default_adapter_path(settings, model_path, base)
         preloads = [("default" if not trained else "aura-demo", str(path), None, None)]
+
+    engine_model, merged = model_path, None
+    if settings.merge_adapter:
+        engine_model, merged = await prepare_merged(settings, preloads, model_path, base, adapter_cache)
+    engine = build_engine(settings, engine_model, tokenizer, base, enable_lora=merged is None)
+    await engine.start()
+    device = resolve_device(settings.device)
+    registry = AdapterRegistry(engine, base, max_lora_rank=settings.max_lora_rank, device=device,
+                               max_pinned=max(0, settings.max_loras - 1), merged=merged)
+    frontend = AudioFrontend(device=device, max_batch=settings.embed_max_batch,
+                             window_ms=settings.embed_batch_window_ms, threads=settings.frontend_threads,
+                             max_upload_bytes=settings.max_upload_bytes,
+                             max_audio_seconds=settings.max_audio_seconds)
+    admission = AdmissionController.from_settings(settings)
+    service = ChatService(settings, engine, registry, frontend, tokenizer, model_name, admission)
+    state = ServerState(settings, model_path, model_name, base, tokenizer, engine, registry, frontend, service,
+                        admission, tenancy, adapter_cache)
+    if not preload:
+        return state
+
     for name, source, pin_wish, sha in preloads:
         pin = bool(pin_wish)
         if pin_wish is None:

@@ -170,6 +170,8 @@ class VLLMEngine(Engine):
         await self._llm.remove_lora(lora.lora_id)
 
     async def list_loras(self) -> set[int] | None:
+        if not self._args["enable_lora"]:
+            return set()  # LoRA off (e.g. the adapter is merged into the weights): no slots to list
         return set(await self._llm.list_loras())
 
     async def check_health(self) -> None:
