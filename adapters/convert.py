@@ -34,15 +34,12 @@ Rank-0 variables are not weights but model options (``decoder/num_heads``, ``dec
 from __future__ import annotations
 
 import json
-import logging
-import os
 import re
+import logging
 import shutil
 import struct
 import sys
-import tempfile
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -54,6 +51,7 @@ import torch
 from tqdm.auto import tqdm
 
 from adapters.adapter import sha256_file
+from adapters.atomic_dir import atomic_dir
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +71,7 @@ __all__ = [
 PROVENANCE_FILE = "aura_conversion.json"
 
 # --------------------------------------------------------------------------------------------
-# Shared plumbing: messages, atomic output
+# Shared plumbing: messages, provenance
 # --------------------------------------------------------------------------------------------
 
 
@@ -90,76 +88,6 @@ def _say(message: str, progress: bool) -> None:
         tqdm.write(f"[aura] {message}", file=sys.stderr)
     else:
         logger.debug(message)
-
-
-def _fsync_tree(root: Path) -> None:
-    """Flush file contents before the rename, so a crash cannot publish a folder of empty files."""
-    for path in root.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as fh:
-                os.fsync(fh.fileno())
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def remove_stale_partials(out_dir: Path) -> None:
-    """Delete temporary folders left by conversions whose process died (same host only).
-
-    Folders of live processes are kept: another process may be converting the same model
-    right now.
-    """
-    out_dir = Path(out_dir).expanduser().absolute()
-    if not out_dir.parent.is_dir():
-        return
-    pattern = re.compile(rf"^\.{re.escape(out_dir.name)}\.(?:partial|old)-(\d+)-")
-    for entry in out_dir.parent.iterdir():
-        match = pattern.match(entry.name)
-        if match and entry.is_dir() and not _pid_alive(int(match.group(1))):
-            logger.info("removing a stale partial conversion %s", entry)
-            shutil.rmtree(entry, ignore_errors=True)
-
-
-@contextmanager
-def _atomic_dir(out_dir: Path, *, overwrite: bool) -> Iterator[Path]:
-    """Yield an empty temporary folder that becomes ``out_dir`` only if the block succeeds.
-
-    The temporary folder sits next to the target (same filesystem, so ``rename`` is atomic)
-    under a hidden name that readers never mistake for a model. If another process finished
-    the same target meanwhile and ``overwrite`` is off, its result wins and ours is dropped.
-    """
-    out_dir = Path(out_dir).expanduser().absolute()
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} already exists (pass overwrite=True to replace it)")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-{os.getpid()}-", dir=out_dir.parent))
-    try:
-        yield tmp
-        # mkdtemp makes the folder 0700 and safetensors writes 0600 files; a model cache is
-        # meant to be read by other users (a server account, a container).
-        for path in tmp.rglob("*"):
-            os.chmod(path, 0o755 if path.is_dir() else 0o644)
-        os.chmod(tmp, 0o755)
-        _fsync_tree(tmp)
-        if out_dir.exists():
-            if not overwrite:
-                raise FileExistsError(f"{out_dir} appeared while converting (another process?)")
-            trash = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-            os.rename(out_dir, trash)
-            os.rename(tmp, out_dir)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _write_provenance(folder: Path, *, kind: str, source: Path, files: list[Path], extra: dict[str, Any]) -> None:
@@ -253,7 +181,7 @@ def convert_gguf_llm(
         logger.debug("gguf conversion: %s", text)
 
     try:
-        with _atomic_dir(out_dir, overwrite=overwrite) as tmp, _transformers_bars(progress):
+        with atomic_dir(out_dir, overwrite=overwrite, shared=True) as tmp, _transformers_bars(progress):
             step("reading tokenizer")
             src_dir, name = gguf_path.parent, gguf_path.name
             tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=name)
@@ -825,7 +753,7 @@ def convert_ct2_whisper(
     state = ct2_whisper_to_state_dict(tensors, dtype=dtype, progress=progress)
     del tensors
 
-    with _atomic_dir(out_dir, overwrite=overwrite) as tmp:
+    with atomic_dir(out_dir, overwrite=overwrite, shared=True) as tmp:
         from transformers.initialization import no_init_weights
 
         with no_init_weights():

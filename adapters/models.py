@@ -23,7 +23,9 @@ from pathlib import Path
 
 import torch
 
-from .convert import PROVENANCE_FILE, _say, convert_ct2_whisper, convert_gguf_llm, remove_stale_partials
+from adapters.atomic_dir import remove_stale_partials
+
+from .convert import PROVENANCE_FILE, _say, convert_ct2_whisper, convert_gguf_llm
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +111,8 @@ def _is_finished(folder: Path, required: tuple[str, ...]) -> bool:
 def _prepare_one(
     what: str, target: Path, required: tuple[str, ...], force: bool, progress: bool, convert: Callable[..., Path]
 ) -> Path:
-    remove_stale_partials(target)
+    for stale in remove_stale_partials(target):
+        logger.info("removed a stale partial conversion %s", stale)
     if target.exists() and not force:
         if _is_finished(target, required):
             logger.debug("%s already prepared at %s", what, target)

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from adapters import convert
+from adapters.atomic_dir import atomic_dir
 from adapters.convert import (
     CT2_WHISPER_OPTION_NAMES,
     hf_to_ct2_whisper_names,
@@ -286,18 +287,18 @@ def test_demo_models_dir_follows_aura_home(monkeypatch: pytest.MonkeyPatch, tmp_
 def test_interrupted_conversion_leaves_nothing(tmp_path: Path) -> None:
     target = tmp_path / "models" / "m"
     with pytest.raises(RuntimeError, match="boom"):
-        with convert._atomic_dir(target, overwrite=False) as tmp:
+        with atomic_dir(target, overwrite=False, shared=True) as tmp:
             (tmp / "config.json").write_text("{}")
             raise RuntimeError("boom")
     assert not target.exists() and not list(target.parent.iterdir())
 
-    with convert._atomic_dir(target, overwrite=False) as tmp:
+    with atomic_dir(target, overwrite=False, shared=True) as tmp:
         (tmp / "config.json").write_text("{}")
     assert (target / "config.json").is_file()
     with pytest.raises(FileExistsError):
-        with convert._atomic_dir(target, overwrite=False):
+        with atomic_dir(target, overwrite=False, shared=True):
             pass
-    with convert._atomic_dir(target, overwrite=True) as tmp:
+    with atomic_dir(target, overwrite=True, shared=True) as tmp:
         (tmp / "new").write_text("x")
     assert sorted(p.name for p in target.iterdir()) == ["new"]
     assert [p.name for p in target.parent.iterdir()] == ["m"]
@@ -309,7 +310,7 @@ def test_prepare_demo_models_converts_once(monkeypatch: pytest.MonkeyPatch, tmp_
     def fake(kind: str, files: tuple[str, ...]):
         def run(src: Path, out: Path, *, dtype: torch.dtype, progress: bool, overwrite: bool) -> Path:
             calls.append(kind)
-            with convert._atomic_dir(out, overwrite=overwrite) as tmp:
+            with atomic_dir(out, overwrite=overwrite, shared=True) as tmp:
                 for name in files:
                     (tmp / name).write_text("{}")
             return out
