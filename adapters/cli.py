@@ -20,7 +20,7 @@ def _print_json(obj: Any) -> None:
 
 
 def _demo_paths() -> tuple[Path, Path]:
-    from adapters.models import DEMO_LLM_NAME, DEMO_TEACHER_NAME, demo_models_dir
+    from adapters.provision.demo import DEMO_LLM_NAME, DEMO_TEACHER_NAME, demo_models_dir
 
     root = demo_models_dir()
     return root / DEMO_LLM_NAME, root / DEMO_TEACHER_NAME
@@ -84,7 +84,7 @@ def cmd_data_responses(args: argparse.Namespace) -> int:
 
 
 def cmd_data_demo(args: argparse.Namespace) -> int:
-    from adapters.models import aura_home
+    from adapters.provision.demo import aura_home
     from adapters.training.corpus import CorpusOptions, build_corpus
 
     out = Path(args.out) if args.out else aura_home() / "corpus"
@@ -104,7 +104,7 @@ def cmd_data_demo(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- models
 def cmd_models_demo(args: argparse.Namespace) -> int:
-    from adapters.models import prepare_demo_models
+    from adapters.provision.demo import prepare_demo_models
 
     models = prepare_demo_models(Path(args.home) if args.home else None, force=args.force, progress=not args.quiet)
     _print_json({"llm": str(models.llm), "teacher": str(models.teacher)})

@@ -201,7 +201,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from adapters.models import DEMO_TEACHER_NAME, demo_models_dir
+    from adapters.provision.demo import DEMO_TEACHER_NAME, demo_models_dir
     from server.evaluation import EvalOptions, run_eval
 
     teacher = None

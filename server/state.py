@@ -58,7 +58,7 @@ def resolve_model(settings: Settings) -> tuple[Path, str]:
     if settings.model is not None:
         path = Path(settings.model).expanduser().resolve()
         return path, settings.model_name or path.name
-    from adapters.models import DEMO_LLM_NAME, prepare_demo_models
+    from adapters.provision.demo import DEMO_LLM_NAME, prepare_demo_models
 
     log.info("no --model given: serving the embedded demo model", extra={"model": DEMO_LLM_NAME})
     models = prepare_demo_models(settings.home)
