@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import sys
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 from server.config import Settings
+from server.logs import setup_child_logging
+
+if multiprocessing.current_process().name != "MainProcess":
+    # A process spawned by multiprocessing (vLLM's engine core) imports the program's main module,
+    # this one, before anything else: its logging is set up here, before vLLM's own imports log.
+    setup_child_logging()
 
 
 def _adapter_pair(text: str) -> tuple[str, str]:

@@ -85,7 +85,7 @@ def build_engine(settings: Settings, model_path: Path, tokenizer: PreTrainedToke
         enforce_eager=settings.enforce_eager, seed=settings.seed,
         lora_target_modules=list(base.linear_modules),
         cpu_lora_kernel=settings.cpu_lora_kernel, max_num_batched_tokens=settings.max_num_batched_tokens,
-        block_size=settings.kv_block_size,
+        block_size=settings.kv_block_size, progress_bars=settings.log_level.upper() == "DEBUG",
     )
 
 

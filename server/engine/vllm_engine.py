@@ -36,7 +36,7 @@ class VLLMEngine(Engine):
                  enforce_eager: bool = True, disable_log_stats: bool = False, seed: int = 0,
                  lora_target_modules: list[str] | None = None, enable_lora: bool = True,
                  cpu_lora_kernel: str = "segmented", max_num_batched_tokens: int | None = None,
-                 block_size: int | None = None) -> None:
+                 block_size: int | None = None, progress_bars: bool = False) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.hidden_size = hidden_size
@@ -50,6 +50,8 @@ class VLLMEngine(Engine):
             # while a burst of prompts is prefilled (None: vLLM's default).
             max_num_batched_tokens=max_num_batched_tokens,
             block_size=block_size,
+            # The weight-loading progress bar is raw stderr output; shown with --log-level debug.
+            use_tqdm_on_load=progress_bars,
         )
         if enable_lora:
             # Restricting LoRA to the linear layers keeps vLLM from wrapping the token embedding
