@@ -90,7 +90,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from server.lifecycle import serve
 
     settings = settings_from_args(args)
+    metrics_listen = None
+    if settings.metrics_port is not None:
+        metrics_listen = (settings.metrics_host or settings.host, settings.metrics_port)
     return serve(create_app(settings), host=settings.host, port=settings.port, access_log=settings.access_log,
+                 metrics_listen=metrics_listen,
                  drain_timeout_s=settings.drain_timeout_s)
 
 

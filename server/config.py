@@ -6,7 +6,7 @@ import ipaddress
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -51,6 +51,16 @@ class Settings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="Address to listen on.")
     port: int = Field(8000, description="Port to listen on.")
+    metrics_port: int | None = Field(
+        None, ge=1, le=65535, description="Serve GET /metrics on this port only (and nothing else there), not "
+        "on the API port: keep the scrape endpoint off the network clients reach. Unset: /metrics on the API port.")
+    metrics_host: str | None = Field(None, description="Address of the metrics listener (default: --host).")
+
+    @model_validator(mode="after")
+    def _metrics_listener_apart(self) -> Settings:
+        if self.metrics_port is not None and self.metrics_port == self.port:
+            raise ValueError(f"metrics_port {self.metrics_port} is the API port: choose another, or leave it unset")
+        return self
 
     # Engine.
     engine: Literal["vllm", "reference"] = Field(
