@@ -1,6 +1,7 @@
 """Training-side subcommands of ``aura``: train, data (responses, demo), models (demo).
 
-``server/cli.py`` owns the ``aura`` entry point and calls :func:`add_commands`; ``aura eval``
+``server/cli.py`` owns the one ``aura`` entry point and calls :func:`add_commands` (there is no
+second entry here: ``adapters`` never imports ``server``, so the whole CLI lives above both); ``aura eval``
 lives there too, because it runs the server's pipeline (``server/evaluation.py``). Heavy imports
 (torch, transformers, vLLM) happen inside the command functions so ``aura --help`` stays fast.
 Progress goes to stderr; each command's last stdout line is one JSON object for scripts.
@@ -151,15 +152,3 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--force", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_models_demo)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Standalone entry (``python -m adapters.cli``) until/besides ``server/cli.py``."""
-    parser = argparse.ArgumentParser(prog="aura")
-    add_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return int(args.func(args))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""The ``aura`` command: serve, adapter tools, and (from adapters) train/eval/data/models."""
+"""The one ``aura`` command: serve, ask, adapter tools, eval, and (from adapters/cli.py) train, data, models."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
+from adapters.cli import add_commands
 from server.config import Settings
 from server.logs import setup_child_logging
 
@@ -238,12 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_adapter_tools(sub)
     _add_ask(sub)
     _add_eval(sub)
-    try:
-        from adapters.cli import add_commands
-    except ImportError:
-        pass
-    else:
-        add_commands(sub)
+    add_commands(sub)
     return parser
 
 
