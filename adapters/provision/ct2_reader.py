@@ -34,8 +34,6 @@ from typing import Any
 import numpy as np
 import torch
 
-
-
 # CTranslate2's DataType enum (include/ctranslate2/types.h). bfloat16 has no numpy dtype: it is
 # read as uint16 and widened through torch.
 _CT2_DTYPES: dict[int, np.dtype] = {

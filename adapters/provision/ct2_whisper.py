@@ -16,13 +16,18 @@ from typing import Any
 import torch
 
 from adapters.atomic_dir import atomic_dir
-from adapters.provision.publish import (
-    TOKENIZER_CONFIG_LEFTOVERS, dtype_name, patch_config_json, say, write_provenance,
-)
 from adapters.provision.ct2_reader import read_ct2_file, read_ct2_model
+from adapters.provision.publish import (
+    TOKENIZER_CONFIG_LEFTOVERS,
+    dtype_name,
+    patch_config_json,
+    say,
+    write_provenance,
+)
 from adapters.provision.whisper_weights import ct2_whisper_to_state_dict, whisper_config_from_ct2
 
 logger = logging.getLogger(__name__)
+
 
 def _whisper_generation_config(config: Any, tokens: dict[str, int], ct2_config: dict[str, Any]) -> Any:
     """The generation config ``WhisperForConditionalGeneration.generate`` reads.

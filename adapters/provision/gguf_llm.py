@@ -19,7 +19,11 @@ from tqdm.auto import tqdm
 
 from adapters.atomic_dir import atomic_dir
 from adapters.provision.publish import (
-    TOKENIZER_CONFIG_LEFTOVERS, dtype_name, patch_config_json, say, transformers_bars,
+    TOKENIZER_CONFIG_LEFTOVERS,
+    dtype_name,
+    patch_config_json,
+    say,
+    transformers_bars,
     write_provenance,
 )
 
@@ -28,6 +32,7 @@ logger = logging.getLogger(__name__)
 # Keys a GGUF-loaded config carries that must not reach a plain checkpoint: vLLM would try to
 # honour a quantization config, and the others are GGUF metadata noise.
 _GGUF_CONFIG_LEFTOVERS = ("quantization_config", "_model_name_or_path", "_name_or_path", "gguf_file")
+
 
 def convert_gguf_llm(
     gguf_path: Path,

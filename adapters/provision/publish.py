@@ -31,7 +31,6 @@ PROVENANCE_FILE = "aura_conversion.json"
 TOKENIZER_CONFIG_LEFTOVERS = ("gguf_file", "name_or_path", "is_local", "local_files_only")
 
 
-
 def say(message: str, progress: bool) -> None:
     """Report a stage so that a user waiting on 2 cores sees what is happening.
 

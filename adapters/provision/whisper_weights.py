@@ -14,8 +14,6 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-
-
 # CTranslate2 fuses q/k/v of self-attention into linear_0 and k/v of cross-attention into
 # linear_1, rows stacked in that order. Whisper's k projections have no bias; CTranslate2 fills
 # their slice of the fused bias with zeros. None below marks such a slice: it is checked to be
