@@ -95,8 +95,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if settings.metrics_port is not None:
         metrics_listen = (settings.metrics_host or settings.host, settings.metrics_port)
     return serve(create_app(settings), host=settings.host, port=settings.port, access_log=settings.access_log,
-                 metrics_listen=metrics_listen,
-                 drain_timeout_s=settings.drain_timeout_s)
+                 drain_timeout_s=settings.drain_timeout_s, keep_alive_timeout_s=settings.keep_alive_timeout_s,
+                 metrics_listen=metrics_listen)
 
 
 def _add_adapter_tools(sub: argparse._SubParsersAction) -> None:

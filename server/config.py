@@ -140,6 +140,10 @@ class Settings(BaseSettings):
     log_level: str = Field("INFO", description="debug, info, warning, error (debug also shows vLLM's info lines).")
     log_format: Literal["json", "text"] = Field("json", description="Log lines as JSON objects or as text.")
     access_log: bool = Field(False, description="uvicorn's access log (one line per HTTP request).")
+    keep_alive_timeout_s: float = Field(
+        75.0, gt=0, le=3600, description="How long an idle HTTP keep-alive connection stays open. Longer than "
+        "the idle timeout of the clients and proxies in front (60 s for most load balancers), so that they, "
+        "not the server, close idle connections: a request sent just as the server closes one fails.")
 
     def resolved_max_cpu_loras(self) -> int:
         return self.max_cpu_loras or max(self.max_loras, 16)

@@ -79,12 +79,13 @@ class DrainingServer(uvicorn.Server):
 
 
 def serve(app: Any, *, host: str, port: int, access_log: bool, drain_timeout_s: float,
-          metrics_listen: tuple[str, int] | None = None) -> int:
+          keep_alive_timeout_s: float = 75.0, metrics_listen: tuple[str, int] | None = None) -> int:
     """Run ``app`` under uvicorn with the draining SIGTERM behaviour; the process exit status.
 
     ``metrics_listen``: a second (host, port) the same server listens on, for ``/metrics`` only
     (:class:`server.routes.metrics.MetricsListener` keeps each listener to its own routes)."""
     config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=access_log,
+                            timeout_keep_alive=keep_alive_timeout_s,
                             # after the drain only stragglers remain; do not wait long for them
                             timeout_graceful_shutdown=5)
     sockets = None
