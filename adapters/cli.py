@@ -1,6 +1,7 @@
 """Training-side subcommands of ``aura``: train, data (responses, demo), models (demo).
 
-``server/cli.py`` owns the ``aura`` entry point and calls :func:`add_commands`; ``aura eval``
+``server/cli.py`` owns the one ``aura`` entry point and calls :func:`add_commands` (there is no
+second entry here: ``adapters`` never imports ``server``, so the whole CLI lives above both); ``aura eval``
 lives there too, because it runs the server's pipeline (``server/evaluation.py``). Heavy imports
 (torch, transformers, vLLM) happen inside the command functions so ``aura --help`` stays fast.
 Progress goes to stderr; each command's last stdout line is one JSON object for scripts.
@@ -20,7 +21,7 @@ def _print_json(obj: Any) -> None:
 
 
 def _demo_paths() -> tuple[Path, Path]:
-    from adapters.models import DEMO_LLM_NAME, DEMO_TEACHER_NAME, demo_models_dir
+    from adapters.provision.demo import DEMO_LLM_NAME, DEMO_TEACHER_NAME, demo_models_dir
 
     root = demo_models_dir()
     return root / DEMO_LLM_NAME, root / DEMO_TEACHER_NAME
@@ -84,7 +85,7 @@ def cmd_data_responses(args: argparse.Namespace) -> int:
 
 
 def cmd_data_demo(args: argparse.Namespace) -> int:
-    from adapters.models import aura_home
+    from adapters.provision.demo import aura_home
     from adapters.training.corpus import CorpusOptions, build_corpus
 
     out = Path(args.out) if args.out else aura_home() / "corpus"
@@ -104,7 +105,7 @@ def cmd_data_demo(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- models
 def cmd_models_demo(args: argparse.Namespace) -> int:
-    from adapters.models import prepare_demo_models
+    from adapters.provision.demo import prepare_demo_models
 
     models = prepare_demo_models(Path(args.home) if args.home else None, force=args.force, progress=not args.quiet)
     _print_json({"llm": str(models.llm), "teacher": str(models.teacher)})
@@ -151,15 +152,3 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--force", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_models_demo)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Standalone entry (``python -m adapters.cli``) until/besides ``server/cli.py``."""
-    parser = argparse.ArgumentParser(prog="aura")
-    add_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return int(args.func(args))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

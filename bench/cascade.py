@@ -197,7 +197,7 @@ def main() -> None:
     sys.path.insert(0, str(ROOT / "tests"))
     from launch import start_server, stop_server  # the tests' own process launcher
 
-    from adapters.models import demo_teacher_source, prepare_demo_models
+    from adapters.provision.demo import demo_teacher_source, prepare_demo_models
 
     home = Path(os.environ.get("AURA_HOME", Path.home() / ".cache" / "aura"))
     models = prepare_demo_models(home, progress=False)

@@ -220,7 +220,7 @@ def main() -> None:
     from adapters.base_model import read_base_model
 
     if args.model is None:
-        from adapters.models import prepare_demo_models
+        from adapters.provision.demo import prepare_demo_models
 
         model_dir = prepare_demo_models(progress=False).llm
     else:

@@ -27,16 +27,16 @@ STAGE1_STEPS=${STAGE1_STEPS:-4000} STAGE2_STEPS=${STAGE2_STEPS:-4000}
 PRECISION=${PRECISION:-fp32} BATCH=${BATCH:-8} ACCUM=${ACCUM:-1} THREADS=${THREADS:-1}
 mkdir -p "$R"
 has() { [[ " $STAGES " == *" $1 "* ]]; }
-train() { if [[ -n "${TORCHRUN:-}" ]]; then $TORCHRUN -m adapters.training.ddp "$@"; else "$PY" -m adapters.cli train "$@"; fi; }
+train() { if [[ -n "${TORCHRUN:-}" ]]; then $TORCHRUN -m adapters.training.ddp "$@"; else "$PY" -m server.cli train "$@"; fi; }
 
-"$PY" -m adapters.cli models demo --quiet                 # SmolLM2-135M-Instruct + Whisper tiny.en (one-time)
+"$PY" -m server.cli models demo --quiet                 # SmolLM2-135M-Instruct + Whisper tiny.en (one-time)
 if has corpus; then
   # LLM-written everyday lines (vLLM) + encyclopedia trigram lines, espeak-ng accents x variants, augmentation
-  "$PY" -m adapters.cli data demo --out "$C" --train "$TRAIN_LINES" --heldout "$HELDOUT" --llm-prompts "$LLM_PROMPTS" --no-responses
+  "$PY" -m server.cli data demo --out "$C" --train "$TRAIN_LINES" --heldout "$HELDOUT" --llm-prompts "$LLM_PROMPTS" --no-responses
 fi
 if has responses; then
-  "$PY" -m adapters.cli data responses --manifest "$C/train.jsonl" --max-tokens 64   # the base LLM's own answers
-  "$PY" -m adapters.cli data responses --manifest "$C/heldout.jsonl" --max-tokens 64
+  "$PY" -m server.cli data responses --manifest "$C/train.jsonl" --max-tokens 64   # the base LLM's own answers
+  "$PY" -m server.cli data responses --manifest "$C/heldout.jsonl" --max-tokens 64
 fi
 common=(--student "$M/smollm2-135m-instruct" --teacher "$M/whisper-tiny.en" --eval-manifest "$C/heldout.jsonl"
         --teacher-cache "$AURA_HOME/teacher_cache" --precision "$PRECISION" --batch-size "$BATCH" --grad-accum "$ACCUM"
@@ -46,15 +46,15 @@ if has stage1; then
       --output "$R/stage1/adapter" --work-dir "$R/stage1/work"
 fi
 if has stage2; then
-  [[ -f "$R/stage1/adapter/aura_config.json" ]] || "$PY" -m adapters.cli train --config bench/train_open_stage1.yaml "${common[@]}" \
+  [[ -f "$R/stage1/adapter/aura_config.json" ]] || "$PY" -m server.cli train --config bench/train_open_stage1.yaml "${common[@]}" \
       --manifest "$C/train.jsonl" --steps "$STAGE1_STEPS" --output "$R/stage1/adapter" --work-dir "$R/stage1/work" --export-only
   train --config bench/train_open_stage2.yaml "${common[@]}" --manifest "$C/train.jsonl" --steps "$STAGE2_STEPS" \
       --init-from "$R/stage1/adapter" --output "$R/stage2/adapter" --work-dir "$R/stage2/work"
 fi
 if has eval; then
   # held-out: no 4-gram shared with training, voice variants never used in training, a third noisy
-  "$PY" -m adapters.cli eval --manifest "$C/heldout.jsonl" --adapter "$R/stage2/adapter" --threads "$THREADS" \
+  "$PY" -m server.cli eval --manifest "$C/heldout.jsonl" --adapter "$R/stage2/adapter" --threads "$THREADS" \
       --details "$R/eval_stage2.jsonl" | tee "$R/eval_stage2.json"
-  "$PY" -m adapters.cli eval --manifest "$C/heldout.jsonl" --adapter adapters/demo_adapter --no-cascade --threads "$THREADS" \
+  "$PY" -m server.cli eval --manifest "$C/heldout.jsonl" --adapter adapters/demo_adapter --no-cascade --threads "$THREADS" \
       --details "$R/eval_old_demo.jsonl" | tee "$R/eval_old_demo.json"
 fi

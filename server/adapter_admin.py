@@ -10,27 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from adapters.validate import AdapterValidationError, validate_adapter
-from server.errors import APIError, BadGateway, BadRequest, Forbidden, GatewayTimeout, PayloadTooLarge, Unprocessable
+from server.errors import Unprocessable, error_for_kind
 from server.protocol import AdapterInfo, AdapterVersionInfo
 from server.registry import AdapterRegistry, AdapterVersion
 from server.sources import AdapterCache, SourceError, redact
-
-_SOURCE_ERRORS: dict[str, type[APIError]] = {
-    "bad_source": BadRequest,
-    "forbidden": Forbidden,
-    "unsafe_source": Unprocessable,
-    "not_found": Unprocessable,
-    "checksum_mismatch": Unprocessable,
-    "unsafe_archive": Unprocessable,
-    "too_large": PayloadTooLarge,
-    "timeout": GatewayTimeout,
-    "fetch_failed": BadGateway,
-}
-
-
-def source_error(e: SourceError) -> APIError:
-    cls = _SOURCE_ERRORS.get(e.kind, BadRequest)
-    return cls(e.message, code=f"source_{e.kind}", param="source")
 
 
 def validation_error(e: AdapterValidationError) -> Unprocessable:
@@ -58,7 +41,7 @@ async def load_from_source(registry: AdapterRegistry, cache: AdapterCache, name:
             return (await cache.fetch(source, sha256=sha256, in_use=registry.live_paths, trusted=trusted,
                                       validate=check)).path
         except SourceError as e:
-            raise source_error(e) from None
+            raise error_for_kind(e.kind, e.message, family="source", param="source") from None
 
     try:
         version = await registry.load(name, pin=pin, source=redact(source), fetch=fetch)

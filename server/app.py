@@ -67,6 +67,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = metrics
     # Request ids on every log line + X-Request-ID (pure ASGI: see server/metrics.py).
     app.add_middleware(ObservabilityMiddleware)
+    if settings.metrics_port is not None:
+        app.add_middleware(metrics_route.MetricsListener, metrics_port=settings.metrics_port)
     add_error_handlers(app)
     return app
 

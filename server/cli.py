@@ -1,14 +1,22 @@
-"""The ``aura`` command: serve, adapter tools, and (from adapters) train/eval/data/models."""
+"""The one ``aura`` command: serve, ask, adapter tools, eval, and (from adapters/cli.py) train, data, models."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import sys
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
+from adapters.cli import add_commands
 from server.config import Settings
+from server.logs import setup_child_logging
+
+if multiprocessing.current_process().name != "MainProcess":
+    # A process spawned by multiprocessing (vLLM's engine core) imports the program's main module,
+    # this one, before anything else: its logging is set up here, before vLLM's own imports log.
+    setup_child_logging()
 
 
 def _adapter_pair(text: str) -> tuple[str, str]:
@@ -87,8 +95,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from server.cluster.launch import run_cluster
 
         return run_cluster(settings)
+    metrics_listen = None
+    if settings.metrics_port is not None:
+        metrics_listen = (settings.metrics_host or settings.host, settings.metrics_port)
     return serve(create_app(settings), host=settings.host, port=settings.port, access_log=settings.access_log,
-                 drain_timeout_s=settings.drain_timeout_s)
+                 drain_timeout_s=settings.drain_timeout_s, keep_alive_timeout_s=settings.keep_alive_timeout_s,
+                 metrics_listen=metrics_listen)
 
 
 def _add_adapter_tools(sub: argparse._SubParsersAction) -> None:
@@ -205,7 +217,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from adapters.models import DEMO_TEACHER_NAME, demo_models_dir
+    from adapters.provision.demo import DEMO_TEACHER_NAME, demo_models_dir
     from server.evaluation import EvalOptions, run_eval
 
     teacher = None
@@ -231,12 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_adapter_tools(sub)
     _add_ask(sub)
     _add_eval(sub)
-    try:
-        from adapters.cli import add_commands
-    except ImportError:
-        pass
-    else:
-        add_commands(sub)
+    add_commands(sub)
     return parser
 
 

@@ -6,7 +6,7 @@ import ipaddress
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -55,6 +55,16 @@ class Settings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="Address to listen on.")
     port: int = Field(8000, description="Port to listen on.")
+    metrics_port: int | None = Field(
+        None, ge=1, le=65535, description="Serve GET /metrics on this port only (and nothing else there), not "
+        "on the API port: keep the scrape endpoint off the network clients reach. Unset: /metrics on the API port.")
+    metrics_host: str | None = Field(None, description="Address of the metrics listener (default: --host).")
+
+    @model_validator(mode="after")
+    def _metrics_listener_apart(self) -> Settings:
+        if self.metrics_port is not None and self.metrics_port == self.port:
+            raise ValueError(f"metrics_port {self.metrics_port} is the API port: choose another, or leave it unset")
+        return self
 
     # Engine.
     engine: Literal["vllm", "reference"] = Field(
@@ -159,6 +169,10 @@ class Settings(BaseSettings):
     log_level: str = Field("INFO", description="debug, info, warning, error (debug also shows vLLM's info lines).")
     log_format: Literal["json", "text"] = Field("json", description="Log lines as JSON objects or as text.")
     access_log: bool = Field(False, description="uvicorn's access log (one line per HTTP request).")
+    keep_alive_timeout_s: float = Field(
+        75.0, gt=0, le=3600, description="How long an idle HTTP keep-alive connection stays open. Longer than "
+        "the idle timeout of the clients and proxies in front (60 s for most load balancers), so that they, "
+        "not the server, close idle connections: a request sent just as the server closes one fails.")
 
     def resolved_max_cpu_loras(self) -> int:
         return self.max_cpu_loras or max(self.max_loras, 16)

@@ -140,6 +140,33 @@ class GatewayTimeout(APIError):
     code = "upstream_timeout"
 
 
+# How a lower layer's failure kind (adapters.audio.AudioError, server.sources.SourceError) becomes
+# an HTTP status, decided in one place so one kind never answers two statuses. Unknown kinds: 400.
+_KIND_ERRORS: dict[str, type[APIError]] = {
+    "too_large": PayloadTooLarge,
+    "too_long": PayloadTooLarge,
+    "unsupported": UnsupportedMedia,
+    "corrupt": BadRequest,
+    "empty": BadRequest,
+    "bad_params": BadRequest,
+    "bad_source": BadRequest,
+    "forbidden": Forbidden,
+    "not_found": Unprocessable,
+    "unsafe_source": Unprocessable,
+    "unsafe_archive": Unprocessable,
+    "checksum_mismatch": Unprocessable,
+    "timeout": GatewayTimeout,
+    "fetch_failed": BadGateway,
+}
+
+
+def error_for_kind(kind: str, message: str, *, family: str, param: str) -> APIError:
+    """The error answering a lower layer's failure ``kind``; its code is ``{family}_{kind}``
+    (``audio_too_long``, ``source_timeout``) and ``param`` names the request field at fault."""
+    cls = _KIND_ERRORS.get(kind, BadRequest)
+    return cls(message, code=f"{family}_{kind}", param=param)
+
+
 def first_error(e: ValidationError, where: str) -> Unprocessable:
     """422 naming the first invalid field of a request ``where`` ('body', 'form', ...)."""
     loc, msg = first_error_text(e.errors(), where)

@@ -78,12 +78,21 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
-def serve(app: Any, *, host: str, port: int, access_log: bool, drain_timeout_s: float) -> int:
-    """Run ``app`` under uvicorn with the draining SIGTERM behaviour; the process exit status."""
+def serve(app: Any, *, host: str, port: int, access_log: bool, drain_timeout_s: float,
+          keep_alive_timeout_s: float = 75.0, metrics_listen: tuple[str, int] | None = None) -> int:
+    """Run ``app`` under uvicorn with the draining SIGTERM behaviour; the process exit status.
+
+    ``metrics_listen``: a second (host, port) the same server listens on, for ``/metrics`` only
+    (:class:`server.routes.metrics.MetricsListener` keeps each listener to its own routes)."""
     config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=access_log,
+                            timeout_keep_alive=keep_alive_timeout_s,
                             # after the drain only stragglers remain; do not wait long for them
                             timeout_graceful_shutdown=5)
-    DrainingServer(config, app, drain_timeout_s).run()
+    sockets = None
+    if metrics_listen is not None:
+        metrics_host, metrics_port = metrics_listen
+        sockets = [config.bind_socket(), uvicorn.Config(app, host=metrics_host, port=metrics_port).bind_socket()]
+    DrainingServer(config, app, drain_timeout_s).run(sockets=sockets)
     state = getattr(app.state, "aura", None)
     if state is not None and state.fatal:
         log.error("exiting non-zero for a supervisor restart", extra={"reason": state.fatal,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import logging.config
 import os
-import sys
 import tempfile
 import time
 import warnings
@@ -73,42 +73,79 @@ class BenignVllmWarnings(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if self.keep_all or record.levelno > logging.WARNING:
             return True
-        msg = str(record.msg)
+        try:
+            msg = record.getMessage()  # vLLM often logs "%s is not found ..." with args
+        except (TypeError, ValueError):
+            msg = str(record.msg)
         return not any(s in msg for s in BENIGN_VLLM_WARNINGS)
 
 
-def vllm_logging_config(level: str, fmt: str) -> dict[str, object]:
-    """A ``logging.dictConfig`` for vLLM's ``vllm`` logger — in this process and in the engine
-    processes it spawns, which read it from ``VLLM_LOGGING_CONFIG_PATH`` — that writes through our
-    formatter: one log format on stderr, vLLM's info lines only with ``--log-level debug``."""
+def logging_config(level: str, fmt: str) -> dict[str, object]:
+    """The one ``logging.dictConfig`` of every AuRA process: ours (``server``, ``adapters`` at
+    ``level``), vLLM's (``vllm``: warnings and errors only, :data:`BENIGN_VLLM_WARNINGS` dropped;
+    everything with ``--log-level debug``) and everyone else's (root: warnings and errors), all
+    through our formatter on stderr. vLLM applies the same file in its engine processes
+    (``VLLM_LOGGING_CONFIG_PATH``)."""
     debug = level.upper() == "DEBUG"
     formatter = "server.logs.JsonFormatter" if fmt == "json" else "server.logs.TextFormatter"
     return {
         "version": 1, "disable_existing_loggers": False,
         "formatters": {"aura": {"()": formatter}},
         "filters": {"benign": {"()": "server.logs.BenignVllmWarnings", "keep_all": debug}},
-        "handlers": {"aura": {"class": "logging.StreamHandler", "formatter": "aura", "filters": ["benign"],
-                              "stream": "ext://sys.stderr"}},
-        "loggers": {"vllm": {"handlers": ["aura"], "level": "DEBUG" if debug else "WARNING", "propagate": False}},
+        "handlers": {
+            "aura": {"class": "logging.StreamHandler", "formatter": "aura", "stream": "ext://sys.stderr"},
+            "aura_vllm": {"class": "logging.StreamHandler", "formatter": "aura", "filters": ["benign"],
+                          "stream": "ext://sys.stderr"},
+        },
+        "root": {"handlers": ["aura"], "level": "DEBUG" if debug else "WARNING"},
+        "loggers": {
+            "vllm": {"handlers": ["aura_vllm"], "level": "DEBUG" if debug else "WARNING", "propagate": False},
+            **{name: {"level": level.upper()} for name in ("server", "adapters", "aura")},
+        },
     }
 
 
+# How a process that vLLM spawns learns the log settings before its first import logs anything
+# (see :func:`setup_child_logging`): "<level>:<format>".
+CHILD_ENV = "AURA_PROCESS_LOGGING"
+
+
 def setup_logging(level: str = "INFO", fmt: str = "json") -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(logging.DEBUG if level.upper() == "DEBUG" else logging.WARNING)
-    for name in ("server", "adapters", "aura"):
-        logging.getLogger(name).setLevel(level.upper())
-    # Python warnings (deprecations in dependencies) become log lines too; vLLM's own are noise here.
-    logging.captureWarnings(True)
-    if level.upper() != "DEBUG":
-        warnings.filterwarnings("ignore", category=FutureWarning, module=r"vllm(\.|$)")
-    # vLLM configures its own logger when imported (here and in its engine processes): hand it ours.
+    """Configure this process, and leave what the processes it spawns need in the environment."""
+    _apply(level, fmt)
+    # vLLM configures its own logger in its engine processes: hand it ours.
     fd, path = tempfile.mkstemp(prefix="aura-vllm-logging-", suffix=".json")
     with os.fdopen(fd, "w") as f:
-        json.dump(vllm_logging_config(level, fmt), f)
+        json.dump(logging_config(level, fmt), f)
     os.environ["VLLM_LOGGING_CONFIG_PATH"] = path
     os.environ["VLLM_CONFIGURE_LOGGING"] = "1"
-    logging.getLogger("vllm").setLevel(logging.DEBUG if level.upper() == "DEBUG" else logging.WARNING)
+    os.environ[CHILD_ENV] = f"{level.upper()}:{fmt}"
+    if level.upper() != "DEBUG":
+        # What speaks below Python's logging in child processes, quiet unless debugging: torch's C++
+        # warnings (the CPU worker's "NUMA binding" notice) and the multiprocessing resource tracker's
+        # shutdown warning about vLLM's shared memory (a process of its own that imports nothing of ours).
+        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+        quiet = "ignore:resource_tracker:UserWarning"
+        os.environ["PYTHONWARNINGS"] = ",".join(w for w in (os.environ.get("PYTHONWARNINGS"), quiet) if w)
+
+
+def setup_child_logging() -> bool:
+    """In a process spawned by multiprocessing from a configured AuRA process (vLLM's engine), apply
+    the parent's logging before anything else is imported: vLLM configures logging only after its
+    imports, and what they log meanwhile would reach stderr raw. Returns whether it applied."""
+    value = os.environ.get(CHILD_ENV, "")
+    level, _, fmt = value.partition(":")
+    if not level or fmt not in ("json", "text"):
+        return False
+    _apply(level, fmt)
+    return True
+
+
+def _apply(level: str, fmt: str) -> None:
+    logging.config.dictConfig(logging_config(level, fmt))
+    # Python warnings (deprecations in dependencies) become log lines too; vLLM's and torch's
+    # deprecation notices are noise here unless debugging.
+    logging.captureWarnings(True)
+    if level.upper() != "DEBUG":
+        for category in (FutureWarning, DeprecationWarning):
+            warnings.filterwarnings("ignore", category=category, module=r"(vllm|torch)(\.|$)")

@@ -31,30 +31,14 @@ from server.admission import AdmissionController
 from server.config import Settings
 from server.context import RequestContext
 from server.engine.base import Engine, EngineDead, GenerationRequest, SamplingOptions
-from server.errors import (
-    APIError, BadRequest, PayloadTooLarge, ServiceUnavailable, UnsupportedMedia, Unprocessable,
-)
+from server.errors import BadRequest, PayloadTooLarge, ServiceUnavailable, Unprocessable, error_for_kind
 from server.frontend import AudioFrontend, FrontendTimings
 from server.protocol import PromptTokensDetails, Usage
 from server.registry import AdapterRegistry, AdapterVersion
 
 log = logging.getLogger(__name__)
 
-_AUDIO_ERROR_STATUS: dict[str, type[APIError]] = {
-    "too_large": PayloadTooLarge,
-    "too_long": PayloadTooLarge,
-    "unsupported": UnsupportedMedia,
-    "corrupt": BadRequest,
-    "empty": BadRequest,
-    "bad_params": BadRequest,
-}
-
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed (both engines) accepts
-
-
-def audio_error(e: AudioError) -> APIError:
-    cls = _AUDIO_ERROR_STATUS.get(e.kind, BadRequest)
-    return cls(e.message, code=f"audio_{e.kind}", param="file")
 
 
 @dataclass
@@ -359,7 +343,7 @@ class ChatService:
                 try:
                     decoded, decode_s = await self.frontend.decode(p.data, features.sample_rate)
                 except AudioError as e:
-                    raise audio_error(e) from None
+                    raise error_for_kind(e.kind, e.message, family="audio", param="file") from None
                 if self.settings.max_audio_seconds and audio_seconds + decoded.duration_s > self.settings.max_audio_seconds:
                     raise PayloadTooLarge(
                         f"the request holds {audio_seconds + decoded.duration_s:.1f} s of audio; the limit is "

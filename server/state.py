@@ -59,7 +59,7 @@ def resolve_model(settings: Settings) -> tuple[Path, str]:
     if settings.model is not None:
         path = Path(settings.model).expanduser().resolve()
         return path, settings.model_name or path.name
-    from adapters.models import DEMO_LLM_NAME, prepare_demo_models
+    from adapters.provision.demo import DEMO_LLM_NAME, prepare_demo_models
 
     log.info("no --model given: serving the embedded demo model", extra={"model": DEMO_LLM_NAME})
     models = prepare_demo_models(settings.home)
@@ -87,6 +87,7 @@ def build_engine(settings: Settings, model_path: Path, tokenizer: PreTrainedToke
         lora_target_modules=list(base.linear_modules),
         cpu_lora_kernel=settings.cpu_lora_kernel, max_num_batched_tokens=settings.max_num_batched_tokens,
         block_size=settings.kv_block_size, enable_lora=enable_lora,
+        progress_bars=settings.log_level.upper() == "DEBUG",
     )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from server.cli import build_parser, settings_from_args
@@ -42,3 +44,19 @@ def test_unset_flags_leave_the_environment_in_charge(monkeypatch):
 def test_subcommands_are_grouped():
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     assert {"serve", "ask", "adapter", "train", "eval", "data", "models"} <= set(sub.choices)
+
+
+def test_there_is_one_cli_and_scripts_call_it():
+    """``aura`` (server/cli.py) is the only entry: adapters/cli.py only registers its subcommands,
+    and the shell scripts call ``server.cli`` (``adapters.cli`` had no ``eval``, so a script that
+    called it for one broke at its last step)."""
+    import tomllib
+
+    import adapters.cli
+
+    root = Path(__file__).resolve().parent.parent
+    scripts = tomllib.loads((root / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts == {"aura": "server.cli:main"}
+    assert not hasattr(adapters.cli, "main")
+    for script in (root / "bench").glob("*.sh"):
+        assert "-m adapters.cli" not in script.read_text(), script.name

@@ -42,7 +42,7 @@ def test_eval_output_shape(tmp_path: Path, capsys: pytest.CaptureFixture[str], m
     from tiny_models import make_tiny_llama, save_smollm2_tokenizer
 
     from adapters.adapter import init_adapter
-    from adapters.models import DEMO_TEACHER_NAME, demo_models_dir
+    from adapters.provision.demo import DEMO_TEACHER_NAME, demo_models_dir
     from server.cli import main
 
     tok = save_smollm2_tokenizer(tmp_path / "tok")

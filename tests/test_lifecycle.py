@@ -310,3 +310,21 @@ def test_dead_engine_fails_health_and_requests_fast_then_exits_nonzero(tiny, wav
         assert "exiting non-zero for a supervisor restart" in srv.log.read_text()
     finally:
         stop_server(srv)
+
+
+def test_engine_process_exits_when_the_api_process_is_killed(tiny, tmp_path_factory):
+    """SIGKILL gives the API process no chance to stop vLLM's engine process; the engine process
+    must notice on its own and exit instead of living on as an orphan holding the model."""
+    home = tmp_path_factory.mktemp("orphan")
+    srv = start_server(_args(tiny), home, home / "server.log")
+    cores = [p for p in psutil.Process(srv.proc.pid).children(recursive=True) if "EngineCore" in p.name()]
+    try:
+        assert cores, "no vLLM EngineCore child found"
+        srv.proc.send_signal(signal.SIGKILL)
+        srv.proc.wait(timeout=10)
+        gone, alive = psutil.wait_procs(cores, timeout=20)
+        assert not alive, f"engine processes still alive 20 s after the API process was killed: {alive}"
+    finally:
+        for p in cores:
+            if p.is_running():
+                p.kill()

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import re
 import time
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from pydantic import ValidationError
+
+from launch import free_port, start_server, stop_server
+from server.config import Settings
 
 from server.frontend import FrontendTimings
 from server.metrics import LATENCY_BUCKETS, MAX_LABEL_CHARS, OTHER, LabelCap, ServerMetrics
 from server.serving import RequestRecord
+from server.tenancy import hash_key
 
 
 def scrape(url: str) -> dict[str, list]:
@@ -144,3 +151,41 @@ def test_label_values_are_sanitised_and_refusals_claim_no_slot():
     m.count_request("alpha", "acme", 200)
     fams = {f.name: f.samples for f in text_string_to_metric_families(m.render().decode())}
     assert {s.labels["adapter"] for s in fams["aura_requests"]} == {OTHER, "alpha"}
+
+
+def test_a_metrics_port_gets_metrics_alone_and_the_api_port_none(tiny, speech, tmp_path_factory):
+    """``--metrics-port``: the scrape endpoint moves to a listener of its own (kept off the clients'
+    network by the operator, so no key there); the API port no longer answers /metrics, and the
+    metrics port answers nothing else."""
+    home = tmp_path_factory.mktemp("metrics-port")
+    cfg = home / "aura.yaml"
+    cfg.write_text(json.dumps({
+        "admin_keys": [hash_key("admin-key")],
+        "tenants": {"acme": {"keys": [hash_key("acme-key")], "adapters": ["alpha"], "default_adapter": "alpha"}},
+        "adapters": [{"name": "alpha", "source": str(tiny.adapters["alpha"])}],
+    }))
+    metrics_port = free_port()
+    args = ["--model", str(tiny.llm), "--dtype", "float32", "--max-num-seqs", "8", "--max-model-len", "1024",
+            "--config", str(cfg), "--metrics-port", str(metrics_port)]
+    srv = start_server(args, home, home / "server.log")
+    admin = {"Authorization": "Bearer admin-key"}
+    murl = f"http://127.0.0.1:{metrics_port}"
+    try:
+        r = httpx.post(f"{srv.url}/v1/audio/chat", files={"file": ("q.wav", speech["capital"].read_bytes())},
+                       data={"max_tokens": "4"}, headers={"Authorization": "Bearer acme-key"}, timeout=120)
+        assert r.status_code == 200, r.text
+        families = scrape(murl)
+        assert value(families, "aura_requests", "aura_requests_total", adapter="alpha", tenant="acme", code="200") == 1
+        assert "vllm:num_requests_running" in families
+        r = httpx.get(f"{srv.url}/metrics", headers=admin)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+        for path in ("/health", "/ready", "/v1/models", "/docs"):
+            assert httpx.get(f"{murl}{path}", headers=admin).status_code == 404, path
+        assert httpx.get(f"{srv.url}/health").status_code == 200
+    finally:
+        stop_server(srv)
+
+
+def test_the_metrics_port_must_differ_from_the_api_port():
+    with pytest.raises(ValidationError, match="metrics_port 8000 is the API port"):
+        Settings(port=8000, metrics_port=8000)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import http.client
+import time
 
 import httpx
 import openai
@@ -121,6 +123,22 @@ def test_health_and_ready(server):
     assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
     ready = httpx.get(f"{server.url}/ready").json()
     assert ready["status"] == "ready" and ready["default_adapter"] in ("alpha", "beta")
+
+
+def test_an_idle_keep_alive_connection_outlives_the_clients_idle_timeout(server):
+    """The server must not be the side that closes idle connections on a client's usual schedule:
+    httpx (and most proxies) keep theirs 5-60 s, and a request sent on a pooled connection just as
+    the server closes it fails with a read error (uvicorn's default was 5 s: the soak's ReadErrors)."""
+    host, port = server.url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        for pause in (0.0, 7.0):
+            time.sleep(pause)
+            conn.request("GET", "/health")
+            reply = conn.getresponse()  # RemoteDisconnected if the server closed the idle connection
+            assert reply.status == 200 and reply.read() and not reply.will_close
+    finally:
+        conn.close()
 
 
 def test_request_id_is_echoed(server, speech):

@@ -155,3 +155,23 @@ def test_cli_validate_and_inspect_exit_codes(tiny, tmp_path):
     assert json.loads(inspected.stdout)["lora"]["r"] == 8
     missing = _cli("inspect", str(tmp_path / "nowhere"))
     assert missing.returncode == 2 and "not" in missing.stderr.lower()
+
+
+def test_save_adapter_replaces_whole_or_not_at_all(tiny, base, tmp_path):
+    """A save over an existing adapter publishes the new folder in one rename; a save that fails
+    half-way leaves the old adapter as it was and no hidden leftovers beside it."""
+    from adapters.adapter import load_adapter, save_adapter
+
+    alpha, beta = load_adapter(tiny.adapters["alpha"]), load_adapter(tiny.adapters["beta"])
+    out = tmp_path / "out"
+    save_adapter(out, config=alpha.config, audio_layer=alpha.audio_layer, lora_dir=tiny.adapters["alpha"])
+    validate_adapter(out, base=base, max_lora_rank=64)
+    save_adapter(out, config=beta.config, audio_layer=beta.audio_layer, lora_dir=tiny.adapters["beta"])
+    validate_adapter(out, base=base, max_lora_rank=64)
+    assert (out / LORA_WEIGHTS).read_bytes() == (tiny.adapters["beta"] / LORA_WEIGHTS).read_bytes()
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    with pytest.raises(FileNotFoundError):
+        save_adapter(out, config=alpha.config, audio_layer=alpha.audio_layer, lora_dir=tmp_path / "missing")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]

@@ -36,7 +36,7 @@ class VLLMEngine(Engine):
                  enforce_eager: bool = True, disable_log_stats: bool = False, seed: int = 0,
                  lora_target_modules: list[str] | None = None, enable_lora: bool = True,
                  cpu_lora_kernel: str = "segmented", max_num_batched_tokens: int | None = None,
-                 block_size: int | None = None) -> None:
+                 block_size: int | None = None, progress_bars: bool = False) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.hidden_size = hidden_size
@@ -50,6 +50,8 @@ class VLLMEngine(Engine):
             # while a burst of prompts is prefilled (None: vLLM's default).
             max_num_batched_tokens=max_num_batched_tokens,
             block_size=block_size,
+            # The weight-loading progress bar is raw stderr output; shown with --log-level debug.
+            use_tqdm_on_load=progress_bars,
         )
         if enable_lora:
             # Restricting LoRA to the linear layers keeps vLLM from wrapping the token embedding
@@ -83,6 +85,7 @@ class VLLMEngine(Engine):
                 # waiting for one step holding all of them (bench/lora_overhead.py, c=16:
                 # TTFT p50 0.45x, p90 0.70x, output tok/s 1.19x vs vLLM's 2048).
                 self._args["max_num_batched_tokens"] = max(CPU_MAX_NUM_BATCHED_TOKENS, self._args["max_num_seqs"])
+        self._arm_parent_watch()
         args = AsyncEngineArgs(**{k: v for k, v in self._args.items() if v is not None})
         self._llm = AsyncLLM.from_engine_args(args)
         self._model_dtype = self._llm.model_config.dtype
@@ -101,6 +104,20 @@ class VLLMEngine(Engine):
             if ENTRY_POINT_NAME not in names:
                 log.warning("the CPU LoRA plugin is not installed (reinstall aura-serve): vLLM's slower "
                             "per-token LoRA path will run", extra={"entry_point": ENTRY_POINT_NAME})
+
+    def _arm_parent_watch(self) -> None:
+        """Name this process as the one vLLM's engine process must not outlive (the parent-watch
+        plugin, loaded in vLLM's processes, reads it), and warn when the plugin is not installed."""
+        from importlib.metadata import entry_points
+
+        from server.engine import parent_watch
+
+        os.environ[parent_watch.ENV_VAR] = str(os.getpid())
+        names = {ep.name for ep in entry_points(group="vllm.general_plugins")}
+        if parent_watch.ENTRY_POINT_NAME not in names:
+            log.warning("the parent-watch plugin is not installed (reinstall aura-serve): if this process is "
+                        "killed, vLLM's engine process will outlive it",
+                        extra={"entry_point": parent_watch.ENTRY_POINT_NAME})
 
     async def shutdown(self) -> None:
         if self._llm is not None:

@@ -1,4 +1,4 @@
-"""The demo-model converters: CTranslate2 Whisper and GGUF SmolLM2 into Hugging Face folders.
+"""Demo-model provisioning (adapters/provision): CTranslate2 Whisper and GGUF SmolLM2 into Hugging Face folders.
 
 The real conversions run once per session (about 35 s on 2 cores) into a pytest temp dir, or
 are reused from ``$AURA_HOME`` when a finished conversion is already there.
@@ -18,15 +18,15 @@ import numpy as np
 import pytest
 import torch
 
-from adapters import convert
-from adapters.convert import (
+from adapters.atomic_dir import atomic_dir
+from adapters.provision.ct2_reader import read_ct2_file, read_ct2_model
+from adapters.provision.publish import PROVENANCE_FILE
+from adapters.provision.whisper_weights import (
     CT2_WHISPER_OPTION_NAMES,
     hf_to_ct2_whisper_names,
-    read_ct2_file,
-    read_ct2_model,
     whisper_ct2_to_hf_names,
 )
-from adapters.models import (
+from adapters.provision.demo import (
     DEMO_LLM_NAME,
     DemoModels,
     demo_models_dir,
@@ -46,7 +46,7 @@ def demo_models(tmp_path_factory: pytest.TempPathFactory) -> DemoModels:
     if env_home:
         models = demo_models_dir(Path(env_home))
         llm, teacher = models / DEMO_LLM_NAME, models / "whisper-tiny.en"
-        if (llm / convert.PROVENANCE_FILE).is_file() and (teacher / convert.PROVENANCE_FILE).is_file():
+        if (llm / PROVENANCE_FILE).is_file() and (teacher / PROVENANCE_FILE).is_file():
             return DemoModels(llm=llm, teacher=teacher)
     home = tmp_path_factory.mktemp("aura_home")
     return prepare_demo_models(home, progress=False)
@@ -286,18 +286,18 @@ def test_demo_models_dir_follows_aura_home(monkeypatch: pytest.MonkeyPatch, tmp_
 def test_interrupted_conversion_leaves_nothing(tmp_path: Path) -> None:
     target = tmp_path / "models" / "m"
     with pytest.raises(RuntimeError, match="boom"):
-        with convert._atomic_dir(target, overwrite=False) as tmp:
+        with atomic_dir(target, overwrite=False, shared=True) as tmp:
             (tmp / "config.json").write_text("{}")
             raise RuntimeError("boom")
     assert not target.exists() and not list(target.parent.iterdir())
 
-    with convert._atomic_dir(target, overwrite=False) as tmp:
+    with atomic_dir(target, overwrite=False, shared=True) as tmp:
         (tmp / "config.json").write_text("{}")
     assert (target / "config.json").is_file()
     with pytest.raises(FileExistsError):
-        with convert._atomic_dir(target, overwrite=False):
+        with atomic_dir(target, overwrite=False, shared=True):
             pass
-    with convert._atomic_dir(target, overwrite=True) as tmp:
+    with atomic_dir(target, overwrite=True, shared=True) as tmp:
         (tmp / "new").write_text("x")
     assert sorted(p.name for p in target.iterdir()) == ["new"]
     assert [p.name for p in target.parent.iterdir()] == ["m"]
@@ -309,13 +309,13 @@ def test_prepare_demo_models_converts_once(monkeypatch: pytest.MonkeyPatch, tmp_
     def fake(kind: str, files: tuple[str, ...]):
         def run(src: Path, out: Path, *, dtype: torch.dtype, progress: bool, overwrite: bool) -> Path:
             calls.append(kind)
-            with convert._atomic_dir(out, overwrite=overwrite) as tmp:
+            with atomic_dir(out, overwrite=overwrite, shared=True) as tmp:
                 for name in files:
                     (tmp / name).write_text("{}")
             return out
         return run
 
-    import adapters.models as models
+    import adapters.provision.demo as models
 
     monkeypatch.setattr(models, "convert_gguf_llm", fake("llm", models._LLM_FILES))
     monkeypatch.setattr(models, "convert_ct2_whisper", fake("teacher", models._TEACHER_FILES))

