@@ -35,7 +35,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.common import StreamFailed, machine, make_clips, pct, stream_http
+from bench.common import StreamFailed, machine, make_clips, pct, stream_http, wait_until_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 SYSTEMS = ("aura", "merged", "cascade")
@@ -126,18 +126,8 @@ def start_vllm_server(model: Path, work: Path, max_num_seqs: int, timeout: float
          "--max-num-seqs", str(max_num_seqs)],
         env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"vLLM server exited with {proc.returncode}: see {work / 'vllm_server.log'}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(2)
-    proc.kill()
-    raise RuntimeError(f"vLLM server not ready after {timeout} s")
+    wait_until_ready(proc, url, work / "vllm_server.log", path="/health", timeout=timeout)
+    return proc, url
 
 
 async def bench(args: argparse.Namespace, urls: dict[str, str], cascade: Cascade | None,

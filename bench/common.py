@@ -123,6 +123,24 @@ async def stream_http(client: httpx.AsyncClient, wav: bytes, adapter: str | None
     return StreamResult(ttft_s=(first or end) - t0, itl_s=itl, tokens=tokens, total_s=end - t0)
 
 
+def wait_until_ready(proc: subprocess.Popen, url: str, log_path: Path, *, path: str = "/ready",
+                     timeout: float = 300.0) -> None:
+    """Poll ``url + path`` until it answers 200; a process that exits first, or a timeout, ends the
+    benchmark with the tail of its log (a benchmark against a server that never came up is no run)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            sys.exit(f"server exited with {proc.returncode}: {log_path.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{url}{path}", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    proc.kill()
+    sys.exit(f"server not ready after {timeout:.0f} s: see {log_path}")
+
+
 def machine() -> str:
     import os
     import platform

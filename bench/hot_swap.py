@@ -32,7 +32,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.common import machine, make_clips, pct
+from bench.common import machine, make_clips, pct, wait_until_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_KEY = "bench-admin-key"
@@ -86,18 +86,8 @@ def start(model: Path, adapters: list[Path], work: Path, max_loras: int) -> tupl
         cwd=ROOT, env={**os.environ, "AURA_HOME": str(work / "home")}, stdout=logf, stderr=subprocess.STDOUT,
         start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            sys.exit(f"server exited: {(work / 'server.log').read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    proc.kill()
-    sys.exit("server not ready after 300 s")
+    wait_until_ready(proc, url, work / "server.log")
+    return proc, url
 
 
 async def stream(client: httpx.AsyncClient, wav: bytes, adapter: str, max_tokens: int,
