@@ -45,7 +45,7 @@ def _add_config_overrides(parser: argparse.ArgumentParser) -> None:
 
     for name, info in TrainConfig.model_fields.items():
         flag = "--" + name.replace("_", "-")
-        help_ = info.description or ""
+        help_ = (info.description or "").replace("%", "%%")  # argparse %-formats help text
         if info.annotation is bool:
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_)
         else:

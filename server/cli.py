@@ -55,7 +55,8 @@ def add_settings_flags(parser: argparse.ArgumentParser) -> None:
         flag = "--" + name.replace("_", "-")
         env = f"AURA_{name.upper()}"
         default = field.default if field.default_factory is None else field.default_factory()
-        help_ = f"{field.description or name} [env {env}; default: {default!r}]"
+        # argparse %-formats help text: a literal % in a description must not become a format spec
+        help_ = f"{field.description or name} [env {env}; default: {default!r}]".replace("%", "%%")
         if name == "adapters":
             parser.add_argument("--adapter", dest="adapter", action="append", type=_adapter_pair,
                                 metavar="NAME=PATH", default=[],

@@ -60,3 +60,21 @@ def test_there_is_one_cli_and_scripts_call_it():
     assert not hasattr(adapters.cli, "main")
     for script in (root / "bench").glob("*.sh"):
         assert "-m adapters.cli" not in script.read_text(), script.name
+
+
+def test_every_subcommand_renders_its_help():
+    """argparse %-formats help text, so one "%" in a generated description (a Settings or
+    TrainConfig field) made `aura train --help` crash; every command's help must render."""
+    import argparse
+
+    parser = build_parser()
+    assert "usage:" in parser.format_help()
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    commands = {name: sub for action in subs for name, sub in action.choices.items()}
+    assert {"serve", "train", "eval"} <= set(commands)
+    for name, sub in commands.items():
+        text = sub.format_help()
+        assert "usage:" in text, name
+        for nested in (a for a in sub._actions if isinstance(a, argparse._SubParsersAction)):
+            for inner in nested.choices.values():
+                assert "usage:" in inner.format_help()
