@@ -238,11 +238,11 @@ def test_killed_replica_ends_its_stream_with_an_error_event(cluster: ServerProc)
     assert stream.error is not None, "the stream must end with an error event, not a hang or a silent cut"
     assert stream.error["code"] == "replica_failed"
     assert not stream.done
-    for child in children:  # a SIGKILLed actor cannot stop its engine; don't leave it running
-        try:
-            child.kill()
-        except psutil.NoSuchProcess:
-            pass
+    # A SIGKILLed actor cannot stop its engine: the engine's parent watchdog must end it.
+    _, alive = psutil.wait_procs(children, timeout=30)
+    for child in alive:
+        child.kill()
+    assert not alive, f"the dead replica's engine processes outlived it: {[c.pid for c in alive]}"
     # Later requests succeed: Serve routes around the dead replica and restarts it.
     deadline = time.monotonic() + 180
     while True:
