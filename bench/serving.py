@@ -21,6 +21,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -55,7 +56,7 @@ async def http_phase(url: str, clips: list[bytes], concurrencies: list[int], max
 async def direct_phase(settings, clips: list[bytes], concurrencies: list[int], max_tokens: int,
                        adapter: str | None) -> tuple[dict[int, dict], dict[str, float]]:
     from server.context import RequestContext
-    from server.serving import AudioInput, ChatJob, Started, TextDelta
+    from server.serving import AudioInput, ChatJob, TextDelta
     from server.state import build_state
 
     state = await build_state(settings)
@@ -65,23 +66,28 @@ async def direct_phase(settings, clips: list[bytes], concurrencies: list[int], m
     def job(wav: bytes) -> ChatJob:
         return ChatJob(adapter=name, turns=[("user", [AudioInput(wav)])], max_tokens=max_tokens, stream=True)
 
-    async def served(wav: bytes) -> StreamResult:
-        """The served pipeline, in-process: the same ChatService.run the HTTP route calls."""
-        ctx = RequestContext.local(settings.request_timeout_s)
+    async def timed(token_ids: AsyncIterator[list[int]], t0: float) -> StreamResult:
+        """TTFT, per-token gaps and token count of a stream of token-id chunks that began at ``t0``."""
         first = last = None
         itl, tokens = [], 0
-        async for chunk in state.service.run(job(wav), ctx):
-            if isinstance(chunk, Started) or not (isinstance(chunk, TextDelta) and chunk.token_ids):
+        async for ids in token_ids:
+            if not ids:
                 continue
             now = time.perf_counter()
             if first is None:
                 first = now
             else:
-                itl.append((now - last) / len(chunk.token_ids))
+                itl.append((now - last) / len(ids))
             last = now
-            tokens += len(chunk.token_ids)
+            tokens += len(ids)
         end = time.perf_counter()
-        return StreamResult((first or end) - ctx.arrived_at, itl, tokens, end - ctx.arrived_at)
+        return StreamResult((first or end) - t0, itl, tokens, end - t0)
+
+    async def served(wav: bytes) -> StreamResult:
+        """The served pipeline, in-process: the same ChatService.run the HTTP route calls."""
+        ctx = RequestContext.local(settings.request_timeout_s)
+        chunks = state.service.run(job(wav), ctx)
+        return await timed((c.token_ids async for c in chunks if isinstance(c, TextDelta)), ctx.arrived_at)
 
     prepared, frontend_ms = [], []
     for wav in clips:
@@ -95,20 +101,7 @@ async def direct_phase(settings, clips: list[bytes], concurrencies: list[int], m
         req = p.request
         req.request_id = os.urandom(8).hex()
         t0 = time.perf_counter()
-        first = last = None
-        itl, tokens = [], 0
-        async for chunk in state.engine.generate(req):
-            if not chunk.token_ids:
-                continue
-            now = time.perf_counter()
-            if first is None:
-                first = now
-            else:
-                itl.append((now - last) / len(chunk.token_ids))
-            last = now
-            tokens += len(chunk.token_ids)
-        end = time.perf_counter()
-        return StreamResult((first or end) - t0, itl, tokens, end - t0)
+        return await timed((c.token_ids async for c in state.engine.generate(req)), t0)
 
     out: dict[int, dict] = {}
     service_out: dict[int, dict] = {}

@@ -94,7 +94,13 @@ def file_server(root: Path, *, certfile: Path | None = None, keyfile: Path | Non
                 host: str = "127.0.0.1") -> Iterator[str]:
     """Serve ``root`` on loopback over HTTP (or HTTPS with a cert); yields the base URL."""
     handler = functools.partial(_QuietHandler, directory=str(root))
-    httpd = _QuietServer((host, 0), handler)
+    with _serve(_QuietServer((host, 0), handler), certfile, keyfile) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def _serve(httpd: http.server.HTTPServer, certfile: Path | None = None, keyfile: Path | None = None) -> Iterator[str]:
+    """Run ``httpd`` on a thread (TLS when given a cert) and yield its base URL; shut it down after."""
     scheme = "http"
     if certfile is not None:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -104,21 +110,7 @@ def file_server(root: Path, *, certfile: Path | None = None, keyfile: Path | Non
     t = threading.Thread(target=httpd.serve_forever, daemon=True)
     t.start()
     try:
-        yield f"{scheme}://{host}:{httpd.server_address[1]}"
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-
-
-@contextlib.contextmanager
-def _serve_tls(httpd: http.server.HTTPServer, certfile: Path, keyfile: Path) -> Iterator[str]:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(str(certfile), str(keyfile))
-    httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True)
-    t = threading.Thread(target=httpd.serve_forever, daemon=True)
-    t.start()
-    try:
-        yield f"https://{httpd.server_address[0]}:{httpd.server_address[1]}"
+        yield f"{scheme}://{httpd.server_address[0]}:{httpd.server_address[1]}"
     finally:
         httpd.shutdown()
         httpd.server_close()
@@ -162,7 +154,7 @@ def trickle_server(certfile: Path, keyfile: Path, *, host: str = "127.0.0.1",
                 with seen.lock:
                     seen.open -= 1
 
-    with _serve_tls(_QuietServer((host, 0), Handler), certfile, keyfile) as url:
+    with _serve(_QuietServer((host, 0), Handler), certfile, keyfile) as url:
         yield url, seen
 
 
@@ -180,7 +172,7 @@ def redirect_server(location: str, *, certfile: Path, keyfile: Path, host: str =
             self.send_header("Content-Length", "0")
             self.end_headers()
 
-    with _serve_tls(_QuietServer((host, 0), Handler), certfile, keyfile) as url:
+    with _serve(_QuietServer((host, 0), Handler), certfile, keyfile) as url:
         yield url
 
 
