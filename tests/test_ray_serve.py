@@ -157,6 +157,20 @@ def test_answers_equal_the_single_server(cluster: ServerProc, server: ServerProc
     assert s.headers["x-aura-replica"]
 
 
+def test_a_request_naming_no_adapter_runs_on_the_clusters_default(cluster: ServerProc):
+    """No model, the base model's name or "default": the catalog's default adapter answers, with
+    the same tokens as naming it (the ingress resolves it in one catalog call)."""
+    default = httpx.get(f"{cluster.url}/ready", timeout=30).json()["default_adapter"]
+    assert default in ("alpha", "beta")
+    named = tokens(chat(cluster.url, default))
+    other = "beta" if default == "alpha" else "alpha"
+    assert tokens(chat(cluster.url, other)) != named  # so the wrong adapter could not pass unseen
+    assert tokens(chat(cluster.url, "default")) == named
+    body = {"messages": [{"role": "user", "content": "hi there"}], "max_tokens": 12, "temperature": 0,
+            "return_token_ids": True}
+    assert tokens(httpx.post(f"{cluster.url}/v1/chat/completions", json=body, timeout=120)) == named
+
+
 def test_errors_keep_their_status_and_shape(cluster: ServerProc):
     r = chat(cluster.url, "nope")
     assert r.status_code == 404 and r.json()["error"]["code"] == "adapter_not_found"

@@ -80,8 +80,10 @@ class AdapterCatalog:
             entry.digest = digest
         return entry
 
-    def get(self, name: str) -> CatalogEntry | None:
-        return self.entries.get(name)
+    def get(self, name: str | None) -> CatalogEntry | None:
+        """The entry of ``name``, or of the cluster's default adapter when ``name`` is None (one
+        actor call for a request that names no adapter)."""
+        return self.entries.get(self.default if name is None else name)
 
     def remove(self, name: str) -> CatalogEntry | None:
         entry = self.entries.pop(name, None)

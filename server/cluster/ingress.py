@@ -95,11 +95,15 @@ class RemoteChatService:
         """The catalog entry a request runs on (its name, else the caller's default, else the
         cluster's); 403 before 404 so a tenant cannot probe names outside its list."""
         if name in (None, "", self.model_name, "default"):
-            name = principal.default_adapter or await self.catalog.get_default.remote()
-            if name is None:
-                raise ServiceUnavailable("no adapter is loaded; load one with POST /v1/adapters", code="no_adapter")
+            name = principal.default_adapter
+            if name is None:  # the cluster's default: resolved and fetched in one catalog call
+                entry: CatalogEntry | None = await self.catalog.get.remote(None)
+                if entry is None:
+                    raise ServiceUnavailable("no adapter is loaded; load one with POST /v1/adapters", code="no_adapter")
+                principal.check_adapter(entry.name)
+                return entry
         principal.check_adapter(name)
-        entry: CatalogEntry | None = await self.catalog.get.remote(name)
+        entry = await self.catalog.get.remote(name)
         if entry is None:
             raise NotFound(f"adapter '{name}' is not loaded; GET /v1/models lists the adapters you can use",
                            code="adapter_not_found", param="model")
