@@ -136,6 +136,18 @@ def test_load_audio_file_matches_decode_audio(files: dict[str, Path]) -> None:
     np.testing.assert_array_equal(a.samples, b.samples)
 
 
+def test_pcm_wav_files_load_without_ffmpeg_and_equal_its_decode(files: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Corpus clips (16 kHz mono PCM) are read directly: the same samples FFmpeg gives, and no
+    PyAV needed (a training image may lack it); other files still need FFmpeg."""
+    via_ffmpeg = decode_audio(files["wav16k"].read_bytes())
+    monkeypatch.setattr(audio_mod, "av", None)
+    direct = load_audio_file(files["wav16k"])
+    np.testing.assert_array_equal(direct.samples, via_ffmpeg.samples)
+    assert (direct.source_format, direct.source_channels, direct.source_sample_rate) == ("wav", 1, 16000)
+    with pytest.raises(RuntimeError, match="PyAV"):
+        load_audio_file(files["wav44k_stereo"])  # not at the model's rate: only FFmpeg resamples it
+
+
 def test_thread_safe(files: dict[str, Path]) -> None:
     """The server decodes from a thread pool: concurrent decodes must equal sequential ones."""
     blobs = [p.read_bytes() for p in files.values()] * 3
