@@ -185,7 +185,7 @@ def test_truncated_stage_resumes_exactly(world: dict[str, Path]) -> None:
 
 def test_lazy_features_equal_kept_ones(world: dict[str, Path]) -> None:
     """Large corpora keep only frame counts; the features computed per batch are the same tensors."""
-    from adapters.training.data import build_example, with_features
+    from adapters.training.data import build_example, with_features, with_features_batch
 
     t = Trainer(_config(world, "lazy", steps=1))
     e = t.examples[0]
@@ -194,6 +194,36 @@ def test_lazy_features_equal_kept_ones(world: dict[str, Path]) -> None:
                          transcribe_prompt=t.config.transcribe_prompt, max_response_tokens=64, keep_features=False)
     assert lazy.features is None and (lazy.num_frames, lazy.num_audio_tokens, lazy.prompt_ids) == (e.num_frames, e.num_audio_tokens, e.prompt_ids)
     torch.testing.assert_close(with_features(lazy, t.setup.features).features, e.features)
+    # a batch of lazy clips computed together (as the trainer does, on its device) gives each clip's own features
+    rows = t.setup.rows[:3]
+    lazies = [build_example(i, r, world["manifest"].parent, tokenizer=t.tokenizer, layout=t.setup.layout, features=t.setup.features,
+                            audio_layer=t.student.audio_layer.config, transcribe_prompt=t.config.transcribe_prompt,
+                            max_response_tokens=64, keep_features=False) for i, r in enumerate(rows)]
+    assert len({x.num_frames for x in lazies}) > 1  # different lengths: padding must not leak into a clip's features
+    for got, kept in zip(with_features_batch(lazies, t.setup.features), t.examples[:3]):
+        torch.testing.assert_close(got.features, kept.features, rtol=1e-5, atol=1e-5)
+
+
+def test_time_budget_stops_saves_and_ends_at_the_low_learning_rate(world: dict[str, Path]) -> None:
+    """A run on a lease stops when its wall-clock budget is spent, well before ``steps``, with a
+    checkpoint and an adapter, and its schedule has decayed to the floor by then."""
+    from adapters.adapter import load_adapter
+    from adapters.training.trainer import lr_at
+
+    cfg = _config(world, "budget", max_layer=1, ctc_weight=1.0, steps=100000, time_budget_s=3.0, log_every=1)
+    t = Trainer(cfg)
+    result = t.run()
+    assert 1 <= result.steps < 100000
+    log = [json.loads(line) for line in (t.work_dir / "train_log.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert log[-1]["step"] == result.steps and log[-1]["elapsed_s"] >= 3.0
+    assert sorted(t.work_dir.glob("ckpt-*.pt"))[-1].name == f"ckpt-{result.steps:07d}.pt"
+    assert load_adapter(result.output).config.training["steps"] == result.steps
+    # the schedule follows the clock when the budget runs out first
+    assert lr_at(50, cfg, elapsed_s=3.0) == pytest.approx(cfg.lr * cfg.min_lr_ratio)
+    assert lr_at(50, cfg, elapsed_s=1.5) == pytest.approx(cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5))
+    # resuming a spent run trains nothing more
+    again = Trainer(cfg)
+    assert again.train() == result.steps
 
 
 def test_export_latest_writes_the_checkpointed_adapter(world: dict[str, Path]) -> None:

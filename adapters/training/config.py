@@ -83,6 +83,10 @@ class TrainConfig(BaseModel):
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
     grad_clip: float = Field(1.0, gt=0.0)
     steps: PositiveInt = 500
+    time_budget_s: float | None = Field(
+        None, gt=0, description="Stop after this much training wall time (all sittings together), save and export: for "
+        "leased or preemptible machines. The LR schedule then follows whichever of steps and time runs out first, so such "
+        "a run is not bit-reproducible.")
     batch_size: PositiveInt = 8
     grad_accum: PositiveInt = Field(1, description="Micro-batches per step (batch_size is split); same update, less memory.")
     precision: Precision = "fp32"
@@ -148,7 +152,7 @@ class TrainConfig(BaseModel):
     def fingerprint(self) -> str:
         """Hash of what changes the optimisation trajectory (not bookkeeping like log_every)."""
         skip = {"log_every", "eval_every", "eval_examples", "save_every", "keep_checkpoints", "resume",
-                "progress", "threads", "output", "work_dir", "teacher_cache", "steps", "wer_every", "wer_examples",
+                "progress", "threads", "output", "work_dir", "teacher_cache", "steps", "time_budget_s", "wer_every", "wer_examples",
                 "eval_manifest"}
         data = {k: v for k, v in json.loads(self.model_dump_json()).items() if k not in skip}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

@@ -163,13 +163,28 @@ class Batch:
 
 def with_features(e: Example, features: FeatureConfig) -> Example:
     """``e`` with its log-mel features, computed from the clip if they were not kept."""
-    if e.features is not None:
-        return e
-    samples = torch.from_numpy(load_audio_file(e.audio_path, sample_rate=features.sample_rate).samples.copy())
-    feats, frames = log_mel([samples.float()], features)
-    if int(frames[0]) != e.num_frames:
-        raise RuntimeError(f"{e.audio_path}: the clip changed since training started ({int(frames[0])} frames, was {e.num_frames})")
-    return replace(e, features=feats[0, :, : e.num_frames].contiguous())
+    return with_features_batch([e], features)[0]
+
+
+def with_features_batch(examples: list[Example], features: FeatureConfig, device: torch.device | str = "cpu") -> list[Example]:
+    """``examples`` with their features, the missing ones computed in one batched pass on ``device``.
+
+    A large corpus keeps no features in memory; computing a batch's log-mels together on the
+    training device keeps a GPU fed where a per-clip CPU loop would starve it.
+    """
+    todo = [i for i, e in enumerate(examples) if e.features is None]
+    if not todo:
+        return examples
+    waves = [torch.from_numpy(load_audio_file(examples[i].audio_path, sample_rate=features.sample_rate).samples.copy()).to(device)
+             for i in todo]
+    feats, frames = log_mel([w.float() for w in waves], features)
+    out = list(examples)
+    for j, i in enumerate(todo):
+        e = examples[i]
+        if int(frames[j]) != e.num_frames:
+            raise RuntimeError(f"{e.audio_path}: the clip changed since training started ({int(frames[j])} frames, was {e.num_frames})")
+        out[i] = replace(e, features=feats[j, :, : e.num_frames].float().cpu().contiguous())
+    return out
 
 
 def collate(examples: list[Example], pad_id: int, teacher: list[torch.Tensor] | None = None) -> Batch:

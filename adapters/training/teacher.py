@@ -124,8 +124,8 @@ def teacher_targets(
             groups.setdefault(padded, []).append(i)
     result: list[torch.Tensor | None] = [None] * len(samples)
     for padded, idx in groups.items():
-        feats, frames = log_mel([samples[i].float() for i in idx], features, pad_to_frames=padded)
-        hs = encoder_states(encoder, feats.to(device), layers)
+        feats, frames = log_mel([samples[i].to(device).float() for i in idx], features, pad_to_frames=padded)
+        hs = encoder_states(encoder, feats, layers)
         for b, (i, n_frames) in enumerate(zip(idx, frames.tolist())):
             valid = (int(n_frames) + 1) // 2  # Whisper's conv2 has stride 2, same as the student stem
             result[i] = torch.stack([pool_frames(hs[layer][b], valid, stack_factor) for layer in layers]).cpu()

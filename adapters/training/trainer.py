@@ -27,7 +27,7 @@ from adapters.base_model import BaseModelInfo, read_base_model
 from adapters.features import FeatureConfig
 from adapters.prompt import PromptLayout
 from adapters.training.config import TrainConfig
-from adapters.training.data import Example, ManifestRow, build_example, collate, read_manifest, with_features
+from adapters.training.data import Example, ManifestRow, build_example, collate, read_manifest, with_features, with_features_batch
 from adapters.training.ctc import ctc_loss, greedy_ctc
 from adapters.training.losses import distill_loss, next_token_loss
 from adapters.training.student import AuraStudent, DistillHead
@@ -172,12 +172,15 @@ class DataOrder:
         return out
 
 
-def lr_at(step: int, config: TrainConfig) -> float:
-    """Linear warmup, then cosine decay to ``min_lr_ratio * lr``."""
+def lr_at(step: int, config: TrainConfig, elapsed_s: float = 0.0) -> float:
+    """Linear warmup, then cosine decay to ``min_lr_ratio * lr`` over the steps, or over the time
+    budget if that runs out first (so a run cut by its budget still ends at the low learning rate)."""
     if step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
     span = max(1, config.steps - config.warmup_steps)
     progress = min(1.0, (step - config.warmup_steps) / span)
+    if config.time_budget_s:
+        progress = max(progress, min(1.0, elapsed_s / config.time_budget_s))
     return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
@@ -293,8 +296,9 @@ class Trainer:
                 else:
                     memo[i] = t
         bar = tqdm(total=len(todo), desc=desc, file=sys.stderr, disable=not c.progress or len(todo) < 50, leave=False)
-        for start in range(0, len(todo), 8):
-            chunk = todo[start : start + 8]
+        chunk_size = 8 if self.device.type == "cpu" else 64  # bounded memory on a CPU; a GPU wants bigger passes
+        for start in range(0, len(todo), chunk_size):
+            chunk = todo[start : start + chunk_size]
             samples = [torch.from_numpy(load_audio_file(examples[i].audio_path, sample_rate=s.features.sample_rate).samples.copy()) for i in chunk]
             for i, t in zip(chunk, teacher_targets(self.teacher_encoder, samples, self.teacher_layers,
                                                    stack_factor=self.student.audio_layer.config.stack_factor,
@@ -319,7 +323,7 @@ class Trainer:
         teach = self.teacher_targets_for(examples, "teacher targets", idx, memo) if self.distill else None
         if teach is not None and self.target_stats is not None:
             teach = [self.target_stats.normalize(t) for t in teach]
-        batch = collate([with_features(examples[i], self.setup.features) for i in idx], self.pad_id, teach).to(self.device)
+        batch = collate(with_features_batch([examples[i] for i in idx], self.setup.features, self.device), self.pad_id, teach).to(self.device)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=c.precision == "bf16"):
             out = (module or self.student)(batch, max_layer=c.max_layer, ctc_layer=self.ctc_layer)
             terms: dict[str, torch.Tensor] = {}
@@ -345,7 +349,7 @@ class Trainer:
 
     def train_step(self, step: int) -> dict[str, float]:
         for g in self.optimizer.param_groups:
-            g["lr"] = lr_at(step, self.config)
+            g["lr"] = lr_at(step, self.config, self._elapsed())
         idx = self.batch_indices(step)
         micro = len(idx) // self.config.grad_accum
         self.optimizer.zero_grad(set_to_none=True)
@@ -473,6 +477,8 @@ class Trainer:
             start = self.load_checkpoint(ckpts[-1])
             log.info("resumed from %s at step %d", ckpts[-1], start)
         end = min(c.steps, stop_after) if stop_after is not None else c.steps
+        if c.time_budget_s is not None and self.elapsed_s >= c.time_budget_s:
+            end = start  # resumed after the budget was spent: nothing left to train
         log_file = self.work_dir / "train_log.jsonl"
         bar = tqdm(total=c.steps, initial=start, desc="train", file=sys.stderr, disable=not c.progress, dynamic_ncols=True)
         t0, done = time.perf_counter(), 0
@@ -484,7 +490,12 @@ class Trainer:
                 rec = self.train_step(step)
                 completed = step + 1
                 done += 1
+                if c.time_budget_s is not None and self._elapsed() >= c.time_budget_s:
+                    end = completed  # the budget is spent: this step is the last (logged, then saved below)
+                    log.info("time budget of %.0f s reached at step %d", c.time_budget_s, completed)
                 self._after_step(step, end, rec, window, bar, log_file, t0, done)
+                if completed == end:
+                    break
         except KeyboardInterrupt:
             # Ctrl-C keeps the work: the next run with resume: true continues from here.
             bar.close()
