@@ -1,0 +1,161 @@
+"""Move a training run to a bare GPU machine that has PyTorch but no FFmpeg, vLLM or registry.
+
+Such a lease (this project's GPU machines) receives at most ~48 MiB of files per call, so the
+run's inputs travel as a payload split into parts: the corpus clips as 16 long Opus streams
+(12 kb/s speech; one stream per decoding process) with a sample-offset index, the demo LLM as
+its original GGUF file (converted there by the same code as here, and checked tensor by tensor
+against this machine's conversion), the Whisper encoder in fp16 (lossless: the teacher's
+weights are fp16 to begin with), the manifests and the few wheels the trainer needs.
+
+    python -m bench.gpu_payload pack --corpus $AURA_HOME/corpus --train-manifest train_qa.jsonl \
+        --heldout-manifest heldout_resp.jsonl --out .aura/gpu/payload     # here
+    python -m bench.gpu_payload unpack --payload P --out W                 # there (bench/train_demo_gpu.sh)
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import wave
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+SHARDS = 16
+RATE = 16000
+
+
+def weights_digest(folder: Path) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes: equal digests = bit-identical weights."""
+    from safetensors import safe_open
+
+    h = hashlib.sha256()
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            for k in sorted(st.keys()):
+                t = st.get_tensor(k).contiguous()
+                h.update(f"{k}|{t.dtype}|{tuple(t.shape)}".encode())
+                h.update(t.view(-1).view(__import__("torch").uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _encode_shard(k: int, names: list[str], audio: Path, out: Path) -> dict[str, list[int]]:
+    index: dict[str, list[int]] = {}
+    target = out / f"shard{k:02d}.ogg"
+    proc = subprocess.Popen(["ffmpeg", "-loglevel", "error", "-y", "-f", "s16le", "-ar", str(RATE), "-ac", "1", "-i", "-",
+                             "-c:a", "libopus", "-b:a", "12k", "-application", "voip", "-compression_level", "5", str(target)],
+                            stdin=subprocess.PIPE)
+    assert proc.stdin is not None
+    pos = 0
+    for n in names:
+        with wave.open(str(audio / n)) as w:
+            if (w.getnchannels(), w.getsampwidth(), w.getframerate()) != (1, 2, RATE):
+                raise ValueError(f"{n}: expected 16 kHz mono 16-bit PCM")
+            pcm = w.readframes(w.getnframes())
+        proc.stdin.write(pcm)
+        index[n] = [k, pos, len(pcm) // 2]
+        pos += len(pcm) // 2
+    proc.stdin.close()
+    if proc.wait() != 0:
+        raise RuntimeError(f"ffmpeg failed on shard {k}")
+    print(f"shard {k}: {len(names)} clips, {pos / RATE / 3600:.2f} h", file=sys.stderr, flush=True)
+    return index
+
+
+def pack(corpus: Path, manifests: list[Path], gguf: Path, teacher: Path, wheels: Path | None, out: Path, llm: Path) -> None:
+    shards = out / "shards"
+    shards.mkdir(parents=True, exist_ok=True)
+    if not (shards / "index.json").is_file():
+        names = sorted(p.name for p in (corpus / "audio").glob("*.wav"))
+        with ThreadPoolExecutor(2) as ex:
+            parts = list(ex.map(lambda k: _encode_shard(k, names[k::SHARDS], corpus / "audio", shards), range(SHARDS)))
+        (shards / "index.json").write_text(json.dumps({k: v for p in parts for k, v in p.items()}))
+    for m in manifests:
+        shutil.copy(m, out / m.name)
+    shutil.copy(gguf, out / gguf.name)
+    t_out = out / "teacher"
+    t_out.mkdir(exist_ok=True)
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(str(teacher / "model.safetensors"))
+    enc = {k: v for k, v in sd.items() if k.startswith(("encoder.", "model.encoder."))}
+    lossy = [k for k, v in enc.items() if v.is_floating_point() and not v.half().float().equal(v.float())]
+    if lossy:
+        raise ValueError(f"teacher tensors not exact in fp16: {lossy[:3]}")
+    save_file({k: v.half().contiguous() for k, v in enc.items()}, str(t_out / "model.safetensors"), metadata={"format": "pt"})
+    for f in teacher.glob("*.json"):
+        if f.name != "tokenizer.json":
+            shutil.copy(f, t_out / f.name)
+    if wheels is not None:
+        shutil.copytree(wheels, out / "whl", dirs_exist_ok=True)
+    (out / "llm_digest.txt").write_text(weights_digest(llm) + "\n")
+    print(json.dumps({"payload": str(out), "bytes": sum(f.stat().st_size for f in out.rglob("*") if f.is_file())}))
+
+
+def _decode_shard(args: tuple[Path, int, list[tuple[str, int, int]], Path]) -> int:
+    import soundfile as sf
+
+    shard, _, clips, audio = args
+    x, sr = sf.read(str(shard), dtype="float32")
+    if sr != RATE:
+        raise ValueError(f"{shard}: {sr} Hz")
+    for name, start, n in clips:
+        seg = x[start : start + n]
+        if len(seg) < n:
+            seg = np.pad(seg, (0, n - len(seg)))
+        with wave.open(str(audio / name), "wb") as w:
+            w.setnchannels(1)
+            w.setsampwidth(2)
+            w.setframerate(RATE)
+            w.writeframes(np.clip(np.round(seg * 32768.0), -32768, 32767).astype("<i2").tobytes())
+    return len(clips)
+
+
+def unpack(payload: Path, out: Path) -> None:
+    """Shards -> ``out/corpus/audio/*.wav`` (same names and lengths as the source clips) + manifests."""
+    index = json.loads((payload / "shards" / "index.json").read_text())
+    audio = out / "corpus" / "audio"
+    audio.mkdir(parents=True, exist_ok=True)
+    per: dict[int, list[tuple[str, int, int]]] = {}
+    for name, (k, start, n) in index.items():
+        per.setdefault(k, []).append((name, start, n))
+    jobs = [(payload / "shards" / f"shard{k:02d}.ogg", k, clips, audio) for k, clips in sorted(per.items())]
+    with ProcessPoolExecutor(len(jobs)) as ex:
+        done = sum(ex.map(_decode_shard, jobs))
+    for m in payload.glob("*.jsonl"):
+        shutil.copy(m, out / "corpus" / m.name)
+    print(json.dumps({"clips": done, "corpus": str(out / "corpus")}), flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("pack")
+    a.add_argument("--corpus", type=Path, required=True)
+    a.add_argument("--manifest", type=Path, action="append", required=True, help="manifests to carry (repeat)")
+    a.add_argument("--gguf", type=Path, required=True)
+    a.add_argument("--llm", type=Path, required=True, help="this machine's converted LLM folder (for the digest)")
+    a.add_argument("--teacher", type=Path, required=True)
+    a.add_argument("--wheels", type=Path)
+    a.add_argument("--out", type=Path, required=True)
+    b = sub.add_parser("unpack")
+    b.add_argument("--payload", type=Path, required=True)
+    b.add_argument("--out", type=Path, required=True)
+    c = sub.add_parser("digest")
+    c.add_argument("folder", type=Path)
+    args = p.parse_args()
+    if args.cmd == "pack":
+        pack(args.corpus, args.manifest, args.gguf, args.teacher, args.wheels, args.out, args.llm)
+    elif args.cmd == "unpack":
+        unpack(args.payload, args.out)
+    else:
+        print(weights_digest(args.folder))
+
+
+if __name__ == "__main__":
+    main()

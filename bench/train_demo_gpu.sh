@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# The open-vocabulary demo adapter on one leased GPU (bench/train_open_gpu.yaml), from a payload
+# made by `python -m bench.gpu_payload pack` (see its docstring for why a payload):
+#
+#   bench/train_demo_gpu.sh PAYLOAD_DIR OUT_DIR DEADLINE_UNIX_S
+#
+# Everything lands in OUT_DIR before DEADLINE (the lease's end): the log of every step, the
+# training log, the held-out curve and the adapter (tar, split in 15 MiB pieces). The training
+# time budget is what is left after setup minus a reserve for the final evaluation and export;
+# if the trainer still overruns, it is interrupted (it checkpoints) and the newest checkpoint
+# is exported. Needs python3 with torch, transformers, peft; the payload's wheels add the rest.
+set -euo pipefail
+P=$(realpath "$1"); OUT=$(realpath "$2"); DEADLINE=$3
+W=${WORK:-/tmp/aura_gpu}; RESERVE=${RESERVE:-110}; PY=${PYTHON:-python3}
+mkdir -p "$W" "$OUT"
+cd "$(dirname "$0")/.."
+exec > >(tee -a "$OUT/device.log") 2>&1
+say() { echo "[$(date -u +%T)] $*"; }
+say "start; $(( DEADLINE - $(date +%s) )) s to the deadline"
+"$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')" || true
+if [[ -z "${NO_WHEELS:-}" ]]; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$W/site" "$P"/whl/*.whl
+  export PYTHONPATH=$PWD:$W/site
+else
+  export PYTHONPATH=$PWD
+fi
+say "unpacking the corpus"
+"$PY" -m bench.gpu_payload unpack --payload "$P" --out "$W"
+say "converting the LLM"
+"$PY" - "$P" "$W" <<'PYEOF'
+import sys
+from pathlib import Path
+from adapters.provision.gguf_llm import convert_gguf_llm
+from bench.gpu_payload import weights_digest
+P, W = Path(sys.argv[1]), Path(sys.argv[2])
+out = W / "models" / "smollm2-135m-instruct"
+if not (out / "config.json").is_file():
+    convert_gguf_llm(next(P.glob("*.gguf")), out, progress=False)
+want, got = (P / "llm_digest.txt").read_text().strip(), weights_digest(out)
+print("llm weights digest", got, "== this repo's conversion" if got == want else f"DIFFERS from {want}")
+PYEOF
+cp -r "$P/teacher" "$W/models/whisper-tiny.en"
+budget=$(( DEADLINE - $(date +%s) - RESERVE ))
+say "training for ${budget} s"
+cat > "$W/aura_train.py" <<'PYEOF'
+# `aura train` without the server package (its imports need vLLM and FastAPI, absent here)
+import argparse, sys
+from adapters.cli import add_commands
+p = argparse.ArgumentParser(prog="aura")
+add_commands(p.add_subparsers(dest="cmd", required=True))
+a = p.parse_args(["train", *sys.argv[1:]])
+sys.exit(a.func(a))
+PYEOF
+args=(--config bench/train_open_gpu.yaml --student "$W/models/smollm2-135m-instruct" --teacher "$W/models/whisper-tiny.en"
+      --manifest "$W/corpus/${TRAIN_MANIFEST:-train_qa.jsonl}" --eval-manifest "$W/corpus/${HELDOUT_MANIFEST:-heldout_resp.jsonl}"
+      --teacher-cache "$W/tcache" --output "$W/run/adapter" --work-dir "$W/run/work" --threads "${THREADS:-8}"
+      --time-budget-s "$budget" ${EXTRA:-})
+# SIGINT makes the trainer checkpoint and stop; then the newest checkpoint is exported
+timeout --signal=INT $(( budget + RESERVE - 15 )) "$PY" "$W/aura_train.py" "${args[@]}" \
+  || { say "training did not finish in time; exporting the newest checkpoint"; timeout 40 "$PY" "$W/aura_train.py" "${args[@]}" --export-only || true; }
+say "packing results"
+cp "$W/run/work/train_log.jsonl" "$OUT/" 2>/dev/null || true
+if [[ -f "$W/run/adapter/aura_config.json" ]]; then
+  tar -C "$W/run" -cf - adapter | split -b 15M - "$OUT/adapter.tar.part-"
+fi
+ls -la "$OUT"
+say "done"
