@@ -310,10 +310,11 @@ class Trainer:
                 memo[i] = t
             bar.update(len(chunk))
         bar.close()
+        out = [memo[i] for i in indices]
         if len(memo) > 1024 and memo is self.targets:  # ~0.3 MB each: bound memory; the disk cache keeps them all
             for k in list(memo)[: len(memo) - 512]:
                 del memo[k]
-        return [memo[i] for i in indices]
+        return out
 
     # ----------------------------------------------------------------- steps
     def _losses(self, idx: list[int], examples: list[Example], memo: dict[int, torch.Tensor],
