@@ -118,3 +118,29 @@ def build_prompt(
         token_ids += [placeholder_id] * size
     token_ids += tokenizer.encode(rest, add_special_tokens=False)
     return PromptTokens(token_ids=token_ids, audio_spans=spans)
+
+
+def end_of_turn_id(tokenizer: Any) -> int:
+    """The token that closes an assistant turn in the model's own chat template (``<|im_end|>``
+    for ChatML): what an adapter must learn to emit and what generation stops on.
+
+    Read from the template, not from ``eos_token``: which special token a tokenizer calls "eos"
+    depends on who converted it (one GGUF conversion named ``<|im_start|>``, and an adapter trained
+    against it learned to end its answers by opening a new turn). ``eos_token`` is the fallback
+    for templates that close a turn with no special token.
+    """
+    marker = "AURA_END_OF_TURN_PROBE"
+    try:
+        rendered = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}], tokenize=False
+        )
+    except Exception:  # noqa: BLE001 - a template that refuses this conversation: use eos
+        rendered = ""
+    _, found, after = str(rendered).partition(marker)
+    ids = tokenizer.encode(after, add_special_tokens=False) if found and after else []
+    if ids and ids[0] in set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {})):
+        return int(ids[0])
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer's chat template closes turns with no special token and it has no eos token: "
+                         "an adapter could not learn to stop")
+    return int(tokenizer.eos_token_id)

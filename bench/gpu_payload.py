@@ -31,10 +31,18 @@ RATE = 16000
 
 
 def weights_digest(folder: Path) -> str:
-    """sha256 over every tensor's name, dtype, shape and bytes: equal digests = bit-identical weights."""
+    """sha256 over every tensor's name, dtype, shape and bytes, plus what the tokenizer says about
+    turns (chat template, special tokens, the end-of-turn token): equal digests = the same model to
+    train against. (The tokenizer part was added after a conversion with another transformers
+    version named a different eos token.)"""
     from safetensors import safe_open
+    from transformers import AutoTokenizer
+
+    from adapters.prompt import end_of_turn_id
 
     h = hashlib.sha256()
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    h.update(json.dumps([tok.chat_template, tok.bos_token, tok.eos_token, tok.pad_token, end_of_turn_id(tok)]).encode())
     for f in sorted(folder.glob("*.safetensors")):
         with safe_open(str(f), "pt") as st:
             for k in sorted(st.keys()):

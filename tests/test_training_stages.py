@@ -281,3 +281,24 @@ def test_trainer_centers_teacher_targets_when_asked(world: dict[str, Path]) -> N
         uncentered = float(cen._losses([0, 1], cen.examples, {})["distill"])
     cen.target_stats = stats
     assert abs(centered - uncentered) > 1e-3
+
+
+def test_answers_end_with_the_templates_end_of_turn_not_whatever_eos_is_called(world: dict[str, Path]) -> None:
+    """A tokenizer converted with eos = <|im_start|> (seen from one GGUF conversion) must still train
+    answers that end with <|im_end|>, the token the chat template closes a turn with and the one the
+    server stops on; otherwise the adapter learns to open a new turn instead of stopping."""
+    from transformers import AutoTokenizer
+
+    from adapters.prompt import end_of_turn_id
+    from adapters.training.data import build_example
+
+    tok = AutoTokenizer.from_pretrained(str(world["student"]))
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert end_of_turn_id(tok) == im_end
+    tok.eos_token = "<|im_start|>"
+    assert tok.eos_token_id != im_end and end_of_turn_id(tok) == im_end
+    t = Trainer(_config(world, "eot", steps=1))
+    e = build_example(0, t.setup.rows[0], world["manifest"].parent, tokenizer=tok, layout=t.setup.layout,
+                      features=t.setup.features, audio_layer=t.student.audio_layer.config,
+                      transcribe_prompt=t.config.transcribe_prompt, max_response_tokens=64)
+    assert e.target_ids[-1] == im_end and t.end_of_turn == im_end

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from adapters.audio import load_audio_file
 from adapters.audio_layer import AudioLayerConfig
 from adapters.features import FeatureConfig, log_mel
-from adapters.prompt import PromptLayout, build_prompt, user_turn
+from adapters.prompt import PromptLayout, build_prompt, end_of_turn_id, user_turn
 
 
 class ManifestRow(BaseModel):
@@ -105,13 +105,6 @@ class Example:
     target_ids: list[int]
     task: str
     transcript_ids: list[int]  # the spoken words' tokens (CTC target; for qa rows not the answer)
-
-
-def end_of_turn_id(tokenizer: Any) -> int:
-    """The token that ends an assistant turn (``<|im_end|>`` for ChatML models): what generation stops on."""
-    if tokenizer.eos_token_id is None:
-        raise ValueError("the student's tokenizer has no eos token; the adapter could not learn to stop")
-    return int(tokenizer.eos_token_id)
 
 
 def build_example(

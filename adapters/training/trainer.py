@@ -25,7 +25,7 @@ from adapters.adapter import AuraConfig, base_model_ref, load_adapter, new_lora_
 from adapters.audio_layer import AudioEmbedding, AudioLayerConfig
 from adapters.base_model import BaseModelInfo, read_base_model
 from adapters.features import FeatureConfig
-from adapters.prompt import PromptLayout
+from adapters.prompt import PromptLayout, end_of_turn_id
 from adapters.training.config import TrainConfig
 from adapters.training.data import Example, ManifestRow, build_example, collate, read_manifest, with_features, with_features_batch
 from adapters.training.ctc import ctc_loss, greedy_ctc
@@ -245,7 +245,8 @@ class Trainer:
         self.eval_examples = self._examples(s.eval_rows[: c.eval_examples], c.eval_manifest) if s.eval_rows else []
         self.teacher_layers = [s.layer_map[k] for k in sorted(s.layer_map)]
         self.ctc_layer = ctc_layer_of(c, max(s.layer_map) if self.distill and s.layer_map else None) if c.ctc_weight > 0 else None
-        self.blank_id = self.tokenizer.eos_token_id
+        self.end_of_turn = end_of_turn_id(self.tokenizer)
+        self.blank_id = self.end_of_turn  # CTC blank: a token no transcript contains
         self.use_ce = c.max_layer is None and c.ce_weight > 0
         # teacher targets are computed when a clip is first used (and cached on disk): a large
         # corpus starts training at once instead of after hours of teacher passes
@@ -422,7 +423,7 @@ class Trainer:
         from adapters.training.evaluate import wer as corpus_wer
 
         rows = [e for e in self.eval_examples if e.task == "transcribe"][: self.config.wer_examples]
-        eos = {self.blank_id}
+        eos = {self.end_of_turn}
         refs, hyps = [], []
         for e in rows:
             feats = with_features(e, self.setup.features).features
@@ -559,6 +560,7 @@ class Trainer:
             "distill_targets": c.distill_targets if self.distill else "raw",
             "lora": {"rank": c.lora_rank, "alpha": c.lora_alpha, "targets": c.lora_targets, "layers": c.lora_layers},
             "stem_init": getattr(self, "stem_init", "init_from"), "transcribe_prompt": c.transcribe_prompt,
+            "end_of_turn_id": self.end_of_turn,
             "config_fingerprint": c.fingerprint(),
             "stage": {"max_layer": c.max_layer, "ctc_weight": c.ctc_weight, "ctc_layer": self.ctc_layer,
                       "ce_weight": c.ce_weight if self.use_ce else 0.0, "tasks": c.tasks,
