@@ -18,6 +18,7 @@ a reader of that gauge (the Gateway API endpoint picker) uses anyway — so swap
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client import REGISTRY as DEFAULT_REGISTRY
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server.engine.base import Engine
 from server.logs import request_id_var
 from server.lora_info import LoraInfoCollector
 
@@ -111,6 +113,11 @@ class ServerMetrics:
         self.queued = Gauge("aura_requests_queued", "Requests waiting for a pipeline slot.", registry=r)
         self.engine_requests = Gauge("aura_engine_requests_unfinished",
                                      "Requests the engine holds (queued or running in vLLM).", registry=r)
+        self.engine_lora_loads = Gauge(
+            "aura_engine_lora_loads",
+            "LoRA loads in the engine's workers: where=off_loop (read and packed in a worker thread, handed "
+            "over ready) or where=in_loop (read inside the step loop, stalling every stream: host-cache misses).",
+            ["where"], registry=r)
         r.register(LoraInfoCollector())
 
     def bind(self, *, in_flight: Callable[[], float], queued: Callable[[], float],
@@ -148,6 +155,18 @@ class ServerMetrics:
             self.decode.labels(a, t).observe(fe.decode_s)
             self.features.labels(a, t).observe(fe.features_s)
             self.embed.labels(a, t).observe(fe.embed_s)
+
+    async def refresh_engine(self, engine: Engine | None, timeout_s: float = 2.0) -> None:
+        """Read the engine's counters that live in its own processes (one small RPC) before a scrape."""
+        if engine is None:
+            return
+        try:
+            counts = await asyncio.wait_for(engine.lora_load_counts(), timeout_s)
+        except Exception:  # a busy or dead engine must not fail the scrape; the last values stay
+            log.debug("engine counters unavailable", exc_info=True)
+            return
+        for where, n in (counts or {}).items():
+            self.engine_lora_loads.labels(where).set(n)
 
     def render(self) -> bytes:
         """The server's families, then vLLM's (and the process collectors) from the default registry."""
