@@ -27,7 +27,7 @@ import uuid
 from pathlib import Path
 
 from bench.common import machine, pct
-from bench.lora_overhead import DEMO_ADAPTER, make_prompts
+from bench.lora_overhead import DEMO_ADAPTER, make_prompts, open_model
 
 
 async def bench(args: argparse.Namespace, model_dir: Path, tokenizer, hidden: int, linear: list[str]) -> dict:
@@ -104,19 +104,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     args = ap.parse_args()
 
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    from transformers import AutoTokenizer
-
-    from adapters.base_model import read_base_model
-
-    if args.model is None:
-        from adapters.provision.demo import prepare_demo_models
-
-        model_dir = prepare_demo_models(progress=False).llm
-    else:
-        model_dir = args.model
-    base = read_base_model(model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    model_dir, base, tokenizer = open_model(args.model)
     print(f"# lora_load_stall on {machine()}; model {model_dir.name} {args.dtype}; adapter {args.adapter.name}; "
           f"{args.streams} background streams, {args.loads} loads; 1-min load average {os.getloadavg()[0]:.1f}")
     r = asyncio.run(bench(args, model_dir, tokenizer, base.hidden_size, list(base.linear_modules)))
