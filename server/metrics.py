@@ -118,6 +118,7 @@ class ServerMetrics:
             "LoRA loads in the engine's workers: where=off_loop (read and packed in a worker thread, handed "
             "over ready) or where=in_loop (read inside the step loop, stalling every stream: host-cache misses).",
             ["where"], registry=r)
+        self._engine_read: asyncio.Future[None] | None = None
         r.register(LoraInfoCollector())
 
     def bind(self, *, in_flight: Callable[[], float], queued: Callable[[], float],
@@ -156,13 +157,23 @@ class ServerMetrics:
             self.features.labels(a, t).observe(fe.features_s)
             self.embed.labels(a, t).observe(fe.embed_s)
 
-    async def refresh_engine(self, engine: Engine | None, timeout_s: float = 2.0) -> None:
-        """Read the engine's counters that live in its own processes (one small RPC) before a scrape."""
+    async def refresh_engine(self, engine: Engine | None, wait_s: float = 0.05) -> None:
+        """Read the engine's counters that live in its own processes before a scrape.
+
+        One small RPC, answered between two engine steps; the scrape waits for it at most
+        ``wait_s`` (a busy engine must not slow ``/metrics``) and otherwise shows the last values,
+        updated when the answer arrives. At most one read is in flight.
+        """
         if engine is None:
             return
+        if self._engine_read is None or self._engine_read.done():
+            self._engine_read = asyncio.ensure_future(self._read_engine(engine))
+        await asyncio.wait({self._engine_read}, timeout=wait_s)
+
+    async def _read_engine(self, engine: Engine) -> None:
         try:
-            counts = await asyncio.wait_for(engine.lora_load_counts(), timeout_s)
-        except Exception:  # a busy or dead engine must not fail the scrape; the last values stay
+            counts = await asyncio.wait_for(engine.lora_load_counts(), 10.0)
+        except Exception:  # a dead or stuck engine must not fail the scrape; the last values stay
             log.debug("engine counters unavailable", exc_info=True)
             return
         for where, n in (counts or {}).items():
