@@ -68,8 +68,12 @@ class _Prepared:
                 self.jobs.popitem(last=False)
 
     def _build(self, request: LoRARequest) -> LoRAModel:
-        lora = self.loop_load(request)  # vLLM's own read + validation
-        self.manager._adapter_manager._create_merged_loras_inplace(lora)  # packing; repeated later as a no-op
+        try:
+            lora = self.loop_load(request)  # vLLM's own read + validation
+            self.manager._adapter_manager._create_merged_loras_inplace(lora)  # packing; repeated later as a no-op
+        except Exception:  # add_lora then loads it in the loop and reports the error the usual way
+            log.debug("preparing LoRA %s failed", request.lora_int_id, exc_info=True)
+            raise
         return lora
 
     def status(self, lora_id: int) -> str:
