@@ -66,7 +66,8 @@ def make_adapters(model: Path | None, work: Path, n: int) -> tuple[Path, list[Pa
     return model, out
 
 
-def start(model: Path, adapters: list[Path], work: Path, max_loras: int) -> tuple[subprocess.Popen, str]:
+def start(model: Path, adapters: list[Path], work: Path, max_loras: int,
+          max_cpu_loras: int | None = None) -> tuple[subprocess.Popen, str]:
     from server.tenancy import hash_key
 
     config = {"admin_keys": [hash_key(ADMIN_KEY)],
@@ -82,7 +83,7 @@ def start(model: Path, adapters: list[Path], work: Path, max_loras: int) -> tupl
         [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
          "--model", str(model), "--dtype", "float32", "--max-model-len", "1024", "--max-num-seqs", "32",
          "--max-loras", str(max_loras), "--config", str(work / "aura.yaml"), "--log-format", "text",
-         "--log-level", "WARNING"],
+         "--log-level", "WARNING", *(["--max-cpu-loras", str(max_cpu_loras)] if max_cpu_loras else [])],
         cwd=ROOT, env={**os.environ, "AURA_HOME": str(work / "home")}, stdout=logf, stderr=subprocess.STDOUT,
         start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -181,9 +182,12 @@ async def spread_phase(url: str, clips: list[bytes], names: list[str], requests:
 
 async def run(args: argparse.Namespace, url: str, clips: list[bytes], adapters: list[Path]) -> dict:
     out: dict = {}
-    log("phase 1: hot swap under load")
-    out["hot_swap"] = await hot_swap_phase(url, clips, adapters, args.swaps, args.window_s, args.background)
-    log(json.dumps(out["hot_swap"]))
+    if "hot_swap" in args.phases:
+        log("phase 1: hot swap under load")
+        out["hot_swap"] = await hot_swap_phase(url, clips, adapters, args.swaps, args.window_s, args.background)
+        log(json.dumps(out["hot_swap"]))
+    if "spread" not in args.phases:
+        return out
     names = [p.name for p in adapters[: args.spread]]
     await spread_phase(url, clips, names, len(names), args.concurrency, 2)  # touch each once
     log(f"phase 2: {args.requests} requests over {len(names)} adapters vs one, c={args.concurrency}")
@@ -201,6 +205,8 @@ def main() -> int:
     p.add_argument("--adapters", type=int, default=50)
     p.add_argument("--spread", type=int, default=20)
     p.add_argument("--max-loras", type=int, default=4)
+    p.add_argument("--max-cpu-loras", type=int, help="adapters in the engine's host cache (default: the server's)")
+    p.add_argument("--phases", nargs="+", choices=("hot_swap", "spread"), default=["hot_swap", "spread"])
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--requests", type=int, default=96)
     p.add_argument("--max-tokens", type=int, default=32)
@@ -222,7 +228,7 @@ def main() -> int:
     clips = [c.read_bytes() for c in make_clips(work / "clips", 8)]
     log(f"starting the server (max_loras={args.max_loras}, {len(adapters)} adapters registered)")
     t_start = time.perf_counter()
-    proc, url = start(model, adapters, work, args.max_loras)
+    proc, url = start(model, adapters, work, args.max_loras, args.max_cpu_loras)
     startup_s = time.perf_counter() - t_start
     try:
         results = asyncio.run(run(args, url, clips, adapters))
@@ -237,7 +243,7 @@ def main() -> int:
             os.killpg(proc.pid, signal.SIGKILL)
         signal.alarm(0)
     report = {"machine": machine(), "model": str(args.model or "tiny random Llama (2 layers, hidden 128)"),
-              "registered_adapters": len(adapters), "max_loras": args.max_loras,
+              "registered_adapters": len(adapters), "max_loras": args.max_loras, "max_cpu_loras": args.max_cpu_loras,
               "server_startup_s": round(startup_s, 1), "total_s": round(time.perf_counter() - t0, 1),
               **{k: {kk: round(vv, 2) if isinstance(vv, float) else vv for kk, vv in v.items()}
                  for k, v in results.items()}}

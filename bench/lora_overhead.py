@@ -195,6 +195,20 @@ async def bench(args: argparse.Namespace, model_dir: Path, tokenizer, hidden: in
             await engine.shutdown()
 
 
+def open_model(model: Path | None):
+    """(folder, base-model info, tokenizer) of ``model``, or of the demo SmolLM2 (converted once)."""
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    from transformers import AutoTokenizer
+
+    from adapters.base_model import read_base_model
+
+    if model is None:
+        from adapters.provision.demo import prepare_demo_models
+
+        model = prepare_demo_models(progress=False).llm
+    return model, read_base_model(model), AutoTokenizer.from_pretrained(str(model))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, help="base model folder (default: the demo SmolLM2-135M)")
@@ -214,19 +228,7 @@ def main() -> None:
                     help="measure every prefill in full (the prompts share the chat-template prefix)")
     args = ap.parse_args()
 
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    from transformers import AutoTokenizer
-
-    from adapters.base_model import read_base_model
-
-    if args.model is None:
-        from adapters.provision.demo import prepare_demo_models
-
-        model_dir = prepare_demo_models(progress=False).llm
-    else:
-        model_dir = args.model
-    base = read_base_model(model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    model_dir, base, tokenizer = open_model(args.model)
     print(f"# lora_overhead on {machine()}; model {model_dir.name} {args.dtype}; "
           f"max_num_batched_tokens={args.max_num_batched_tokens}; block_size={args.block_size}; prefix caching {not args.no_prefix_caching}")
     tallies = asyncio.run(bench(args, model_dir, tokenizer, base.hidden_size, list(base.linear_modules)))

@@ -74,7 +74,10 @@ class Settings(BaseSettings):
     max_num_seqs: int = Field(64, description="Sequences in the engine's batch at once.")
     max_lora_rank: int = Field(16, description="Largest LoRA rank accepted (vLLM pads every slot to it: keep it tight on CPU).")
     max_loras: int = Field(4, description="Adapters resident in the engine's LoRA slots at once.")
-    max_cpu_loras: int | None = Field(None, description="Adapters cached in host memory (LRU); default max(max_loras, 16).")
+    max_cpu_loras: int | None = Field(
+        None, description="Adapters cached in the engine's host memory (LRU); default: every adapter configured at "
+        "start plus max_loras (for versions draining in a swap), at least 16. A miss reads the adapter inside the "
+        "engine's step loop, stalling every stream (aura_engine_lora_loads{where=\"in_loop\"}).")
     enable_prefix_caching: bool = Field(True, description="vLLM prefix caching.")
     cpu_kv_cache_gib: float = Field(1.0, description="KV cache size on the CPU backend (GiB).")
     gpu_memory_utilization: float = Field(0.85, description="Fraction of GPU memory vLLM may use.")
@@ -174,8 +177,10 @@ class Settings(BaseSettings):
         "the idle timeout of the clients and proxies in front (60 s for most load balancers), so that they, "
         "not the server, close idle connections: a request sent just as the server closes one fails.")
 
-    def resolved_max_cpu_loras(self) -> int:
-        return self.max_cpu_loras or max(self.max_loras, 16)
+    def resolved_max_cpu_loras(self, configured: int = 0) -> int:
+        """The host cache holds every adapter configured at start: with fewer places than adapters in
+        use, an LRU cache misses on every request of a round-robin (each miss a read in the step loop)."""
+        return self.max_cpu_loras or max(self.max_loras, 16, configured + self.max_loras)
 
     def resolved_tenant_max_concurrent(self) -> int:
         """3/4 of what can really run at once by default — the pipeline or the engine's batch

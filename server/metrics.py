@@ -18,6 +18,7 @@ a reader of that gauge (the Gateway API endpoint picker) uses anyway — so swap
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client import REGISTRY as DEFAULT_REGISTRY
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server.engine.base import Engine
 from server.logs import request_id_var
 from server.lora_info import LoraInfoCollector
 
@@ -111,6 +113,12 @@ class ServerMetrics:
         self.queued = Gauge("aura_requests_queued", "Requests waiting for a pipeline slot.", registry=r)
         self.engine_requests = Gauge("aura_engine_requests_unfinished",
                                      "Requests the engine holds (queued or running in vLLM).", registry=r)
+        self.engine_lora_loads = Gauge(
+            "aura_engine_lora_loads",
+            "LoRA loads in the engine's workers: where=off_loop (read and packed in a worker thread, handed "
+            "over ready) or where=in_loop (read inside the step loop, stalling every stream: host-cache misses).",
+            ["where"], registry=r)
+        self._engine_read: asyncio.Future[None] | None = None
         r.register(LoraInfoCollector())
 
     def bind(self, *, in_flight: Callable[[], float], queued: Callable[[], float],
@@ -148,6 +156,28 @@ class ServerMetrics:
             self.decode.labels(a, t).observe(fe.decode_s)
             self.features.labels(a, t).observe(fe.features_s)
             self.embed.labels(a, t).observe(fe.embed_s)
+
+    async def refresh_engine(self, engine: Engine | None, wait_s: float = 0.05) -> None:
+        """Read the engine's counters that live in its own processes before a scrape.
+
+        One small RPC, answered between two engine steps; the scrape waits for it at most
+        ``wait_s`` (a busy engine must not slow ``/metrics``) and otherwise shows the last values,
+        updated when the answer arrives. At most one read is in flight.
+        """
+        if engine is None:
+            return
+        if self._engine_read is None or self._engine_read.done():
+            self._engine_read = asyncio.ensure_future(self._read_engine(engine))
+        await asyncio.wait({self._engine_read}, timeout=wait_s)
+
+    async def _read_engine(self, engine: Engine) -> None:
+        try:
+            counts = await asyncio.wait_for(engine.lora_load_counts(), 10.0)
+        except Exception:  # a dead or stuck engine must not fail the scrape; the last values stay
+            log.debug("engine counters unavailable", exc_info=True)
+            return
+        for where, n in (counts or {}).items():
+            self.engine_lora_loads.labels(where).set(n)
 
     def render(self) -> bytes:
         """The server's families, then vLLM's (and the process collectors) from the default registry."""

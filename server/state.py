@@ -67,7 +67,7 @@ def resolve_model(settings: Settings) -> tuple[Path, str]:
 
 
 def build_engine(settings: Settings, model_path: Path, tokenizer: PreTrainedTokenizerBase,
-                 base: BaseModelInfo, *, enable_lora: bool = True) -> Engine:
+                 base: BaseModelInfo, *, enable_lora: bool = True, configured_adapters: int = 0) -> Engine:
     if settings.engine == "reference":
         from server.engine.reference import ReferenceEngine
 
@@ -81,7 +81,7 @@ def build_engine(settings: Settings, model_path: Path, tokenizer: PreTrainedToke
         model=str(model_path), tokenizer=tokenizer, hidden_size=base.hidden_size, dtype=settings.dtype,
         max_model_len=settings.max_model_len, max_num_seqs=settings.max_num_seqs,
         max_lora_rank=settings.max_lora_rank, max_loras=settings.max_loras,
-        max_cpu_loras=settings.resolved_max_cpu_loras(), enable_prefix_caching=settings.enable_prefix_caching,
+        max_cpu_loras=settings.resolved_max_cpu_loras(configured_adapters), enable_prefix_caching=settings.enable_prefix_caching,
         gpu_memory_utilization=settings.gpu_memory_utilization, cpu_kv_cache_gib=settings.cpu_kv_cache_gib,
         enforce_eager=settings.enforce_eager, seed=settings.seed,
         lora_target_modules=list(base.linear_modules),
@@ -197,7 +197,8 @@ async def build_state(settings: Settings, *, preload: bool = True) -> ServerStat
     engine_model, merged = model_path, None
     if settings.merge_adapter:
         engine_model, merged = await prepare_merged(settings, preloads, model_path, base, adapter_cache)
-    engine = build_engine(settings, engine_model, tokenizer, base, enable_lora=merged is None)
+    engine = build_engine(settings, engine_model, tokenizer, base, enable_lora=merged is None,
+                          configured_adapters=len(preloads))
     await engine.start()
     device = resolve_device(settings.device)
     registry = AdapterRegistry(engine, base, max_lora_rank=settings.max_lora_rank, device=device,

@@ -91,6 +91,11 @@ class Engine(ABC):
         """
         return None
 
+    async def lora_load_counts(self) -> dict[str, int] | None:
+        """LoRA loads the engine took prepared off its step loop (``off_loop``) and read inside it
+        (``in_loop``), or None if it cannot tell. Shown on ``/metrics``."""
+        return None
+
     @abstractmethod
     async def check_health(self) -> None:
         """Raise :class:`EngineDead` if the engine cannot serve."""

@@ -9,13 +9,16 @@ batches through vLLM's multi-LoRA kernels.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import torch
 
+from server.engine import lora_prepare
 from server.engine.base import (
     Engine, EngineDead, GenerationChunk, GenerationRequest, LoraHandle,
 )
@@ -24,6 +27,7 @@ log = logging.getLogger(__name__)
 
 CPU_KV_BLOCK_SIZE = 32
 CPU_MAX_NUM_BATCHED_TOKENS = 256
+LORA_PREPARE_TIMEOUT_S = 120.0  # then add_lora reads the adapter in the step loop, as vLLM does by default
 
 
 class VLLMEngine(Engine):
@@ -58,7 +62,13 @@ class VLLMEngine(Engine):
             # with a LoRA layer; that wrapper indexes the whole batch's tokens and breaks when only
             # some positions are token ids (mixed prompt_embeds). AuRA never adapts embeddings.
             self._args.update(max_lora_rank=max_lora_rank, max_loras=max_loras, max_cpu_loras=max_cpu_loras,
-                              lora_target_modules=lora_target_modules)
+                              lora_target_modules=lora_target_modules,
+                              # Adds the methods that read and pack a LoRA off the step loop
+                              # (server/engine/lora_prepare.py) to vLLM's worker.
+                              worker_extension_cls=lora_prepare.EXTENSION_QUALNAME)
+        # Read and pack each LoRA off the step loop before add_lora (server/engine/lora_prepare.py);
+        # bench/lora_load_stall.py turns it off between loads to measure what it saves.
+        self.prepare_loras_off_loop = True
         self._cpu_lora_kernel = cpu_lora_kernel
         self._cpu_kv_cache_gib = cpu_kv_cache_gib
         self._llm: Any = None
@@ -89,6 +99,8 @@ class VLLMEngine(Engine):
         args = AsyncEngineArgs(**{k: v for k, v in self._args.items() if v is not None})
         self._llm = AsyncLLM.from_engine_args(args)
         self._model_dtype = self._llm.model_config.dtype
+        if self._args["enable_lora"]:
+            await self.lora_load_counts()  # installs the hand-over now, so every later load is counted
         log.info("vllm engine started", extra={"model": self.model, "dtype": str(self._model_dtype)})
 
     def _select_cpu_lora_kernel(self) -> None:
@@ -175,13 +187,46 @@ class VLLMEngine(Engine):
                 await self._llm.abort(request.request_id)
 
     async def add_lora(self, lora: LoraHandle, *, pin: bool = False) -> None:
-        await self._llm.add_lora(self._lora_request(lora))  # loads into the host cache and a slot
+        if self.prepare_loras_off_loop:
+            await self._prepare_lora(lora)
+        await self._llm.add_lora(self._lora_request(lora))  # registers it in the host cache and a slot
         if pin:
             try:
                 await self._llm.pin_lora(lora.lora_id)
             except BaseException:  # do not leave a half-installed version in the engine
                 await self._llm.remove_lora(lora.lora_id)
                 raise
+
+    async def _prepare_lora(self, lora: LoraHandle) -> None:
+        """Have vLLM's workers read, validate and pack the LoRA in a thread, and wait until they did.
+
+        The step loop keeps running meanwhile (each status poll is a small utility call between
+        steps). A failed or slow preparation is not an error here: ``add_lora`` then loads in the
+        loop as vLLM does by default, and reports a bad adapter the way it always did.
+        """
+        rpc = self._llm.collective_rpc
+        started = await rpc(lora_prepare.PREPARE, args=(f"{lora.name}@{lora.lora_id}", lora.lora_id, str(lora.path)))
+        if not all(started):
+            return
+        deadline = time.monotonic() + LORA_PREPARE_TIMEOUT_S
+        pause = 0.005
+        while time.monotonic() < deadline:
+            states = set(await rpc(lora_prepare.STATUS, args=(lora.lora_id,)))
+            if states == {lora_prepare.READY}:
+                return
+            if states & {lora_prepare.FAILED, lora_prepare.UNKNOWN}:
+                log.debug("LoRA preparation did not finish; vLLM loads it in the step loop",
+                          extra={"adapter": lora.name, "states": sorted(states)})
+                return
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.05)
+
+    async def lora_load_counts(self) -> dict[str, int] | None:
+        """LoRA loads the engine's workers took prepared (``off_loop``) or read in the step loop (``in_loop``)."""
+        if self._llm is None or not self._args["enable_lora"]:
+            return None
+        per_worker = await self._llm.collective_rpc(lora_prepare.COUNTS)
+        return {k: sum(c[k] for c in per_worker) for k in ("off_loop", "in_loop")}
 
     async def remove_lora(self, lora: LoraHandle) -> None:
         await self._llm.remove_lora(lora.lora_id)

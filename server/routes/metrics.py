@@ -57,7 +57,9 @@ def check_metrics_access(request: Request) -> None:
 @router.get("/metrics", include_in_schema=False)
 async def metrics(request: Request) -> Response:
     check_metrics_access(request)
-    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+    metrics = request.app.state.metrics
+    await metrics.refresh_engine(getattr(request.app.state.aura, "engine", None))  # Ray ingress: no engine here
+    return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
 class MetricsListener:
