@@ -302,3 +302,32 @@ def test_answers_end_with_the_templates_end_of_turn_not_whatever_eos_is_called(w
                       features=t.setup.features, audio_layer=t.student.audio_layer.config,
                       transcribe_prompt=t.config.transcribe_prompt, max_response_tokens=64)
     assert e.target_ids[-1] == im_end and t.end_of_turn == im_end
+
+
+def test_text_kd_reads_the_transcript_with_the_base_llm_and_pulls_the_student_toward_it(world: dict[str, Path]) -> None:
+    """text_kd: the reference is the LLM (LoRA off) on the same prompt with the transcript in place
+    of the audio, at the same answer tokens; training on it alone lowers the held-out KL; a
+    truncated stage refuses it."""
+    from adapters.training.data import collate, with_features_batch
+
+    cfg = _config(world, "text_kd", text_kd_weight=1.0, ce_weight=0.0, distill_loss="none", steps=25, lr=5e-3)
+    t = Trainer(cfg)
+    e = t.examples[0]
+    text = t.tokenizer.decode(e.text_prompt_ids)
+    row = t.setup.rows[0]
+    assert row.text in text and t.setup.layout.audio_start + row.text + t.setup.layout.audio_end in text
+    assert e.text_prompt_ids[-3:] == e.prompt_ids[-3:]  # same turn ending: the answer follows the same tokens
+    # the reference logits are the plain base model's on [text prompt + answer], at the answer positions
+    batch = collate(with_features_batch(t.examples[:2], t.setup.features), t.pad_id, text=True)
+    ref = t._reading_logits(batch)
+    with t.student.peft_model.disable_adapter(), torch.no_grad():
+        alone = t.student.causal_lm(input_ids=torch.tensor([e.text_prompt_ids + e.target_ids])).logits[0]
+    p = len(e.text_prompt_ids)
+    torch.testing.assert_close(ref[: len(e.target_ids)], alone[p - 1 : p - 1 + len(e.target_ids)], rtol=1e-4, atol=1e-4)
+    before = t.evaluate()
+    t.train()
+    after = t.evaluate()
+    assert before is not None and after is not None
+    assert after["eval_text_kd"] < 0.8 * before["eval_text_kd"], (before, after)
+    with pytest.raises(ConfigError, match="text_kd"):
+        Trainer(_config(world, "text_kd_trunc", text_kd_weight=1.0, max_layer=1, ctc_weight=1.0))

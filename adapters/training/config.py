@@ -69,6 +69,10 @@ class TrainConfig(BaseModel):
     ctc_layer: int | None = Field(None, ge=0, description="Block whose output feeds the CTC head (final norm + LM head); "
                                   "default: max_layer, else the deepest distilled block.")
     ce_weight: float = Field(1.0, ge=0.0, description="Weight of the next-token loss on answer tokens.")
+    text_kd_weight: float = Field(
+        0.0, ge=0.0, description="KL from the base LLM reading the transcript as text (in place of the audio, LoRA off) "
+        "to the student hearing it, over the answer tokens (DiVA-style): ties the audio path to how the LLM reads the "
+        "same words, a signal the next-token loss on one target sequence gives only sparsely. Full student only.")
     tasks: list[Literal["transcribe", "qa"]] = Field(
         default_factory=lambda: ["transcribe", "qa"], description="Manifest tasks trained on (a curriculum: transcribe first).")
 

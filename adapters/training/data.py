@@ -9,7 +9,7 @@ and end with the tokenizer's end-of-turn token, so the adapter learns to stop.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from adapters.audio import load_audio_file
 from adapters.audio_layer import AudioLayerConfig
 from adapters.features import FeatureConfig, log_mel
-from adapters.prompt import PromptLayout, build_prompt, end_of_turn_id, user_turn
+from adapters.prompt import PromptLayout, TextPart, Turn, build_prompt, end_of_turn_id, user_turn
 
 
 class ManifestRow(BaseModel):
@@ -105,6 +105,7 @@ class Example:
     target_ids: list[int]
     task: str
     transcript_ids: list[int]  # the spoken words' tokens (CTC target; for qa rows not the answer)
+    text_prompt_ids: list[int] = field(default_factory=list)  # the same prompt with the transcript in place of the audio
 
 
 def build_example(
@@ -123,7 +124,11 @@ def build_example(
     if n_frames == 0:
         raise ValueError(f"{path}: clip is shorter than one feature frame")
     n_tok = audio_layer.num_tokens(n_frames)
-    prompt = build_prompt(tokenizer, layout, [user_turn(n_tok, row_prompt_text(row, transcribe_prompt))])
+    prompt_text = row_prompt_text(row, transcribe_prompt)
+    prompt = build_prompt(tokenizer, layout, [user_turn(n_tok, prompt_text)])
+    # what the LLM reads when the words arrive as text: the transcript between the audio markers
+    spoken = TextPart(layout.audio_start + row.text + layout.audio_end)
+    text_prompt = build_prompt(tokenizer, layout, [Turn("user", (spoken, TextPart(prompt_text)) if prompt_text else (spoken,))])
     target = tokenizer.encode(row_target(row, str(path)), add_special_tokens=False)[:max_response_tokens - 1]
     target.append(end_of_turn_id(tokenizer))
     stat = path.stat()
@@ -131,7 +136,7 @@ def build_example(
         index=index, key=f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}", audio_path=path,
         features=feats[0, :, :n_frames].contiguous() if feats is not None else None, num_frames=n_frames, num_audio_tokens=n_tok,
         prompt_ids=prompt.token_ids, audio_start=prompt.audio_spans[0][0], target_ids=target, task=row.task,
-        transcript_ids=tokenizer.encode(row.text, add_special_tokens=False),
+        transcript_ids=tokenizer.encode(row.text, add_special_tokens=False), text_prompt_ids=text_prompt.token_ids,
     )
 
 
@@ -149,6 +154,9 @@ class Batch:
     audio_tokens: torch.Tensor  # (B,)
     teacher: torch.Tensor | None  # (B, n_layers, N, d_teacher) pooled teacher states, zero past audio_tokens
     transcripts: list[list[int]]  # CTC targets
+    text_input_ids: torch.Tensor | None = None  # (B, Lt) the text-in-place-of-audio prompts + answers (text_kd)
+    text_attention_mask: torch.Tensor | None = None
+    text_labels: torch.Tensor | None = None  # same answer tokens as ``labels``, at the text prompt's positions
 
     def to(self, device: str | torch.device) -> "Batch":
         return Batch(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()})
@@ -180,19 +188,29 @@ def with_features_batch(examples: list[Example], features: FeatureConfig, device
     return out
 
 
-def collate(examples: list[Example], pad_id: int, teacher: list[torch.Tensor] | None = None) -> Batch:
-    seqs = [e.prompt_ids + e.target_ids for e in examples]
+def _pad_answers(prompts: list[list[int]], targets: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded prompt+answer ids, mask, and labels that hold the answer at the positions predicting it."""
+    seqs = [p + t for p, t in zip(prompts, targets)]
     length = max(len(s) for s in seqs)
-    b = len(examples)
+    b = len(seqs)
     input_ids = torch.full((b, length), pad_id, dtype=torch.long)
     mask = torch.zeros((b, length), dtype=torch.long)
     labels = torch.full((b, length), -100, dtype=torch.long)
-    for i, (e, s) in enumerate(zip(examples, seqs)):
+    for i, (p, t, s) in enumerate(zip(prompts, targets, seqs)):
         input_ids[i, : len(s)] = torch.tensor(s)
         mask[i, : len(s)] = 1
-        p = len(e.prompt_ids)
-        # position p-1 (last prompt token) predicts the first answer token, and so on
-        labels[i, p - 1 : p - 1 + len(e.target_ids)] = torch.tensor(e.target_ids)
+        # position len(p)-1 (last prompt token) predicts the first answer token, and so on
+        labels[i, len(p) - 1 : len(p) - 1 + len(t)] = torch.tensor(t)
+    return input_ids, mask, labels
+
+
+def collate(examples: list[Example], pad_id: int, teacher: list[torch.Tensor] | None = None, *, text: bool = False) -> Batch:
+    """``text`` also batches each example's text-in-place-of-audio prompt (for text_kd)."""
+    b = len(examples)
+    input_ids, mask, labels = _pad_answers([e.prompt_ids for e in examples], [e.target_ids for e in examples], pad_id)
+    text_ids = text_mask = text_labels = None
+    if text:
+        text_ids, text_mask, text_labels = _pad_answers([e.text_prompt_ids for e in examples], [e.target_ids for e in examples], pad_id)
     frames = max(e.num_frames for e in examples)
     if any(e.features is None for e in examples):
         raise ValueError("collate needs features: pass examples through with_features first")
@@ -213,4 +231,5 @@ def collate(examples: list[Example], pad_id: int, teacher: list[torch.Tensor] | 
         audio_starts=torch.tensor([e.audio_start for e in examples]),
         audio_tokens=torch.tensor([e.num_audio_tokens for e in examples]), teacher=teach,
         transcripts=[e.transcript_ids for e in examples],
+        text_input_ids=text_ids, text_attention_mask=text_mask, text_labels=text_labels,
     )

@@ -1,4 +1,5 @@
-"""The two training losses: next-token CE on answer tokens, layer-wise distillation at audio positions."""
+"""Training losses: next-token CE on answer tokens, layer-wise distillation at audio positions, and
+the text-reading KL (the LLM on the transcript as text -> the student on the audio)."""
 
 from __future__ import annotations
 
@@ -26,3 +27,14 @@ def distill_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, k
         raise ValueError(f"unknown distillation loss {kind!r} (cosine or mse)")
     m = mask.to(per_token.dtype)
     return (per_token * m).sum() / m.sum().clamp(min=1.0)
+
+
+def text_kd_loss(student_logits: torch.Tensor, reference_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over answer tokens of KL(reference || student); both (n, V) at the same answer tokens.
+
+    The reference is the frozen LLM reading the words as text, so its whole next-token
+    distribution (not one sampled target) says what hearing those words should make the LLM predict.
+    """
+    ref = F.log_softmax(reference_logits.float(), dim=-1)
+    stu = F.log_softmax(student_logits.float(), dim=-1)
+    return (ref.exp() * (ref - stu)).sum(-1).mean()

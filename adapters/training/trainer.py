@@ -27,9 +27,9 @@ from adapters.base_model import BaseModelInfo, read_base_model
 from adapters.features import FeatureConfig
 from adapters.prompt import PromptLayout, end_of_turn_id
 from adapters.training.config import TrainConfig
-from adapters.training.data import Example, ManifestRow, build_example, collate, read_manifest, with_features, with_features_batch
+from adapters.training.data import Batch, Example, ManifestRow, build_example, collate, read_manifest, with_features, with_features_batch
 from adapters.training.ctc import ctc_loss, greedy_ctc
-from adapters.training.losses import distill_loss, next_token_loss
+from adapters.training.losses import distill_loss, next_token_loss, text_kd_loss
 from adapters.training.student import AuraStudent, DistillHead
 from adapters.training.teacher import (
     TargetStats, TeacherCache, TeacherInfo, load_teacher_encoder, teacher_info, teacher_targets,
@@ -99,6 +99,8 @@ def check_config(config: TrainConfig) -> Setup:
             raise ConfigError("ctc_weight > 0 needs ctc_layer (or max_layer, or a distilled layer to read from)")
         if not 0 <= ctc_layer < base.num_hidden_layers or (config.max_layer is not None and ctc_layer > config.max_layer):
             raise ConfigError(f"ctc_layer {ctc_layer} must be a student layer at or below max_layer")
+    if config.max_layer is not None and config.text_kd_weight > 0:
+        raise ConfigError("text_kd_weight needs the full student (its answer logits); it cannot run in a truncated stage (max_layer)")
     if config.max_layer is not None and config.ctc_weight == 0 and deepest is None:
         raise ConfigError("a truncated stage (max_layer) trains nothing without distillation or ctc_weight > 0")
     if config.batch_size % config.grad_accum:
@@ -248,6 +250,7 @@ class Trainer:
         self.end_of_turn = end_of_turn_id(self.tokenizer)
         self.blank_id = self.end_of_turn  # CTC blank: a token no transcript contains
         self.use_ce = c.max_layer is None and c.ce_weight > 0
+        self.text_kd = c.max_layer is None and c.text_kd_weight > 0
         # teacher targets are computed when a clip is first used (and cached on disk): a large
         # corpus starts training at once instead of after hours of teacher passes
         self.targets: dict[int, torch.Tensor] = {}
@@ -325,7 +328,8 @@ class Trainer:
         teach = self.teacher_targets_for(examples, "teacher targets", idx, memo) if self.distill else None
         if teach is not None and self.target_stats is not None:
             teach = [self.target_stats.normalize(t) for t in teach]
-        batch = collate(with_features_batch([examples[i] for i in idx], self.setup.features, self.device), self.pad_id, teach).to(self.device)
+        batch = collate(with_features_batch([examples[i] for i in idx], self.setup.features, self.device), self.pad_id, teach,
+                        text=self.text_kd).to(self.device)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=c.precision == "bf16"):
             out = (module or self.student)(batch, max_layer=c.max_layer, ctc_layer=self.ctc_layer)
             terms: dict[str, torch.Tensor] = {}
@@ -334,6 +338,10 @@ class Trainer:
                 assert out.answer_logits is not None
                 terms["ce"] = next_token_loss(out.answer_logits, out.answer_targets)
                 loss = loss + c.ce_weight * terms["ce"]
+            if self.text_kd:
+                assert out.answer_logits is not None and batch.text_input_ids is not None and batch.text_labels is not None
+                terms["text_kd"] = text_kd_loss(out.answer_logits, self._reading_logits(batch))
+                loss = loss + c.text_kd_weight * terms["text_kd"]
             if self.distill:
                 assert batch.teacher is not None
                 per_layer = [distill_loss(self.student.heads[str(s)](out.audio_hidden[s]), batch.teacher[:, j],
@@ -348,6 +356,14 @@ class Trainer:
                     terms["_ctc_logits"], terms["_ctc_lengths"] = out.ctc_logits.detach(), out.audio_tokens
             terms["loss"] = loss
         return terms
+
+    @torch.no_grad()
+    def _reading_logits(self, batch: Batch) -> torch.Tensor:
+        """The frozen LLM (LoRA off) on the text-in-place-of-audio prompts: logits at the answer tokens."""
+        lm = self.student.causal_lm
+        with self.student.peft_model.disable_adapter():
+            hidden = lm.model(input_ids=batch.text_input_ids, attention_mask=batch.text_attention_mask, use_cache=False)
+            return lm.lm_head(hidden.last_hidden_state[batch.text_labels != -100])
 
     def train_step(self, step: int) -> dict[str, float]:
         for g in self.optimizer.param_groups:
@@ -518,7 +534,7 @@ class Trainer:
         c = self.config
         window.append(rec)
         bar.update(1)
-        bar.set_postfix({k: f"{rec[k]:.3f}" for k in ("loss", "ce", "distill", "ctc") if k in rec})
+        bar.set_postfix({k: f"{rec[k]:.3f}" for k in ("loss", "ce", "text_kd", "distill", "ctc") if k in rec})
         if (step + 1) % c.log_every == 0 or step + 1 == end:
             avg = {k: sum(r[k] for r in window) / len(window) for k in window[0]}
             avg.update(step=step + 1, steps_per_s=done / (time.perf_counter() - t0), time=time.time(),
@@ -545,7 +561,7 @@ class Trainer:
     def export(self, final_eval: dict[str, float] | None = None) -> Path:
         c, s = self.config, self.setup
         train_recs = [h for h in self.history if "loss" in h]
-        final = {k: train_recs[-1][k] for k in ("loss", "ce", "distill", "ctc") if train_recs and k in train_recs[-1]}
+        final = {k: train_recs[-1][k] for k in ("loss", "ce", "text_kd", "distill", "ctc") if train_recs and k in train_recs[-1]}
         provenance = {
             "kind": "aura_distillation",
             "data": {"manifest": str(c.manifest), "sha256": sha256_file(c.manifest), "rows": len(self.examples),
@@ -563,7 +579,8 @@ class Trainer:
             "end_of_turn_id": self.end_of_turn,
             "config_fingerprint": c.fingerprint(),
             "stage": {"max_layer": c.max_layer, "ctc_weight": c.ctc_weight, "ctc_layer": self.ctc_layer,
-                      "ce_weight": c.ce_weight if self.use_ce else 0.0, "tasks": c.tasks,
+                      "ce_weight": c.ce_weight if self.use_ce else 0.0, "text_kd_weight": c.text_kd_weight if self.text_kd else 0.0,
+                      "tasks": c.tasks,
                       "teacher_context_frames": c.teacher_context_frames, "init_from": str(c.init_from) if c.init_from else None},
             "elapsed_s": round(self._elapsed(), 1),
         }
@@ -587,5 +604,5 @@ class Trainer:
             self.history.append(ev)
         out = self.export(ev)
         train_recs = [h for h in self.history if "loss" in h]
-        final = {k: train_recs[-1][k] for k in ("loss", "ce", "distill", "ctc") if train_recs and k in train_recs[-1]}
+        final = {k: train_recs[-1][k] for k in ("loss", "ce", "text_kd", "distill", "ctc") if train_recs and k in train_recs[-1]}
         return TrainResult(out, last, final, ev, getattr(self, "steps_per_s", 0.0))
