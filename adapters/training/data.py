@@ -111,8 +111,12 @@ class Example:
 def build_example(
     index: int, row: ManifestRow, manifest_dir: Path, *, tokenizer: Any, layout: PromptLayout,
     features: FeatureConfig, audio_layer: AudioLayerConfig, transcribe_prompt: str, max_response_tokens: int,
-    samples: torch.Tensor | None = None, keep_features: bool = True,
+    samples: torch.Tensor | None = None, keep_features: bool = True, end_of_turn: int | None = None,
+    text_prompt: bool = False,
 ) -> Example:
+    """One manifest row as an :class:`Example`. ``end_of_turn``: the answer's closing token (looked up
+    from the chat template when None; callers building many examples pass it once). ``text_prompt``:
+    also build the prompt with the transcript in place of the audio (for text_kd)."""
     path = row.audio_path(manifest_dir)
     if samples is None:
         samples = torch.from_numpy(load_audio_file(path, sample_rate=features.sample_rate).samples.copy())
@@ -126,17 +130,18 @@ def build_example(
     n_tok = audio_layer.num_tokens(n_frames)
     prompt_text = row_prompt_text(row, transcribe_prompt)
     prompt = build_prompt(tokenizer, layout, [user_turn(n_tok, prompt_text)])
-    # what the LLM reads when the words arrive as text: the transcript between the audio markers
-    spoken = TextPart(layout.audio_start + row.text + layout.audio_end)
-    text_prompt = build_prompt(tokenizer, layout, [Turn("user", (spoken, TextPart(prompt_text)) if prompt_text else (spoken,))])
+    text_ids: list[int] = []
+    if text_prompt:  # what the LLM reads when the words arrive as text: the transcript between the audio markers
+        spoken = TextPart(layout.audio_start + row.text + layout.audio_end)
+        text_ids = build_prompt(tokenizer, layout, [Turn("user", (spoken, TextPart(prompt_text)) if prompt_text else (spoken,))]).token_ids
     target = tokenizer.encode(row_target(row, str(path)), add_special_tokens=False)[:max_response_tokens - 1]
-    target.append(end_of_turn_id(tokenizer))
+    target.append(end_of_turn if end_of_turn is not None else end_of_turn_id(tokenizer))
     stat = path.stat()
     return Example(
         index=index, key=f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}", audio_path=path,
         features=feats[0, :, :n_frames].contiguous() if feats is not None else None, num_frames=n_frames, num_audio_tokens=n_tok,
         prompt_ids=prompt.token_ids, audio_start=prompt.audio_spans[0][0], target_ids=target, task=row.task,
-        transcript_ids=tokenizer.encode(row.text, add_special_tokens=False), text_prompt_ids=text_prompt.token_ids,
+        transcript_ids=tokenizer.encode(row.text, add_special_tokens=False), text_prompt_ids=text_ids,
     )
 
 
@@ -184,7 +189,7 @@ def with_features_batch(examples: list[Example], features: FeatureConfig, device
         e = examples[i]
         if int(frames[j]) != e.num_frames:
             raise RuntimeError(f"{e.audio_path}: the clip changed since training started ({int(frames[j])} frames, was {e.num_frames})")
-        out[i] = replace(e, features=feats[j, :, : e.num_frames].float().cpu().contiguous())
+        out[i] = replace(e, features=feats[j, :, : e.num_frames].float().contiguous())  # stays on ``device``
     return out
 
 
@@ -215,7 +220,7 @@ def collate(examples: list[Example], pad_id: int, teacher: list[torch.Tensor] | 
     if any(e.features is None for e in examples):
         raise ValueError("collate needs features: pass examples through with_features first")
     n_mels = examples[0].features.shape[0]  # type: ignore[union-attr]
-    feats = torch.zeros((b, n_mels, frames))
+    feats = torch.zeros((b, n_mels, frames), device=examples[0].features.device)  # type: ignore[union-attr]
     for i, e in enumerate(examples):
         feats[i, :, : e.num_frames] = e.features
     teach = None

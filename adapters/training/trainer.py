@@ -37,6 +37,7 @@ from adapters.training.teacher import (
 
 log = logging.getLogger(__name__)
 CHECKPOINT_GLOB = "ckpt-*.pt"
+LOSS_TERMS = ("loss", "ce", "text_kd", "distill", "ctc")  # what progress, logs and the adapter's provenance report
 
 
 class ConfigError(ValueError):
@@ -242,15 +243,15 @@ class Trainer:
         self.params = [p for p in self.student.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=c.lr, weight_decay=c.weight_decay)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        self.end_of_turn = end_of_turn_id(self.tokenizer)
+        self.blank_id = self.end_of_turn  # CTC blank: a token no transcript contains
+        self.use_ce = c.max_layer is None and c.ce_weight > 0
+        self.text_kd = c.max_layer is None and c.text_kd_weight > 0
 
         self.examples = self._examples(s.rows, c.manifest)
         self.eval_examples = self._examples(s.eval_rows[: c.eval_examples], c.eval_manifest) if s.eval_rows else []
         self.teacher_layers = [s.layer_map[k] for k in sorted(s.layer_map)]
         self.ctc_layer = ctc_layer_of(c, max(s.layer_map) if self.distill and s.layer_map else None) if c.ctc_weight > 0 else None
-        self.end_of_turn = end_of_turn_id(self.tokenizer)
-        self.blank_id = self.end_of_turn  # CTC blank: a token no transcript contains
-        self.use_ce = c.max_layer is None and c.ce_weight > 0
-        self.text_kd = c.max_layer is None and c.text_kd_weight > 0
         # teacher targets are computed when a clip is first used (and cached on disk): a large
         # corpus starts training at once instead of after hours of teacher passes
         self.targets: dict[int, torch.Tensor] = {}
@@ -274,7 +275,8 @@ class Trainer:
         keep = len(rows) <= 2000  # larger corpora: features are recomputed per batch (bounded memory)
         return [build_example(i, r, Path(manifest).parent, tokenizer=self.tokenizer, layout=s.layout, features=s.features,
                               audio_layer=self.student.audio_layer.config, transcribe_prompt=c.transcribe_prompt,
-                              max_response_tokens=c.max_response_tokens, keep_features=keep) for i, r in enumerate(it)]
+                              max_response_tokens=c.max_response_tokens, keep_features=keep, end_of_turn=self.end_of_turn,
+                              text_prompt=self.text_kd) for i, r in enumerate(it)]
 
     def teacher_cache(self) -> TeacherCache:
         c, s = self.config, self.setup
@@ -534,7 +536,7 @@ class Trainer:
         c = self.config
         window.append(rec)
         bar.update(1)
-        bar.set_postfix({k: f"{rec[k]:.3f}" for k in ("loss", "ce", "text_kd", "distill", "ctc") if k in rec})
+        bar.set_postfix({k: f"{rec[k]:.3f}" for k in LOSS_TERMS if k in rec})
         if (step + 1) % c.log_every == 0 or step + 1 == end:
             avg = {k: sum(r[k] for r in window) / len(window) for k in window[0]}
             avg.update(step=step + 1, steps_per_s=done / (time.perf_counter() - t0), time=time.time(),
@@ -561,7 +563,7 @@ class Trainer:
     def export(self, final_eval: dict[str, float] | None = None) -> Path:
         c, s = self.config, self.setup
         train_recs = [h for h in self.history if "loss" in h]
-        final = {k: train_recs[-1][k] for k in ("loss", "ce", "text_kd", "distill", "ctc") if train_recs and k in train_recs[-1]}
+        final = {k: train_recs[-1][k] for k in LOSS_TERMS if train_recs and k in train_recs[-1]}
         provenance = {
             "kind": "aura_distillation",
             "data": {"manifest": str(c.manifest), "sha256": sha256_file(c.manifest), "rows": len(self.examples),
@@ -604,5 +606,5 @@ class Trainer:
             self.history.append(ev)
         out = self.export(ev)
         train_recs = [h for h in self.history if "loss" in h]
-        final = {k: train_recs[-1][k] for k in ("loss", "ce", "text_kd", "distill", "ctc") if train_recs and k in train_recs[-1]}
+        final = {k: train_recs[-1][k] for k in LOSS_TERMS if train_recs and k in train_recs[-1]}
         return TrainResult(out, last, final, ev, getattr(self, "steps_per_s", 0.0))
