@@ -7,8 +7,9 @@ its original GGUF file (converted there by the same code as here, and checked te
 against this machine's conversion), the Whisper encoder in fp16 (lossless: the teacher's
 weights are fp16 to begin with), the manifests and the few wheels the trainer needs.
 
-    python -m bench.gpu_payload pack --corpus $AURA_HOME/corpus --train-manifest train_qa.jsonl \
-        --heldout-manifest heldout_resp.jsonl --out .aura/gpu/payload     # here
+    python -m bench.gpu_payload pack --corpus C --manifest C/train_qa.jsonl --manifest C/heldout_resp.jsonl \
+        --gguf SmolLM2-135M-Instruct.Q4_1.gguf --llm $AURA_HOME/models/smollm2-135m-instruct \
+        --teacher $AURA_HOME/models/whisper-tiny.en --wheels WHEELS --out .aura/gpu/payload   # here
     python -m bench.gpu_payload unpack --payload P --out W                 # there (bench/train_demo_gpu.sh)
 """
 
@@ -35,6 +36,7 @@ def weights_digest(folder: Path) -> str:
     turns (chat template, special tokens, the end-of-turn token): equal digests = the same model to
     train against. (The tokenizer part was added after a conversion with another transformers
     version named a different eos token.)"""
+    import torch
     from safetensors import safe_open
     from transformers import AutoTokenizer
 
@@ -48,7 +50,7 @@ def weights_digest(folder: Path) -> str:
             for k in sorted(st.keys()):
                 t = st.get_tensor(k).contiguous()
                 h.update(f"{k}|{t.dtype}|{tuple(t.shape)}".encode())
-                h.update(t.view(-1).view(__import__("torch").uint8).numpy().tobytes())
+                h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 

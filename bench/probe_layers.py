@@ -32,15 +32,9 @@ def encode(text: str) -> list[int]:
 
 
 def cer(refs: list[str], hyps: list[str]) -> float:
-    def dist(a: str, b: str) -> int:
-        prev = list(range(len(b) + 1))
-        for i, ca in enumerate(a, 1):
-            cur = [i]
-            for j, cb in enumerate(b, 1):
-                cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
-            prev = cur
-        return prev[-1]
-    return sum(dist(r, h) for r, h in zip(refs, hyps)) / max(1, sum(len(r) for r in refs))
+    from adapters.training.evaluate import edit_distance
+
+    return sum(edit_distance(list(r), list(h)) for r, h in zip(refs, hyps)) / max(1, sum(len(r) for r in refs))
 
 
 def norm_text(text: str) -> str:
