@@ -29,7 +29,9 @@ def _trainable(work_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def test_two_ranks_match_one_rank_with_twice_the_batch(world: dict[str, Path], tmp_path: Path) -> None:  # noqa: F811
-    common = dict(max_layer=1, ctc_weight=1.0, distill_loss="none", steps=3, lr=3e-3, eval_manifest=None)
+    # SpecAugment on: each example's masks must not depend on which rank draws them
+    common = dict(max_layer=1, ctc_weight=1.0, distill_loss="none", steps=3, lr=3e-3, eval_manifest=None,
+                  spec_time_masks=2, spec_freq_masks=2)
     single = Trainer(_config(world, "ddp_single", batch_size=4, **common))
     single.run()
 
@@ -38,7 +40,7 @@ def test_two_ranks_match_one_rank_with_twice_the_batch(world: dict[str, Path], t
             "--output", str(tmp_path / "two" / "adapter"), "--work-dir", str(tmp_path / "two" / "work"),
             "--teacher-cache", str(cfg.teacher_cache), "--lora-rank", "4", "--steps", "3", "--batch-size", "2",
             "--lr", "3e-3", "--warmup-steps", "2", "--layer-map", "0:0,1:1", "--max-layer", "1", "--ctc-weight", "1.0",
-            "--distill-loss", "none", "--threads", "1", "--no-progress", "--eval-every", "0", "--save-every", "0", "--log-every", "5"]
+            "--distill-loss", "none", "--spec-time-masks", "2", "--spec-freq-masks", "2", "--threads", "1", "--no-progress", "--eval-every", "0", "--save-every", "0", "--log-every", "5"]
     env = {**os.environ, "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
                            "-m", "adapters.training.ddp", *args], capture_output=True, text=True, timeout=600, env=env)

@@ -331,3 +331,54 @@ def test_text_kd_reads_the_transcript_with_the_base_llm_and_pulls_the_student_to
     assert after["eval_text_kd"] < 0.8 * before["eval_text_kd"], (before, after)
     with pytest.raises(ConfigError, match="text_kd"):
         Trainer(_config(world, "text_kd_trunc", text_kd_weight=1.0, max_layer=1, ctc_weight=1.0))
+
+
+def test_spec_augment_masks_bands_and_spans_of_the_clip_only_and_reproducibly() -> None:
+    """Masks cover whole mel bands and whole frame spans inside the clip (padding untouched, the
+    input not mutated), no wider than configured; the same seed draws the same masks, another
+    seed others."""
+    from adapters.training.spec_augment import SpecAugment
+
+    torch.manual_seed(0)
+    feats = torch.randn(80, 500)
+    n = 400
+    aug = SpecAugment(time_masks=2, time_width=0.05, freq_masks=2, freq_width=10)
+    before = feats.clone()
+    outs = [aug(feats, n, seed) for seed in range(20)]
+    torch.testing.assert_close(feats, before, rtol=0, atol=0)  # not mutated
+    assert torch.equal(aug(feats, n, 7), outs[7]) and not torch.equal(outs[7], outs[8])
+    masked_any = 0
+    for out in outs:
+        torch.testing.assert_close(out[:, n:], feats[:, n:], rtol=0, atol=0)
+        changed = out[:, :n] != feats[:, :n]
+        bands = changed.all(dim=1)  # mel bins masked over every frame
+        spans = changed.all(dim=0)  # frames masked over every bin
+        # every change belongs to a masked band or a masked span
+        assert not (changed & ~bands[:, None] & ~spans[None, :]).any()
+        assert int(bands.sum()) <= 2 * 10 and int(spans.sum()) <= 2 * int(0.05 * n)
+        masked_any += int(changed.any())
+    assert masked_any >= 18  # widths are drawn from 0..max, so a rare draw masks nothing
+    assert SpecAugment()(feats, n, 1) is feats  # off by default: no copy, no change
+
+
+def test_trainer_masks_training_batches_only_and_resumes_with_the_same_masks(world: dict[str, Path]) -> None:
+    """SpecAugment on: a training step's loss differs from the unmasked one (the masks reach the
+    student), without a step (as evaluation calls it) the inputs are clean, and a run stopped and resumed equals a straight one,
+    bit for bit (masks are drawn per (seed, step, example), not from a global RNG)."""
+    kw = dict(max_layer=1, ctc_weight=1.0, distill_weight=1.0, steps=4, save_every=2, spec_time_masks=2,
+              spec_time_width=0.2, spec_freq_masks=2, spec_freq_width=20)
+    t = Trainer(_config(world, "spec_a", **kw))
+    idx = [0, 1, 2, 3]
+    with torch.no_grad():
+        clean = float(t._losses(idx, t.examples, {})["loss"])
+        masked = [float(t._losses(idx, t.examples, {}, step=s)["loss"]) for s in (0, 1)]
+        again = float(t._losses(idx, t.examples, {}, step=1)["loss"])
+    assert masked[0] != clean and masked[1] != masked[0] and again == masked[1]
+    t.train()
+    first = Trainer(_config(world, "spec_b", **kw))
+    assert first.train(stop_after=2) == 2
+    del first
+    second = Trainer(_config(world, "spec_b", **kw))
+    assert second.train() == 4
+    for (name, a), (_, b) in zip(sorted(t.student.trainable_state().items()), sorted(second.student.trainable_state().items())):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=lambda m, n=name: f"{n}: {m}")

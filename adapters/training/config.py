@@ -76,6 +76,12 @@ class TrainConfig(BaseModel):
     tasks: list[Literal["transcribe", "qa"]] = Field(
         default_factory=lambda: ["transcribe", "qa"], description="Manifest tasks trained on (a curriculum: transcribe first).")
 
+    # --- SpecAugment (student input only; masks drawn per step, teacher targets stay clean)
+    spec_time_masks: int = Field(0, ge=0, le=20, description="Time masks per clip and step (0 = off).")
+    spec_time_width: float = Field(0.05, gt=0.0, le=0.5, description="Largest time mask, as a share of the clip's frames.")
+    spec_freq_masks: int = Field(0, ge=0, le=10, description="Frequency masks per clip and step (0 = off).")
+    spec_freq_width: int = Field(10, ge=1, le=64, description="Largest frequency mask, in mel bins.")
+
     # --- targets
     transcribe_prompt: str = "Transcribe the audio."
     max_response_tokens: PositiveInt = 64

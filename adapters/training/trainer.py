@@ -14,7 +14,7 @@ import logging
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from adapters.training.config import TrainConfig
 from adapters.training.data import Batch, Example, ManifestRow, build_example, collate, read_manifest, with_features, with_features_batch
 from adapters.training.ctc import ctc_loss, greedy_ctc
 from adapters.training.losses import distill_loss, next_token_loss, text_kd_loss
+from adapters.training.spec_augment import SpecAugment, mask_seed
 from adapters.training.student import AuraStudent, DistillHead
 from adapters.training.teacher import (
     TargetStats, TeacherCache, TeacherInfo, load_teacher_encoder, teacher_info, teacher_targets,
@@ -247,6 +248,7 @@ class Trainer:
         self.blank_id = self.end_of_turn  # CTC blank: a token no transcript contains
         self.use_ce = c.max_layer is None and c.ce_weight > 0
         self.text_kd = c.max_layer is None and c.text_kd_weight > 0
+        self.spec_augment = SpecAugment(c.spec_time_masks, c.spec_time_width, c.spec_freq_masks, c.spec_freq_width)
 
         self.examples = self._examples(s.rows, c.manifest)
         self.eval_examples = self._examples(s.eval_rows[: c.eval_examples], c.eval_manifest) if s.eval_rows else []
@@ -324,14 +326,19 @@ class Trainer:
 
     # ----------------------------------------------------------------- steps
     def _losses(self, idx: list[int], examples: list[Example], memo: dict[int, torch.Tensor],
-                keep_logits: bool = False, module: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
-        """Loss terms of one (micro-)batch; ``keep_logits`` also returns the CTC logits/lengths (for WER)."""
+                keep_logits: bool = False, module: torch.nn.Module | None = None,
+                step: int | None = None) -> dict[str, torch.Tensor]:
+        """Loss terms of one (micro-)batch; ``keep_logits`` also returns the CTC logits/lengths (for WER).
+        ``step`` marks a training batch: its inputs get this step's SpecAugment masks (if on)."""
         c = self.config
         teach = self.teacher_targets_for(examples, "teacher targets", idx, memo) if self.distill else None
         if teach is not None and self.target_stats is not None:
             teach = [self.target_stats.normalize(t) for t in teach]
-        batch = collate(with_features_batch([examples[i] for i in idx], self.setup.features, self.device), self.pad_id, teach,
-                        text=self.text_kd).to(self.device)
+        chosen = with_features_batch([examples[i] for i in idx], self.setup.features, self.device)
+        if step is not None and self.spec_augment.enabled:
+            chosen = [replace(e, features=self.spec_augment(e.features, e.num_frames, mask_seed(c.seed, step, i)))
+                      for e, i in zip(chosen, idx)]
+        batch = collate(chosen, self.pad_id, teach, text=self.text_kd).to(self.device)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=c.precision == "bf16"):
             out = (module or self.student)(batch, max_layer=c.max_layer, ctc_layer=self.ctc_layer)
             terms: dict[str, torch.Tensor] = {}
@@ -376,7 +383,8 @@ class Trainer:
         sums: dict[str, float] = {}
         for m in range(self.config.grad_accum):
             with self.micro_batch_context(last=m == self.config.grad_accum - 1):
-                terms = self._losses(idx[m * micro : (m + 1) * micro], self.examples, self.targets, module=self.train_module())
+                terms = self._losses(idx[m * micro : (m + 1) * micro], self.examples, self.targets, module=self.train_module(),
+                                     step=step)
                 (terms["loss"] / self.config.grad_accum).backward()
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach()) / self.config.grad_accum
