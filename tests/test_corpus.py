@@ -116,6 +116,27 @@ def test_rebuild_is_reproducible(corpus: dict[str, object], tmp_path: Path) -> N
     assert (tmp_path / first["audio"]).read_bytes() == (src / first["audio"]).read_bytes()
 
 
+def test_a_rebuild_with_other_options_never_pairs_old_audio_with_new_text(corpus: dict[str, object], tmp_path: Path) -> None:
+    """Resuming into a folder built with another ``n_train`` (which reorders the training lines)
+    re-renders every clip whose line changed: the result equals a clean build, byte for byte."""
+    src: Path = corpus["out"]
+    raw = (src / "texts_raw.jsonl").read_text()
+    kw = dict(model=None, n_heldout=6, seed=3, llm_prompts=24, progress=False, workers=2)  # encyclopedia lines fill the rest
+    resumed, clean = tmp_path / "resumed", tmp_path / "clean"
+    for d in (resumed, clean):
+        d.mkdir()
+        (d / "texts_raw.jsonl").write_text(raw)
+    small = build_corpus(CorpusOptions(out_dir=resumed, n_train=20, **kw))
+    before = {r["audio"]: r["text"] for r in map(json.loads, small["train"].read_text().splitlines())}
+    grown = build_corpus(CorpusOptions(out_dir=resumed, n_train=40, **kw))
+    fresh = build_corpus(CorpusOptions(out_dir=clean, n_train=40, **kw))
+    rows = [json.loads(line) for line in grown["train"].read_text().splitlines()]
+    assert rows == [json.loads(line) for line in fresh["train"].read_text().splitlines()]
+    assert any(before.get(r["audio"], r["text"]) != r["text"] for r in rows)  # some clip's line did change
+    for r in rows:
+        assert (resumed / r["audio"]).read_bytes() == (clean / r["audio"]).read_bytes(), r
+
+
 def test_text_cleaning_and_numbers() -> None:
     assert spell_numbers("We met 3 times in 1984 and 2005.") == "We met three times in nineteen eighty four and two thousand five."
     assert spell_numbers("It costs $5.") is None and spell_numbers("At 10:30 today.") is None

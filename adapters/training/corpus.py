@@ -16,6 +16,7 @@ qa rows get their ``response`` from ``aura data responses`` (the base LLM's own 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import sys
@@ -89,6 +90,14 @@ def render_clip(text: str, voice: Voice, path: Path, rng: random.Random, *, othe
     return info
 
 
+def _clip_key(opts: CorpusOptions, split: str, i: int, text: str, voice: Voice, noisy: bool) -> str:
+    """What a clip was rendered from. A resumed build reuses a clip only when its key matches, so a
+    rebuild with another ``n_train`` (which reorders the lines) or seed re-renders instead of
+    pairing old audio with new text. The babble pool is a function of the same inputs."""
+    what = [opts.seed, opts.n_train, opts.n_heldout, opts.augment_prob, split, i, text, repr(voice), noisy]
+    return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:16]
+
+
 def build_corpus(opts: CorpusOptions, *, log: Callable[[str], None] | None = None) -> dict[str, Path]:
     """Write ``train.jsonl``, ``heldout.jsonl``, ``stats.json`` and ``audio/`` under ``opts.out_dir``."""
     say = log or (lambda m: print(m, file=sys.stderr, flush=True))
@@ -119,6 +128,7 @@ def build_corpus(opts: CorpusOptions, *, log: Callable[[str], None] | None = Non
             jobs.append((split, i, t, _row_voice(opts.seed, split, i, pool), noisy))
 
     infos: dict[tuple[str, int], dict[str, float | str]] = {}
+    keys: dict[tuple[str, int], str] = {}
     meta_file = out / "audio_meta.jsonl"
     if meta_file.is_file():
         for line in meta_file.read_text().splitlines():
@@ -127,23 +137,25 @@ def build_corpus(opts: CorpusOptions, *, log: Callable[[str], None] | None = Non
             except json.JSONDecodeError:
                 continue
             infos[(rec["split"], rec["i"])] = rec["info"]
+            keys[(rec["split"], rec["i"])] = rec.get("key", "")
 
-    def work(job: tuple[str, int, TextLine, Voice, bool]) -> tuple[str, int, dict[str, float | str]] | None:
+    def work(job: tuple[str, int, TextLine, Voice, bool]) -> tuple[str, int, str, dict[str, float | str]] | None:
         split, i, t, voice, noisy = job
         path = out / "audio" / f"{split}-{i:06d}.wav"
-        if path.is_file() and (split, i) in infos:
+        key = _clip_key(opts, split, i, t.text, voice, noisy)
+        if path.is_file() and keys.get((split, i)) == key:
             return None
         info = render_clip(t.text, voice, path, _rng(opts.seed, split, i), others=babble[split],
                            augment_prob=opts.augment_prob if split == "train" else 0.0, noisy=noisy)
-        return split, i, info
+        return split, i, key, info
 
     with ThreadPoolExecutor(opts.workers) as pool, open(meta_file, "a") as meta:
         for res in tqdm(pool.map(work, jobs), total=len(jobs), desc="speech", file=sys.stderr,
                         disable=not opts.progress, mininterval=5):
             if res is not None:
-                split, i, info = res
+                split, i, key, info = res
                 infos[(split, i)] = info
-                meta.write(json.dumps({"split": split, "i": i, "info": info}) + "\n")
+                meta.write(json.dumps({"split": split, "i": i, "key": key, "info": info}) + "\n")
                 meta.flush()
 
     paths: dict[str, Path] = {}
