@@ -382,3 +382,20 @@ def test_trainer_masks_training_batches_only_and_resumes_with_the_same_masks(wor
     assert second.train() == 4
     for (name, a), (_, b) in zip(sorted(t.student.trainable_state().items()), sorted(second.student.trainable_state().items())):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_evaluation_reports_the_next_token_loss_per_task(world: dict[str, Path]) -> None:
+    """eval_ce_transcribe / eval_ce_qa: each the loss of its own rows (recomputed here row by row
+    within tolerance), and eval_ce their mean weighted by row counts."""
+    t = Trainer(_config(world, "eval_tasks", distill_loss="none", batch_size=1))
+    result = t.evaluate()
+    assert result is not None
+    counts = {task: sum(1 for e in t.eval_examples if e.task == task) for task in ("transcribe", "qa")}
+    assert min(counts.values()) > 0
+    for task in counts:
+        with torch.no_grad():
+            own = [float(t._losses([i], t.eval_examples, {})["ce"]) for i, e in enumerate(t.eval_examples) if e.task == task]
+        assert result[f"eval_ce_{task}"] == pytest.approx(sum(own) / len(own), rel=1e-4)
+    mixed = sum(result[f"eval_ce_{task}"] * c for task, c in counts.items()) / sum(counts.values())
+    assert result["eval_ce"] == pytest.approx(mixed, rel=1e-4)
+    assert result["eval_ce_transcribe"] != pytest.approx(result["eval_ce_qa"], rel=1e-3)
