@@ -3,6 +3,7 @@
 # made by `python -m bench.gpu_payload pack` (see its docstring for why a payload):
 #
 #   bench/train_demo_gpu.sh PAYLOAD_DIR OUT_DIR DEADLINE_UNIX_S
+#   RESUME=DIR_WITH_CKPT EXTRA="--init-from A ..." bench/train_demo_gpu.sh ...   # later sittings / other levers
 #
 # Everything lands in OUT_DIR before DEADLINE (the lease's end): the log of every step, the
 # training log, the held-out curve and the adapter (tar, split in 15 MiB pieces). The training
@@ -41,6 +42,16 @@ print("llm weights digest", got, "== this repo's conversion" if got == want else
 PYEOF
 cp -r "$P/teacher" "$W/models/whisper-tiny.en"
 budget=$(( DEADLINE - $(date +%s) - RESERVE ))
+# A later sitting (RESUME=dir holding the ckpt-*.pt an earlier one packed) continues that run exactly:
+# the trainer's time budget counts all sittings together, so this one adds its own to what was spent.
+spent=0
+if [[ -n "${RESUME:-}" ]]; then
+  mkdir -p "$W/run/work"
+  ckpt=$(ls "$RESUME"/ckpt-*.pt | sort | tail -1)
+  cp "$ckpt" "$W/run/work/"
+  spent=$("$PY" -c "import sys, torch; print(int(torch.load(sys.argv[1], map_location='cpu', weights_only=False)['elapsed_s']))" "$ckpt")
+  say "resuming $(basename "$ckpt") after ${spent} s of training"
+fi
 say "training for ${budget} s"
 cat > "$W/aura_train.py" <<'PYEOF'
 # `aura train` without the server package (its imports need vLLM and FastAPI, absent here)
@@ -54,7 +65,7 @@ PYEOF
 args=(--config bench/train_open_gpu.yaml --student "$W/models/smollm2-135m-instruct" --teacher "$W/models/whisper-tiny.en"
       --manifest "$W/corpus/${TRAIN_MANIFEST:-train_qa.jsonl}" --eval-manifest "$W/corpus/${HELDOUT_MANIFEST:-heldout_resp.jsonl}"
       --teacher-cache "$W/tcache" --output "$W/run/adapter" --work-dir "$W/run/work" --threads "${THREADS:-8}"
-      --time-budget-s "$budget" ${EXTRA:-})
+      --time-budget-s "$(( spent + budget ))" ${EXTRA:-})
 # SIGINT makes the trainer checkpoint and stop; then the newest checkpoint is exported
 timeout --signal=INT $(( budget + RESERVE - 15 )) "$PY" "$W/aura_train.py" "${args[@]}" \
   || { say "training did not finish in time; exporting the newest checkpoint"; timeout 40 "$PY" "$W/aura_train.py" "${args[@]}" --export-only || true; }
@@ -62,6 +73,11 @@ say "packing results"
 cp "$W/run/work/train_log.jsonl" "$OUT/" 2>/dev/null || true
 if [[ -f "$W/run/adapter/aura_config.json" ]]; then
   tar -C "$W/run" -cf - adapter | split -b 15M - "$OUT/adapter.tar.part-"
+fi
+# the newest checkpoint (weights, optimizer, clock) travels back too, so a later lease can RESUME it
+last=$(ls "$W"/run/work/ckpt-*.pt 2>/dev/null | sort | tail -1 || true)
+if [[ -n "$last" ]]; then
+  tar -C "$(dirname "$last")" -cf - "$(basename "$last")" | split -b 15M - "$OUT/ckpt.tar.part-"
 fi
 ls -la "$OUT"
 say "done"

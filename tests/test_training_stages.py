@@ -399,3 +399,28 @@ def test_evaluation_reports_the_next_token_loss_per_task(world: dict[str, Path])
     mixed = sum(result[f"eval_ce_{task}"] * c for task, c in counts.items()) / sum(counts.values())
     assert result["eval_ce"] == pytest.approx(mixed, rel=1e-4)
     assert result["eval_ce_transcribe"] != pytest.approx(result["eval_ce_qa"], rel=1e-3)
+
+
+def test_a_checkpoint_resumes_from_another_folder_but_never_on_other_data(world: dict[str, Path], tmp_path: Path) -> None:
+    """A later GPU lease unpacks the same models and corpus under other paths: its checkpoint must
+    resume there (the run's fingerprint is the content, not the paths), and must refuse a
+    manifest whose rows differ."""
+    import shutil
+
+    kw = dict(max_layer=1, ctc_weight=1.0, distill_loss="none", steps=4, save_every=2)
+    first = Trainer(_config(world, "moved_a", **kw))
+    assert first.train(stop_after=2) == 2
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(world["student"], moved / "student")
+    shutil.copytree(world["teacher"], moved / "teacher")
+    manifest = world["manifest"].parent / "moved_manifest.jsonl"  # audio paths are relative to the manifest's folder
+    manifest.write_text(world["manifest"].read_text())
+    work = first.work_dir
+    again = Trainer(_config(world, "moved_b", work_dir=work, student=moved / "student", teacher=moved / "teacher",
+                            manifest=manifest, **kw))
+    assert again.train() == 4
+    rows = manifest.read_text().splitlines()
+    manifest.write_text("\n".join(rows[1:] + rows[:1]) + "\n")  # same rows, another order: other batches
+    with pytest.raises(ConfigError, match="different settings"):
+        Trainer(_config(world, "moved_c", work_dir=work, student=moved / "student", teacher=moved / "teacher",
+                        manifest=manifest, **kw)).train()

@@ -160,10 +160,12 @@ class TrainConfig(BaseModel):
         return "cuda" if torch.cuda.is_available() else "cpu"
 
     def fingerprint(self) -> str:
-        """Hash of what changes the optimisation trajectory (not bookkeeping like log_every)."""
+        """Hash of the settings that change the optimisation trajectory (not bookkeeping like
+        log_every). Paths are left out: the trainer adds the identity of what they hold (its run
+        fingerprint), so a run moved to another machine or folder still resumes."""
         skip = {"log_every", "eval_every", "eval_examples", "save_every", "keep_checkpoints", "resume",
                 "progress", "threads", "output", "work_dir", "teacher_cache", "steps", "time_budget_s", "wer_every", "wer_examples",
-                "eval_manifest"}
+                "eval_manifest", "student", "teacher", "manifest", "init_from"}
         data = {k: v for k, v in json.loads(self.model_dump_json()).items() if k not in skip}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 

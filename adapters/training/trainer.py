@@ -9,6 +9,7 @@ if it had never stopped.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -201,6 +202,7 @@ class Trainer:
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
         self.setup = check_config(config)
+        self._run_fingerprint: str | None = None
         self.device = torch.device(config.resolved_device())
         if config.threads:
             torch.set_num_threads(config.threads)
@@ -480,7 +482,7 @@ class Trainer:
         """Trainable weights + optimizer + history; written to a temp file and renamed, so a kill mid-save is harmless."""
         path = self.work_dir / f"ckpt-{step:07d}.pt"
         tmp = path.with_name(path.name + ".tmp")
-        torch.save({"step": step, "fingerprint": self.config.fingerprint(), "trainable": self.student.trainable_state(),
+        torch.save({"step": step, "fingerprint": self.run_fingerprint(), "trainable": self.student.trainable_state(),
                     "optimizer": self.optimizer.state_dict(), "history": self.history,
                     "rng": torch.get_rng_state(), "elapsed_s": self._elapsed()}, tmp)
         tmp.replace(path)
@@ -488,9 +490,21 @@ class Trainer:
             old.unlink(missing_ok=True)
         return path
 
+    def run_fingerprint(self) -> str:
+        """The settings' fingerprint plus what the paths hold: the base model's and the teacher's
+        weights, the training manifest, and the adapter a run starts from. Content, not paths, so a
+        checkpoint resumes on another machine (a later GPU lease) but never on other data."""
+        if self._run_fingerprint is None:
+            c, s = self.config, self.setup
+            parts = [c.fingerprint(), s.base.fingerprint, s.teacher.fingerprint, sha256_file(Path(c.manifest))]
+            if c.init_from is not None:
+                parts += [sha256_file(p) for p in sorted(Path(c.init_from).iterdir()) if p.is_file()]
+            self._run_fingerprint = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+        return self._run_fingerprint
+
     def load_checkpoint(self, path: Path) -> int:
         state = torch.load(path, map_location=self.device, weights_only=False)
-        if state["fingerprint"] != self.config.fingerprint():
+        if state["fingerprint"] != self.run_fingerprint():
             raise ConfigError(f"{path} was written by a run with different settings; use another work_dir or resume: false")
         params = dict(self.student.named_parameters())
         with torch.no_grad():

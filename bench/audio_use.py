@@ -1,0 +1,104 @@
+"""How much does an adapter use the audio? Next-token loss with each clip's own audio vs another's.
+
+An adapter that transcribes nothing either memorised its training lines (its training loss is
+low, the held-out one high) or never learned to read the audio at all (both high). Which one it
+is decides what the next run needs: more distinct lines, or more steps. This reports, per split
+(held-out and a seeded sample of training rows) and per task, the next-token loss of the
+adapter (the trainer's own evaluation) twice: with each row's own clip, and with the clips
+rotated among the rows of that task (same transcripts and answers, someone else's audio). The
+difference is how many nats per token the audio is worth to the adapter: 0 when it ignores the
+audio; for transcription, roughly the language model's prior (~4 nats on everyday lines) when it
+reads every word.
+
+    python -m bench.audio_use --adapter A --config bench/train_open_gpu.yaml \\
+        --student S --teacher T --train-manifest C/train_qa.jsonl --heldout-manifest C/heldout_resp.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def _rows(path: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _write(rows: list[dict[str, object]], like: Path, tmp: Path, name: str) -> Path:
+    """A manifest next to ``like`` (its audio paths are relative to its folder)."""
+    out = like.parent / f".{name}.{tmp.name}.jsonl"
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out
+
+
+def rotated(rows: list[dict[str, object]], shift: int = 7) -> list[dict[str, object]]:
+    """Each row with the audio of the row ``shift`` places on among the rows of its task."""
+    out = [dict(r) for r in rows]
+    for task in {str(r["task"]) for r in rows}:
+        idx = [i for i, r in enumerate(rows) if r["task"] == task]
+        for k, i in enumerate(idx):
+            out[i]["audio"] = rows[idx[(k + shift) % len(idx)]]["audio"]
+    return out
+
+
+def evaluate(args: argparse.Namespace, manifest: Path, n: int) -> dict[str, float]:
+    from adapters.training.config import load_train_config
+    from adapters.training.trainer import Trainer
+
+    with tempfile.TemporaryDirectory() as work:
+        cfg = load_train_config(args.config, dict(
+            student=args.student, teacher=args.teacher, manifest=manifest, eval_manifest=manifest,
+            output=Path(work) / "adapter", init_from=args.adapter, distill_loss="none", distill_weight=0.0,
+            ctc_weight=0.0, text_kd_weight=0.0, precision="fp32", device=args.device, eval_examples=n,
+            batch_size=args.batch_size, grad_accum=1, threads=args.threads, progress=False))
+        result = Trainer(cfg).evaluate()
+    assert result is not None
+    return {k.removeprefix("eval_"): round(v, 4) for k, v in result.items() if k.startswith("eval_ce")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--adapter", type=Path, required=True)
+    p.add_argument("--config", type=Path, required=True, help="the recipe the adapter was trained with (its LoRA shape)")
+    p.add_argument("--student", type=Path, required=True)
+    p.add_argument("--teacher", type=Path, required=True)
+    p.add_argument("--train-manifest", type=Path, required=True)
+    p.add_argument("--heldout-manifest", type=Path, required=True)
+    p.add_argument("--rows", type=int, default=90, help="rows per split (training rows: a seeded sample, half per task)")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+
+    rng = random.Random(args.seed)
+    train = _rows(args.train_manifest)
+    tasks = sorted({str(r["task"]) for r in train})
+    sample = [r for t in tasks for r in rng.sample([r for r in train if r["task"] == t],
+                                                  min(args.rows // len(tasks), sum(r["task"] == t for r in train)))]
+    splits = {"heldout": (_rows(args.heldout_manifest)[: args.rows], args.heldout_manifest), "train": (sample, args.train_manifest)}
+    report: dict[str, dict[str, dict[str, float]]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for split, (rows, like) in splits.items():
+            report[split] = {}
+            for audio, these in (("own", rows), ("rotated", rotated(rows))):
+                t0 = time.time()
+                path = _write(these, like, Path(tmp), f"{split}-{audio}")
+                try:
+                    report[split][audio] = evaluate(args, path, len(these))
+                finally:
+                    path.unlink()
+                print(f"{split} {audio} audio: {report[split][audio]} ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
+            report[split]["audio_nats_per_token"] = {
+                k: round(report[split]["rotated"][k] - v, 4) for k, v in report[split]["own"].items()}
+    print(json.dumps({"adapter": str(args.adapter), "rows": args.rows, **report}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
