@@ -91,7 +91,8 @@ def cmd_data_demo(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else aura_home() / "corpus"
     model = _model_or_demo(args.model, "llm")
     paths = build_corpus(CorpusOptions(out_dir=out, model=model, n_train=args.train, n_heldout=args.heldout, seed=args.seed,
-                                       workers=args.workers, llm_prompts=args.llm_prompts, progress=not args.quiet))
+                                       workers=args.workers, llm_prompts=args.llm_prompts, progress=not args.quiet,
+                                       heldout_from=Path(args.heldout_from) if args.heldout_from else None))
     filled = {}
     if not args.no_responses:
         from adapters.training.responses import fill_responses
@@ -136,6 +137,8 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--out", help="default: $AURA_HOME/corpus")
     p.add_argument("--train", type=int, default=10_000, help="distinct training lines (clips)")
     p.add_argument("--heldout", type=int, default=90, help="held-out clips (half qa, a third noisy)")
+    p.add_argument("--heldout-from", metavar="MANIFEST", help="reuse an earlier build's heldout.jsonl lines (same clips): "
+                   "numbers stay comparable across corpus versions; training lines sharing a 4-gram with them are dropped")
     p.add_argument("--llm-prompts", type=int, default=6000, help="lines the LLM is asked to write (about 45%% survive)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2)

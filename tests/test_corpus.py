@@ -137,6 +137,25 @@ def test_a_rebuild_with_other_options_never_pairs_old_audio_with_new_text(corpus
         assert (resumed / r["audio"]).read_bytes() == (clean / r["audio"]).read_bytes(), r
 
 
+def test_a_new_corpus_version_can_keep_the_heldout_clips(corpus: dict[str, object], tmp_path: Path) -> None:
+    """--heldout-from: a build with another size reuses an earlier build's held-out lines, and so
+    renders byte-identical held-out clips (numbers stay comparable), while its own training lines
+    still share no 4-gram with them."""
+    src: Path = corpus["out"]
+    (tmp_path / "texts_raw.jsonl").write_text((src / "texts_raw.jsonl").read_text())
+    paths = build_corpus(CorpusOptions(out_dir=tmp_path, model=None, n_train=N_TRAIN + 30, seed=3, llm_prompts=N_PROMPTS,
+                                       progress=False, heldout_from=src / "heldout.jsonl"))
+    held = [json.loads(line) for line in paths["heldout"].read_text().splitlines()]
+    assert sorted(held, key=lambda r: r["audio"]) == sorted(corpus["heldout"], key=lambda r: r["audio"])
+    for r in held:
+        assert (tmp_path / r["audio"]).read_bytes() == (src / r["audio"]).read_bytes()
+    train = [json.loads(line) for line in paths["train"].read_text().splitlines()]
+    assert len({r["audio"] for r in train}) == N_TRAIN + 30
+    assert not overlapping([r["text"] for r in held], [r["text"] for r in train])
+    stats = json.loads(paths["stats"].read_text())
+    assert stats["heldout_4gram_overlap_lines"] == 0 and stats["voices_used"]["shared"] == 0
+
+
 def test_text_cleaning_and_numbers() -> None:
     assert spell_numbers("We met 3 times in 1984 and 2005.") == "We met three times in nineteen eighty four and two thousand five."
     assert spell_numbers("It costs $5.") is None and spell_numbers("At 10:30 today.") is None

@@ -50,6 +50,7 @@ class CorpusOptions:
     progress: bool = True
     gen_batch_size: int = 256
     llm_prompts: int = 6000  # LLM generations (everyday questions/statements); about 45% survive cleaning
+    heldout_from: Path | None = None  # reuse this held-out manifest's lines (and so its clips): comparable numbers across corpus versions
 
 
 def _rng(seed: int, split: str, i: int) -> random.Random:
@@ -90,6 +91,16 @@ def render_clip(text: str, voice: Voice, path: Path, rng: random.Random, *, othe
     return info
 
 
+def heldout_lines(manifest: Path) -> list[TextLine]:
+    """The lines of an earlier build's held-out manifest, in clip order (``heldout-000042.wav`` is
+    line 42), so a build that reuses them renders the very same held-out clips."""
+    rows = [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
+    rows.sort(key=lambda r: int(Path(r["audio"]).stem.rsplit("-", 1)[1]))
+    if [int(Path(r["audio"]).stem.rsplit("-", 1)[1]) for r in rows] != list(range(len(rows))):
+        raise ValueError(f"{manifest}: not a held-out manifest written by this builder (clips are not heldout-000000..)")
+    return [TextLine(text=r["text"], task=r["task"], kind=r.get("kind", ""), seed_word=r.get("seed_word", "")) for r in rows]
+
+
 def _clip_key(opts: CorpusOptions, split: str, i: int, text: str, voice: Voice, noisy: bool) -> str:
     """What a clip was rendered from. A resumed build reuses a clip only when its key matches, so a
     rebuild with another ``n_train`` (which reorders the lines) or seed re-renders instead of
@@ -110,7 +121,12 @@ def build_corpus(opts: CorpusOptions, *, log: Callable[[str], None] | None = Non
                          batch_size=opts.gen_batch_size, progress=opts.progress) if opts.llm_prompts else []
     say(f"corpus: {len(llm)} distinct usable LLM lines from {opts.llm_prompts} generations")
     # held-out lines are everyday LLM lines only (what a user says), never encyclopedia text
-    llm_train, held_lines = split_heldout(llm, opts.n_heldout, seed=opts.seed)
+    if opts.heldout_from is not None:
+        held_lines = heldout_lines(Path(opts.heldout_from))
+        held_texts = {t.text for t in held_lines}
+        llm_train = drop_overlapping([t for t in llm if t.text not in held_texts], held_lines)
+    else:
+        llm_train, held_lines = split_heldout(llm, opts.n_heldout, seed=opts.seed)
     n_wiki = max(0, opts.n_train - len(llm_train))
     wiki = markov_lines(n_wiki + n_wiki // 20 + 50, opts.seed, exclude=[t.text for t in llm]) if n_wiki else []
     wiki = drop_overlapping(wiki, held_lines)[:n_wiki]
