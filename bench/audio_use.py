@@ -54,7 +54,7 @@ def evaluate(args: argparse.Namespace, manifest: Path, n: int) -> dict[str, floa
         cfg = load_train_config(args.config, dict(
             student=args.student, teacher=args.teacher, manifest=manifest, eval_manifest=manifest,
             output=Path(work) / "adapter", init_from=args.adapter, distill_loss="none", distill_weight=0.0,
-            ctc_weight=0.0, text_kd_weight=0.0, precision="fp32", device=args.device, eval_examples=n,
+            ctc_weight=0.0, text_kd_weight=0.0, precision=args.precision, device=args.device, eval_examples=n,
             batch_size=args.batch_size, grad_accum=1, threads=args.threads, progress=False))
         result = Trainer(cfg).evaluate()
     assert result is not None
@@ -74,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="bf16 = autocast, as the server's --dtype bfloat16 runs the same weights: does it change held-out quality?")
     args = p.parse_args(argv)
 
     rng = random.Random(args.seed)
@@ -96,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{split} {audio} audio: {report[split][audio]} ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
             report[split]["audio_nats_per_token"] = {
                 k: round(report[split]["rotated"][k] - v, 4) for k, v in report[split]["own"].items()}
-    print(json.dumps({"adapter": str(args.adapter), "rows": args.rows, **report}))
+    print(json.dumps({"adapter": str(args.adapter), "rows": args.rows, "precision": args.precision, **report}))
     return 0
 
 
