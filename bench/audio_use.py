@@ -4,9 +4,10 @@ An adapter that transcribes nothing either memorised its training lines (its tra
 low, the held-out one high) or never learned to read the audio at all (both high). Which one it
 is decides what the next run needs: more distinct lines, or more steps. This reports, per split
 (held-out and a seeded sample of training rows) and per task, the next-token loss of the
-adapter (the trainer's own evaluation) twice: with each row's own clip, and with the clips
+adapter (the trainer's own loss, row by row) twice: with each row's own clip, and with the clips
 rotated among the rows of that task (same transcripts and answers, someone else's audio). The
-difference is how many nats per token the audio is worth to the adapter: 0 when it ignores the
+paired difference, with its standard error over rows, is how many nats per token the audio is
+worth to the adapter: 0 when it ignores the
 audio; for transcription, roughly the language model's prior (~4 nats on everyday lines) when it
 reads every word.
 
@@ -46,7 +47,11 @@ def rotated(rows: list[dict[str, object]], shift: int = 7) -> list[dict[str, obj
     return out
 
 
-def evaluate(args: argparse.Namespace, manifest: Path, n: int) -> dict[str, float]:
+def row_losses(args: argparse.Namespace, manifest: Path, n: int) -> list[tuple[str, float]]:
+    """(task, next-token loss) of each of the first ``n`` rows, one row at a time (so rows can be
+    paired across conditions), through the trainer's own loss."""
+    import torch
+
     from adapters.training.config import load_train_config
     from adapters.training.trainer import Trainer
 
@@ -55,10 +60,26 @@ def evaluate(args: argparse.Namespace, manifest: Path, n: int) -> dict[str, floa
             student=args.student, teacher=args.teacher, manifest=manifest, eval_manifest=manifest,
             output=Path(work) / "adapter", init_from=args.adapter, distill_loss="none", distill_weight=0.0,
             ctc_weight=0.0, text_kd_weight=0.0, precision=args.precision, device=args.device, eval_examples=n,
-            batch_size=args.batch_size, grad_accum=1, threads=args.threads, progress=False))
-        result = Trainer(cfg).evaluate()
-    assert result is not None
-    return {k.removeprefix("eval_"): round(v, 4) for k, v in result.items() if k.startswith("eval_ce")}
+            batch_size=1, grad_accum=1, threads=args.threads, progress=False))
+        t = Trainer(cfg)
+        t.student.eval()
+        with torch.no_grad():
+            return [(e.task, float(t._losses([i], t.eval_examples, t.eval_targets)["ce"])) for i, e in enumerate(t.eval_examples)]
+
+
+def summarize(own: list[tuple[str, float]], rot: list[tuple[str, float]]) -> dict[str, dict[str, float]]:
+    """Per task (and "all"): mean loss with own and rotated audio, their paired difference (what the
+    audio is worth) and its standard error over rows."""
+    out: dict[str, dict[str, float]] = {}
+    for task in ["all", *sorted({t for t, _ in own})]:
+        pairs = [(a, b) for (ta, a), (_, b) in zip(own, rot) if task in ("all", ta)]
+        d = [b - a for a, b in pairs]
+        n = len(d)
+        mean = sum(d) / n
+        se = (sum((x - mean) ** 2 for x in d) / (n - 1)) ** 0.5 / n ** 0.5 if n > 1 else float("nan")
+        out[task] = {"rows": n, "own": round(sum(a for a, _ in pairs) / n, 4), "rotated": round(sum(b for _, b in pairs) / n, 4),
+                     "audio_nats_per_token": round(mean, 4), "se": round(se, 4)}
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,7 +92,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heldout-manifest", type=Path, required=True)
     p.add_argument("--rows", type=int, default=90, help="rows per split (training rows: a seeded sample, half per task)")
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
@@ -87,17 +107,17 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, dict[str, dict[str, float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for split, (rows, like) in splits.items():
-            report[split] = {}
+            losses = {}
             for audio, these in (("own", rows), ("rotated", rotated(rows))):
                 t0 = time.time()
                 path = _write(these, like, Path(tmp), f"{split}-{audio}")
                 try:
-                    report[split][audio] = evaluate(args, path, len(these))
+                    losses[audio] = row_losses(args, path, len(these))
                 finally:
                     path.unlink()
-                print(f"{split} {audio} audio: {report[split][audio]} ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
-            report[split]["audio_nats_per_token"] = {
-                k: round(report[split]["rotated"][k] - v, 4) for k, v in report[split]["own"].items()}
+                print(f"{split} {audio} audio: {len(these)} rows ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
+            report[split] = summarize(losses["own"], losses["rotated"])
+            print(f"{split}: {report[split]}", file=sys.stderr, flush=True)
     print(json.dumps({"adapter": str(args.adapter), "rows": args.rows, "precision": args.precision, **report}))
     return 0
 
