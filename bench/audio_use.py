@@ -25,25 +25,16 @@ import tempfile
 import time
 from pathlib import Path
 
-
-def _rows(path: Path) -> list[dict[str, object]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+from adapters.training.data import ManifestRow, read_manifest_absolute, write_manifest
 
 
-def _write(rows: list[dict[str, object]], like: Path, tmp: Path, name: str) -> Path:
-    """A manifest next to ``like`` (its audio paths are relative to its folder)."""
-    out = like.parent / f".{name}.{tmp.name}.jsonl"
-    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return out
-
-
-def rotated(rows: list[dict[str, object]], shift: int = 7) -> list[dict[str, object]]:
+def rotated(rows: list[ManifestRow], shift: int = 7) -> list[ManifestRow]:
     """Each row with the audio of the row ``shift`` places on among the rows of its task."""
-    out = [dict(r) for r in rows]
-    for task in {str(r["task"]) for r in rows}:
-        idx = [i for i, r in enumerate(rows) if r["task"] == task]
+    out = list(rows)
+    for task in {r.task for r in rows}:
+        idx = [i for i, r in enumerate(rows) if r.task == task]
         for k, i in enumerate(idx):
-            out[i]["audio"] = rows[idx[(k + shift) % len(idx)]]["audio"]
+            out[i] = rows[i].model_copy(update={"audio": rows[idx[(k + shift) % len(idx)]].audio})
     return out
 
 
@@ -99,22 +90,20 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     rng = random.Random(args.seed)
-    train = _rows(args.train_manifest)
-    tasks = sorted({str(r["task"]) for r in train})
-    sample = [r for t in tasks for r in rng.sample([r for r in train if r["task"] == t],
-                                                  min(args.rows // len(tasks), sum(r["task"] == t for r in train)))]
-    splits = {"heldout": (_rows(args.heldout_manifest)[: args.rows], args.heldout_manifest), "train": (sample, args.train_manifest)}
+    train = read_manifest_absolute(args.train_manifest)
+    tasks = sorted({r.task for r in train})
+    sample = [r for t in tasks for r in rng.sample([r for r in train if r.task == t],
+                                                  min(args.rows // len(tasks), sum(r.task == t for r in train)))]
+    splits = {"heldout": read_manifest_absolute(args.heldout_manifest)[: args.rows], "train": sample}
     report: dict[str, dict[str, dict[str, float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for split, (rows, like) in splits.items():
+        for split, rows in splits.items():
             losses = {}
             for audio, these in (("own", rows), ("rotated", rotated(rows))):
                 t0 = time.time()
-                path = _write(these, like, Path(tmp), f"{split}-{audio}")
-                try:
-                    losses[audio] = row_losses(args, path, len(these))
-                finally:
-                    path.unlink()
+                path = Path(tmp) / f"{split}-{audio}.jsonl"
+                write_manifest(path, these)
+                losses[audio] = row_losses(args, path, len(these))
                 print(f"{split} {audio} audio: {len(these)} rows ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
             report[split] = summarize(losses["own"], losses["rotated"])
             print(f"{split}: {report[split]}", file=sys.stderr, flush=True)

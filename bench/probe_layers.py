@@ -76,7 +76,7 @@ def train_probe(train: list[tuple[torch.Tensor, str]], held: list[tuple[torch.Te
 
 def main() -> None:
     from adapters.training.config import TrainConfig
-    from adapters.training.data import collate, with_features_batch
+    from adapters.training.data import collate, read_manifest_absolute, with_features_batch, write_manifest
     from adapters.training.student import decoder_layers
     from adapters.training.trainer import Trainer
 
@@ -96,10 +96,8 @@ def main() -> None:
     a.work.mkdir(parents=True, exist_ok=True)
 
     def subset(src: Path, n: int, name: str) -> Path:
-        rows = [json.loads(line) for line in src.read_text().splitlines() if line.strip()]
-        rows = [dict(r, audio=str((src.parent / r["audio"]).resolve())) for r in rows if r["task"] == "transcribe"][:n]
         out = a.work / name
-        out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        write_manifest(out, [r for r in read_manifest_absolute(src) if r.task == "transcribe"][:n])
         return out
 
     train_m, held_m = subset(a.train_manifest, a.clips, "train.jsonl"), subset(a.heldout_manifest, 10_000, "heldout.jsonl")

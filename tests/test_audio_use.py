@@ -12,19 +12,20 @@ import torch
 
 from test_training import _config, world  # noqa: F401  (the tiny student/teacher/espeak-ng world, session-scoped)
 
+from adapters.training.data import ManifestRow
 from adapters.training.trainer import Trainer
 from bench.audio_use import main, rotated, summarize
 
 
 def test_rotation_swaps_audio_within_each_task_only() -> None:
-    rows = [{"audio": f"a{i}.wav", "task": "qa" if i % 3 == 0 else "transcribe", "text": f"t{i}"} for i in range(12)]
+    rows = [ManifestRow(audio=f"a{i}.wav", task="qa" if i % 3 == 0 else "transcribe", text=f"t{i}") for i in range(12)]
     out = rotated(rows, shift=2)
-    assert [r["text"] for r in out] == [r["text"] for r in rows] and [r["task"] for r in out] == [r["task"] for r in rows]
+    assert [r.text for r in out] == [r.text for r in rows] and [r.task for r in out] == [r.task for r in rows]
     for task in ("qa", "transcribe"):
-        own = sorted(r["audio"] for r in rows if r["task"] == task)
-        assert sorted(r["audio"] for r in out if r["task"] == task) == own  # a permutation within the task
-    assert all(a["audio"] != b["audio"] for a, b in zip(rows, out))
-    assert rows[0]["audio"] == "a0.wav"  # input untouched
+        own = sorted(r.audio for r in rows if r.task == task)
+        assert sorted(r.audio for r in out if r.task == task) == own  # a permutation within the task
+    assert all(a.audio != b.audio for a, b in zip(rows, out))
+    assert rows[0].audio == "a0.wav"  # input untouched
 
 
 def test_report_is_rotated_minus_own_per_split_and_task(world: dict[str, Path], tmp_path: Path,  # noqa: F811

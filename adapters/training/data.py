@@ -62,6 +62,13 @@ def read_manifest(path: str | Path, *, check_audio: bool = True) -> list[Manifes
     return rows
 
 
+def read_manifest_absolute(path: str | Path) -> list[ManifestRow]:
+    """A manifest's rows with absolute audio paths (unchecked), so subsets and variants of it can be
+    written to any folder (benchmarks and probes)."""
+    path = Path(path).resolve()
+    return [r.model_copy(update={"audio": str(r.audio_path(path.parent))}) for r in read_manifest(path, check_audio=False)]
+
+
 def write_manifest(path: str | Path, rows: list[ManifestRow]) -> None:
     """Atomic rewrite (temp + rename) so an interrupted ``aura data responses`` never truncates data."""
     path = Path(path)
