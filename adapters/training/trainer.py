@@ -594,17 +594,20 @@ class Trainer:
         if c.save_every and (step + 1) % c.save_every == 0 and step + 1 < end:
             self.save_checkpoint(step + 1)
 
+    def final_losses(self) -> dict[str, float]:
+        """The loss terms of the last logged training record (what provenance and results report)."""
+        last = next((h for h in reversed(self.history) if "loss" in h), {})
+        return {k: last[k] for k in LOSS_TERMS if k in last}
+
     def export(self, final_eval: dict[str, float] | None = None) -> Path:
         c, s = self.config, self.setup
-        train_recs = [h for h in self.history if "loss" in h]
-        final = {k: train_recs[-1][k] for k in LOSS_TERMS if train_recs and k in train_recs[-1]}
         provenance = {
             "kind": "aura_distillation",
             "data": {"manifest": str(c.manifest), "sha256": sha256_file(c.manifest), "rows": len(self.examples),
                      "tasks": {t: sum(e.task == t for e in self.examples) for t in ("transcribe", "qa")}},
-            "steps": train_recs[-1]["step"] if train_recs else 0,
+            "steps": next((h["step"] for h in reversed(self.history) if "loss" in h), 0),
             "batch_size": c.batch_size, "lr": c.lr, "seed": c.seed, "precision": c.precision,
-            "losses": {"final": final, "eval": final_eval, "history": self.history[-50:]},
+            "losses": {"final": self.final_losses(), "eval": final_eval, "history": self.history[-50:]},
             "teacher": {"path": str(c.teacher), "name": Path(c.teacher).name, "fingerprint": s.teacher.fingerprint,
                         "width": s.teacher.width, "layers": s.teacher.num_layers},
             "layer_map": {str(k): v for k, v in s.layer_map.items()},
@@ -639,6 +642,4 @@ class Trainer:
             ev["step"] = last
             self.history.append(ev)
         out = self.export(ev)
-        train_recs = [h for h in self.history if "loss" in h]
-        final = {k: train_recs[-1][k] for k in LOSS_TERMS if train_recs and k in train_recs[-1]}
-        return TrainResult(out, last, final, ev, getattr(self, "steps_per_s", 0.0))
+        return TrainResult(out, last, self.final_losses(), ev, getattr(self, "steps_per_s", 0.0))
