@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from adapters.training.data import read_manifest
 from adapters.training.augment import add_noise, augment, babble_noise, pink_noise, snr_db, white_noise
 from adapters.training.texts import (
     TextLine, drop_overlapping, generate_lines, interleave, markov_lines, overlapping, split_heldout, text_stats, words,
@@ -94,11 +95,12 @@ def render_clip(text: str, voice: Voice, path: Path, rng: random.Random, *, othe
 def heldout_lines(manifest: Path) -> list[TextLine]:
     """The lines of an earlier build's held-out manifest, in clip order (``heldout-000042.wav`` is
     line 42), so a build that reuses them renders the very same held-out clips."""
-    rows = [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
-    rows.sort(key=lambda r: int(Path(r["audio"]).stem.rsplit("-", 1)[1]))
-    if [int(Path(r["audio"]).stem.rsplit("-", 1)[1]) for r in rows] != list(range(len(rows))):
+    listed = read_manifest(manifest, check_audio=False)
+    rows = {int(Path(r.audio).stem.rsplit("-", 1)[1]): r for r in listed}
+    if len(rows) != len(listed) or sorted(rows) != list(range(len(rows))):
         raise ValueError(f"{manifest}: not a held-out manifest written by this builder (clips are not heldout-000000..)")
-    return [TextLine(text=r["text"], task=r["task"], kind=r.get("kind", ""), seed_word=r.get("seed_word", "")) for r in rows]
+    return [TextLine(text=rows[i].text, task=rows[i].task, kind=str(getattr(rows[i], "kind", "")),
+                     seed_word=str(getattr(rows[i], "seed_word", ""))) for i in range(len(rows))]
 
 
 def _clip_key(opts: CorpusOptions, split: str, i: int, text: str, voice: Voice, noisy: bool) -> str:
