@@ -25,6 +25,22 @@ from adapters.training.teacher import encoder_states, load_teacher_encoder, teac
 from adapters.training.trainer import ConfigError, Trainer
 
 
+def _interrupted_run(world: dict[str, Path], name: str, *, stop_after: int, **kw: object) -> Trainer:
+    """A run stopped after ``stop_after`` steps, then resumed by a new Trainer to its ``steps``."""
+    first = Trainer(_config(world, name, **kw))
+    assert first.train(stop_after=stop_after) == stop_after
+    del first
+    second = Trainer(_config(world, name, **kw))
+    assert second.train() == kw["steps"]
+    return second
+
+
+def _assert_same_weights(a: Trainer, b: Trainer) -> None:
+    """Bit-identical trainable weights."""
+    for (name, x), (_, y) in zip(sorted(a.student.trainable_state().items()), sorted(b.student.trainable_state().items())):
+        torch.testing.assert_close(x, y, rtol=0, atol=0, msg=lambda m, n=name: f"{n}: {m}")
+
+
 def test_ctc_learns_a_toy_alignment_and_best_path_decodes_it() -> None:
     torch.manual_seed(0)
     vocab, blank, n_pos = 12, 0, 10
@@ -172,13 +188,8 @@ def test_truncated_stage_resumes_exactly(world: dict[str, Path]) -> None:
     kw = dict(max_layer=1, ctc_weight=1.0, distill_weight=1.0, teacher_context_frames=200, steps=6, save_every=3)
     straight = Trainer(_config(world, "resume_a", **kw))
     straight.train()
-    first = Trainer(_config(world, "resume_b", **kw))
-    assert first.train(stop_after=3) == 3
-    del first
-    second = Trainer(_config(world, "resume_b", **kw))
-    assert second.train() == 6
-    for (name, a), (_, b) in zip(sorted(straight.student.trainable_state().items()), sorted(second.student.trainable_state().items())):
-        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=lambda m, n=name: f"{n}: {m}")
+    second = _interrupted_run(world, "resume_b", stop_after=3, **kw)
+    _assert_same_weights(straight, second)
     log = [json.loads(line) for line in (second.work_dir / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [3, 5, 6] and log[-1]["elapsed_s"] >= log[0]["elapsed_s"]
 
@@ -375,13 +386,8 @@ def test_trainer_masks_training_batches_only_and_resumes_with_the_same_masks(wor
         again = float(t._losses(idx, t.examples, {}, step=1)["loss"])
     assert masked[0] != clean and masked[1] != masked[0] and again == masked[1]
     t.train()
-    first = Trainer(_config(world, "spec_b", **kw))
-    assert first.train(stop_after=2) == 2
-    del first
-    second = Trainer(_config(world, "spec_b", **kw))
-    assert second.train() == 4
-    for (name, a), (_, b) in zip(sorted(t.student.trainable_state().items()), sorted(second.student.trainable_state().items())):
-        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=lambda m, n=name: f"{n}: {m}")
+    second = _interrupted_run(world, "spec_b", stop_after=2, **kw)
+    _assert_same_weights(t, second)
 
 
 def test_evaluation_reports_the_next_token_loss_per_task(world: dict[str, Path]) -> None:
