@@ -4,7 +4,8 @@ Such a lease (this project's GPU machines) receives at most ~48 MiB of files per
 run's inputs travel as a payload split into parts: the corpus clips as 16 long Opus streams
 (12 kb/s speech; one stream per decoding process) with a sample-offset index, the demo LLM as
 its original GGUF file (converted there by the same code as here, and checked tensor by tensor
-against this machine's conversion), the Whisper encoder in fp16 (lossless: the teacher's
+against this machine's conversion) with this machine's tokenizer files (another transformers
+version converts the same GGUF tokenizer with another eos and no pad: 5.17 there, 5.19 here), the Whisper encoder in fp16 (lossless: the teacher's
 weights are fp16 to begin with), the manifests and the few wheels the trainer needs.
 
     python -m bench.gpu_payload pack --corpus C --manifest C/train_qa.jsonl --manifest C/heldout_resp.jsonl \
@@ -29,6 +30,8 @@ import numpy as np
 
 SHARDS = 16
 RATE = 16000
+# what the converted LLM's turns depend on: travels from here so both machines train on one tokenizer
+LLM_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
 
 
 def weights_digest(folder: Path) -> str:
@@ -103,6 +106,10 @@ def pack(corpus: Path, manifests: list[Path], gguf: Path, teacher: Path, wheels:
             shutil.copy(f, t_out / f.name)
     if wheels is not None:
         shutil.copytree(wheels, out / "whl", dirs_exist_ok=True)
+    tok_out = out / "llm_tokenizer"
+    tok_out.mkdir(exist_ok=True)
+    for name in LLM_TOKENIZER_FILES:
+        shutil.copy(llm / name, tok_out / name)
     (out / "llm_digest.txt").write_text(weights_digest(llm) + "\n")
     print(json.dumps({"payload": str(out), "bytes": sum(f.stat().st_size for f in out.rglob("*") if f.is_file())}))
 

@@ -29,6 +29,7 @@ say "unpacking the corpus"
 "$PY" -m bench.gpu_payload unpack --payload "$P" --out "$W"
 say "converting the LLM"
 "$PY" - "$P" "$W" <<'PYEOF'
+import shutil
 import sys
 from pathlib import Path
 from adapters.provision.gguf_llm import convert_gguf_llm
@@ -37,6 +38,9 @@ P, W = Path(sys.argv[1]), Path(sys.argv[2])
 out = W / "models" / "smollm2-135m-instruct"
 if not (out / "config.json").is_file():
     convert_gguf_llm(next(P.glob("*.gguf")), out, progress=False)
+# this machine's transformers may name other special tokens (5.17: eos <|im_start|>, no pad): use the payload's
+for f in sorted((P / "llm_tokenizer").glob("*")):
+    shutil.copy(f, out / f.name)
 want, got = (P / "llm_digest.txt").read_text().strip(), weights_digest(out)
 print("llm weights digest", got, "== this repo's conversion" if got == want else f"DIFFERS from {want}")
 PYEOF
