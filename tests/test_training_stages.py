@@ -215,6 +215,79 @@ def test_lazy_features_equal_kept_ones(world: dict[str, Path]) -> None:
         torch.testing.assert_close(got.features, kept.features, rtol=1e-5, atol=1e-5)
 
 
+def test_prefetch_reads_ahead_on_its_thread_and_changes_nothing(world: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """With features recomputed per batch (a large corpus), every clip read after the first step
+    happens on the prefetch thread, and the weights equal a run without prefetch bit for bit (the
+    read-ahead batch, its clips and its cached teacher targets are exactly the step's own)."""
+    import threading
+
+    import adapters.training.data as data
+    import adapters.training.trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "FEATURES_IN_MEMORY_MAX_ROWS", 0)
+    reads: list[str] = []
+    real_read = trainer_module.load_audio_file
+
+    def spy(*a: object, **kw: object) -> object:
+        reads.append(threading.current_thread().name)
+        return real_read(*a, **kw)
+
+    monkeypatch.setattr(trainer_module, "load_audio_file", spy)
+    monkeypatch.setattr(data, "load_audio_file", spy)
+    kw = dict(max_layer=1, ctc_weight=1.0, distill_weight=1.0, teacher_context_frames=200, steps=5)
+    plain = Trainer(_config(world, "prefetch_off", prefetch=False, **kw))
+    assert plain.examples[0].features is None
+    plain.train()
+    ahead = Trainer(_config(world, "prefetch_on", **kw))
+    assert ahead.config.prefetch
+    reads.clear()  # building the examples read each clip once (for its length)
+    assert ahead.train() == 5
+    on_thread = sum(name.startswith("aura-prefetch") for name in reads)
+    # step 0's batch is read on the main thread (nothing was ahead of it); steps 1-4 (and 5's, ahead) on the thread
+    assert len(reads) - on_thread == 4 and on_thread >= 4 * 4
+    _assert_same_weights(plain, ahead)
+
+
+def test_audio_spans_are_written_and_read_per_example_without_a_loop(world: dict[str, Path]) -> None:
+    """The batched write of audio vectors into the prompt and the batched read of each block's
+    states at the audio positions equal the per-example loops they replace (clips of different
+    lengths, so spans start and end in different places and padding must stay zero)."""
+    from adapters.training.data import collate, with_features_batch
+
+    t = Trainer(_config(world, "spans", steps=1, ctc_weight=1.0, ctc_layer=2))
+    chosen = with_features_batch(t.examples[:4], t.setup.features)
+    assert len({e.num_audio_tokens for e in chosen}) > 1 and len({e.audio_start for e in chosen}) >= 1
+    batch = collate(chosen, t.pad_id)
+    with torch.no_grad():
+        embeds, n_tok = t.student.embed(batch.input_ids, batch.features, batch.frame_lengths, batch.audio_starts)
+        audio, _ = t.student.audio_layer(batch.features, batch.frame_lengths)
+        plain = t.student.causal_lm.get_input_embeddings()(batch.input_ids)
+        for b, e in enumerate(chosen):
+            s, n = e.audio_start, e.num_audio_tokens
+            assert int(n_tok[b]) == n
+            torch.testing.assert_close(embeds[b, s : s + n], audio[b, :n], rtol=0, atol=0)
+            torch.testing.assert_close(embeds[b, :s], plain[b, :s], rtol=0, atol=0)  # the text around it untouched
+            torch.testing.assert_close(embeds[b, s + n :], plain[b, s + n :], rtol=0, atol=0)
+        states: dict[int, torch.Tensor] = {}
+        blocks = decoder_layers(t.student.causal_lm)
+        hooks = [blocks[k].register_forward_hook(lambda m, i, o, k=k: states.__setitem__(k, o[0] if isinstance(o, tuple) else o))
+                 for k in (0, 1, 2)]
+        out = t.student(batch, ctc_layer=2)
+        for h in hooks:
+            h.remove()
+    n_max = max(e.num_audio_tokens for e in chosen)
+    for k, got in [*out.audio_hidden.items(), (2, None)]:
+        want = torch.zeros(len(chosen), n_max, states[k].shape[-1])
+        for b, e in enumerate(chosen):
+            want[b, : e.num_audio_tokens] = states[k][b, e.audio_start : e.audio_start + e.num_audio_tokens]
+        if got is not None:
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+        else:  # the CTC logits read block 2's states at the same positions
+            logits = t.student.causal_lm.lm_head(t.student.causal_lm.model.norm(want))
+            mask = torch.arange(n_max)[None, :] < torch.tensor([e.num_audio_tokens for e in chosen])[:, None]
+            torch.testing.assert_close(out.ctc_logits[mask], logits[mask], rtol=1e-6, atol=1e-6)
+
+
 def test_time_budget_stops_saves_and_ends_at_the_low_learning_rate(world: dict[str, Path]) -> None:
     """A run on a lease stops when its wall-clock budget is spent, well before ``steps``, with a
     checkpoint and an adapter, and its schedule has decayed to the floor by then."""

@@ -102,6 +102,8 @@ class TrainConfig(BaseModel):
     precision: Precision = "fp32"
     device: str = Field("auto", description="auto = cuda if present, else cpu.")
     threads: int | None = Field(None, description="torch CPU threads (None = torch default).")
+    prefetch: bool = Field(True, description="Read the next batch's clips and cached teacher targets on a worker thread "
+                           "while the current step runs (same data, same result; a GPU otherwise waits on the disk).")
     seed: int = 0
 
     # --- bookkeeping
@@ -164,7 +166,7 @@ class TrainConfig(BaseModel):
         log_every). Paths are left out: the trainer adds the identity of what they hold (its run
         fingerprint), so a run moved to another machine or folder still resumes."""
         skip = {"log_every", "eval_every", "eval_examples", "save_every", "keep_checkpoints", "resume",
-                "progress", "threads", "output", "work_dir", "teacher_cache", "steps", "time_budget_s", "wer_every", "wer_examples",
+                "progress", "threads", "prefetch", "output", "work_dir", "teacher_cache", "steps", "time_budget_s", "wer_every", "wer_examples",
                 "eval_manifest", "student", "teacher", "manifest", "init_from"}
         data = {k: v for k, v in json.loads(self.model_dump_json()).items() if k not in skip}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

@@ -9,10 +9,12 @@ and end with the tokenizer's end-of-turn token, so the adapter learns to stop.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -179,16 +181,20 @@ def with_features(e: Example, features: FeatureConfig) -> Example:
     return with_features_batch([e], features)[0]
 
 
-def with_features_batch(examples: list[Example], features: FeatureConfig, device: torch.device | str = "cpu") -> list[Example]:
+def with_features_batch(examples: list[Example], features: FeatureConfig, device: torch.device | str = "cpu",
+                        samples: Mapping[Path, np.ndarray] | None = None) -> list[Example]:
     """``examples`` with their features, the missing ones computed in one batched pass on ``device``.
 
     A large corpus keeps no features in memory; computing a batch's log-mels together on the
-    training device keeps a GPU fed where a per-clip CPU loop would starve it.
+    training device keeps a GPU fed where a per-clip CPU loop would starve it. ``samples`` holds
+    clips already read (audio path -> samples, e.g. by the trainer's prefetch); the rest are read here.
     """
     todo = [i for i, e in enumerate(examples) if e.features is None]
     if not todo:
         return examples
-    waves = [torch.from_numpy(load_audio_file(examples[i].audio_path, sample_rate=features.sample_rate).samples.copy()).to(device)
+    samples = samples or {}
+    waves = [torch.from_numpy(np.array(samples[p] if (p := examples[i].audio_path) in samples
+                                       else load_audio_file(p, sample_rate=features.sample_rate).samples)).to(device)
              for i in todo]
     feats, frames = log_mel([w.float() for w in waves], features)
     out = list(examples)

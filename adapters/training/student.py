@@ -68,15 +68,16 @@ class AuraStudent(nn.Module):
 
     def embed(self, input_ids: torch.Tensor, features: torch.Tensor, frame_lengths: torch.Tensor,
               audio_starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token embeddings with the audio vectors written over each example's audio span."""
+        """Token embeddings with the audio vectors written over each example's audio span.
+
+        One indexed write for the whole batch: a per-example loop costs a GPU two host syncs
+        and a few launches per example (``bench/step_ops.py`` counts them)."""
         embeds = self.causal_lm.get_input_embeddings()(input_ids)
         audio, n_tok = self.audio_layer(features, frame_lengths)
         audio = audio.to(embeds.dtype)
-        embeds = embeds.clone()
-        for b in range(input_ids.shape[0]):
-            s, n = int(audio_starts[b]), int(n_tok[b])
-            embeds[b, s : s + n] = audio[b, :n]
-        return embeds, n_tok
+        valid = torch.arange(audio.shape[1], device=n_tok.device)[None, :] < n_tok[:, None]  # (B, N)
+        rows, cols = valid.nonzero(as_tuple=True)
+        return embeds.index_put((rows, audio_starts.to(cols.device)[rows] + cols), audio[rows, cols]), n_tok
 
     def forward(self, batch: Batch, *, max_layer: int | None = None, ctc_layer: int | None = None) -> StudentOutput:
         """One pass. ``max_layer`` runs blocks 0..max_layer only (no answer logits then: the LM head
@@ -105,11 +106,12 @@ class AuraStudent(nn.Module):
         logits = self.causal_lm.lm_head(out.last_hidden_state[sel]) if max_layer is None else None
         n_max = int(n_tok.max())
         mask = torch.arange(n_max, device=n_tok.device)[None, :] < n_tok[:, None]
+        # each example's audio span, gathered for the whole batch; zeros past its length
+        at = (batch.audio_starts.to(mask.device)[:, None] + torch.arange(n_max, device=mask.device)[None, :])
+        at = at.clamp(max=embeds.shape[1] - 1)[..., None]
         at_audio: dict[int, torch.Tensor] = {}
         for layer, h in captured.items():
-            rows = [torch.nn.functional.pad(h[b, int(s) : int(s) + int(n)], (0, 0, 0, n_max - int(n)))
-                    for b, (s, n) in enumerate(zip(batch.audio_starts, n_tok))]
-            at_audio[layer] = torch.stack(rows)
+            at_audio[layer] = torch.where(mask[..., None], h.gather(1, at.expand(-1, -1, h.shape[-1])), 0.0)
         ctc_logits = self.causal_lm.lm_head(inner.norm(at_audio[ctc_layer])) if ctc_layer is not None else None
         audio_hidden = {k: v for k, v in at_audio.items() if k in self.layer_ids}
         return StudentOutput(logits, batch.labels[sel], audio_hidden, mask, n_tok, ctc_logits)

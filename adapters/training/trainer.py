@@ -15,14 +15,17 @@ import logging
 import math
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from adapters.adapter import AuraConfig, base_model_ref, load_adapter, new_lora_config, save_adapter, sha256_file
+from adapters.audio import load_audio_file
 from adapters.audio_layer import AudioEmbedding, AudioLayerConfig
 from adapters.base_model import BaseModelInfo, read_base_model
 from adapters.features import FeatureConfig
@@ -39,6 +42,9 @@ from adapters.training.teacher import (
 
 log = logging.getLogger(__name__)
 CHECKPOINT_GLOB = "ckpt-*.pt"
+# corpora up to this many rows keep their log-mels in memory; larger ones recompute them per batch
+# from the clips (bounded memory; the clips are what the prefetch thread reads ahead)
+FEATURES_IN_MEMORY_MAX_ROWS = 2000
 LOSS_TERMS = ("loss", "ce", "text_kd", "distill", "ctc")  # what progress, logs and the adapter's provenance report
 
 
@@ -156,6 +162,15 @@ def ctc_layer_of(config: TrainConfig, deepest_distilled: int | None) -> int | No
     return config.max_layer if config.max_layer is not None else deepest_distilled
 
 
+@dataclass
+class BatchReads:
+    """What one training batch reads from disk, read ahead on a worker thread (``TrainConfig.prefetch``)."""
+
+    step: int
+    samples: dict[Path, np.ndarray]  # clip path -> samples (clips whose features are not kept in memory)
+    targets: dict[int, torch.Tensor]  # example index -> cached teacher targets (misses are computed in the step)
+
+
 class DataOrder:
     """Shuffled epochs derived from (seed, epoch) only: the batch of step s is a pure function of s."""
 
@@ -263,6 +278,9 @@ class Trainer:
         self.order = DataOrder(len(self.examples), c.batch_size, c.seed)
         self.target_stats = self._target_stats() if self.distill and c.distill_targets == "centered" else None
         self.elapsed_s = 0.0
+        # one batch ahead: the reads of step s+1 overlap step s (the order is a pure function of the step)
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="aura-prefetch") if c.prefetch else None
+        self._ahead: Future[BatchReads] | None = None
 
     def _target_stats(self) -> TargetStats:
         """Centering statistics from a seeded sample of training clips (their targets are cached, so a
@@ -276,7 +294,7 @@ class Trainer:
         assert manifest is not None
         s, c = self.setup, self.config
         it = tqdm(rows, desc="loading clips", file=sys.stderr, disable=not c.progress or len(rows) < 50, leave=False)
-        keep = len(rows) <= 2000  # larger corpora: features are recomputed per batch (bounded memory)
+        keep = len(rows) <= FEATURES_IN_MEMORY_MAX_ROWS
         return [build_example(i, r, Path(manifest).parent, tokenizer=self.tokenizer, layout=s.layout, features=s.features,
                               audio_layer=self.student.audio_layer.config, transcribe_prompt=c.transcribe_prompt,
                               max_response_tokens=c.max_response_tokens, keep_features=keep, end_of_turn=self.end_of_turn,
@@ -291,8 +309,6 @@ class Trainer:
                             memo: dict[int, torch.Tensor] | None = None) -> list[torch.Tensor]:
         """Pooled teacher states for ``examples[indices]`` (all by default): memory, then disk cache,
         then the teacher itself in small batches (written to the cache)."""
-        from adapters.audio import load_audio_file
-
         c, s = self.config, self.setup
         memo = {} if memo is None else memo
         indices = list(range(len(examples))) if indices is None else indices
@@ -329,14 +345,15 @@ class Trainer:
     # ----------------------------------------------------------------- steps
     def _losses(self, idx: list[int], examples: list[Example], memo: dict[int, torch.Tensor],
                 keep_logits: bool = False, module: torch.nn.Module | None = None,
-                step: int | None = None) -> dict[str, torch.Tensor]:
+                step: int | None = None, samples: dict[Path, np.ndarray] | None = None) -> dict[str, torch.Tensor]:
         """Loss terms of one (micro-)batch; ``keep_logits`` also returns the CTC logits/lengths (for WER).
-        ``step`` marks a training batch: its inputs get this step's SpecAugment masks (if on)."""
+        ``step`` marks a training batch: its inputs get this step's SpecAugment masks (if on);
+        ``samples`` are clips read ahead (``BatchReads``)."""
         c = self.config
         teach = self.teacher_targets_for(examples, "teacher targets", idx, memo) if self.distill else None
         if teach is not None and self.target_stats is not None:
             teach = [self.target_stats.normalize(t) for t in teach]
-        chosen = with_features_batch([examples[i] for i in idx], self.setup.features, self.device)
+        chosen = with_features_batch([examples[i] for i in idx], self.setup.features, self.device, samples)
         if step is not None and self.spec_augment.enabled:
             chosen = [replace(e, features=self.spec_augment(e.features, e.num_frames, mask_seed(c.seed, step, i)))
                       for e, i in zip(chosen, idx)]
@@ -376,17 +393,44 @@ class Trainer:
             hidden = lm.model(input_ids=batch.text_input_ids, attention_mask=batch.text_attention_mask, use_cache=False)
             return lm.lm_head(hidden.last_hidden_state[batch.text_labels != -100])
 
+    def _read_batch(self, step: int, idx: list[int]) -> BatchReads:
+        """The disk reads of one batch (runs on the prefetch thread: touches no trainer state)."""
+        cache = self.teacher_cache() if self.distill else None
+        rate = self.setup.features.sample_rate
+        samples: dict[Path, np.ndarray] = {}
+        targets: dict[int, torch.Tensor] = {}
+        for i in idx:
+            e = self.examples[i]
+            if e.features is None and e.audio_path not in samples:
+                samples[e.audio_path] = load_audio_file(e.audio_path, sample_rate=rate).samples
+            if cache is not None and (t := cache.get(e.key)) is not None:
+                targets[i] = t
+        return BatchReads(step, samples, targets)
+
+    def _reads_for(self, step: int) -> BatchReads | None:
+        """This step's reads if they were made ahead (None without prefetch, or after a jump in steps),
+        and the next step's reads started."""
+        if self._reader is None:
+            return None
+        ahead, self._ahead = self._ahead, self._reader.submit(self._read_batch, step + 1, self.batch_indices(step + 1))
+        reads = ahead.result() if ahead is not None else None
+        return reads if reads is not None and reads.step == step else None
+
     def train_step(self, step: int) -> dict[str, float]:
         for g in self.optimizer.param_groups:
             g["lr"] = lr_at(step, self.config, self._elapsed())
         idx = self.batch_indices(step)
+        reads = self._reads_for(step)
+        if reads is not None:
+            for i, t in reads.targets.items():
+                self.targets.setdefault(i, t)
         micro = len(idx) // self.config.grad_accum
         self.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, float] = {}
         for m in range(self.config.grad_accum):
             with self.micro_batch_context(last=m == self.config.grad_accum - 1):
                 terms = self._losses(idx[m * micro : (m + 1) * micro], self.examples, self.targets, module=self.train_module(),
-                                     step=step)
+                                     step=step, samples=reads.samples if reads is not None else None)
                 (terms["loss"] / self.config.grad_accum).backward()
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach()) / self.config.grad_accum
