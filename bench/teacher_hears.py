@@ -1,0 +1,56 @@
+"""Does the teacher hear the corpus? Whisper's WER on a manifest's clips vs the same lines re-voiced.
+
+Layer-wise distillation can only pass on what the teacher's encoder states hold. This transcribes
+a manifest's clips with the teacher (greedy Whisper, the cascade's recipe) and, for comparison,
+the same lines spoken by another TTS, given as a command that reads the text on stdin and takes
+``-f OUT.wav`` (e.g. a Piper voice: ``python -m piper -m en_US-joe-medium.onnx``; run in a
+separate environment, Piper is GPL-3.0 and not a dependency of this project).
+
+    python -m bench.teacher_hears --manifest C/heldout.jsonl --limit 20 \\
+        --tts "python -m piper -m .../en_US-joe-medium.onnx"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from adapters.audio import load_audio_file
+from adapters.provision.demo import DEMO_TEACHER_NAME, demo_models_dir
+from adapters.training.data import read_manifest_absolute
+from adapters.training.evaluate import wer
+from server.evaluation import WhisperASR
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--manifest", type=Path, required=True)
+    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--teacher", type=Path, help="Whisper folder (default: the demo teacher, as `aura models demo` converts it)")
+    p.add_argument("--tts", required=True, help="command that reads text on stdin and writes the WAV named by -f")
+    a = p.parse_args()
+    rows = read_manifest_absolute(a.manifest)[: a.limit]
+    asr = WhisperASR(a.teacher or demo_models_dir() / DEMO_TEACHER_NAME)
+    refs, corpus_hyp, tts_hyp = [], [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, r in enumerate(rows):
+            out = Path(tmp) / f"{i}.wav"
+            subprocess.run([*shlex.split(a.tts), "-f", str(out)], input=r.text.encode(), check=True, capture_output=True,
+                           timeout=120)
+            refs.append(r.text)
+            corpus_hyp.append(asr.transcribe(torch.from_numpy(load_audio_file(r.audio).samples.copy())))
+            tts_hyp.append(asr.transcribe(torch.from_numpy(load_audio_file(out).samples.copy())))
+            print(f"{i + 1}/{len(rows)}", file=sys.stderr, end="\r")
+    print(json.dumps({"clips": len(rows), "manifest": str(a.manifest), "tts": a.tts,
+                      "wer_corpus_clips": round(wer(refs, corpus_hyp), 3), "wer_same_lines_tts": round(wer(refs, tts_hyp), 3)}))
+
+
+if __name__ == "__main__":
+    main()
