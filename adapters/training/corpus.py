@@ -1,5 +1,5 @@
-"""The open-vocabulary spoken corpus: LLM-written lines, many espeak-ng voices, augmentation, and a
-held-out split that shares no word 4-gram and no voice variant with training.
+"""The open-vocabulary spoken corpus: LLM-written lines, many espeak-ng voices and a share of neural
+(Piper) voices, augmentation, and a held-out split that shares no word 4-gram and no voice with training.
 
 Stages, each cached under ``out_dir`` so an interrupted build continues where it stopped:
 
@@ -7,7 +7,10 @@ Stages, each cached under ``out_dir`` so an interrupted build continues where it
 2. split: held-out lines are chosen first; every training line sharing a word 4-gram with one is
    dropped. The check is re-run on the final manifests and written to ``stats.json``.
 3. audio: each row's voice, speed, pitch and augmentation chain come from a per-row seeded RNG,
-   so a clip is a pure function of (seed, split, index); existing clips are kept.
+   so a clip is a pure function of (seed, split, index); existing clips are kept. With
+   ``neural_share`` > 0, that share of the training rows (drawn from a stream of its own, so the
+   other rows keep their voices and clips) is spoken by an installed Piper voice instead. Held-out
+   rows never are: the voices installed so far are too few to keep some of them for held-out.
 4. manifests: ``train.jsonl`` (every clip as ``transcribe``; question clips also as ``qa`` on the
    same audio) and ``heldout.jsonl`` (half qa, half transcribe; a third of the clips noisy).
 
@@ -33,6 +36,7 @@ from adapters.training.augment import add_noise, augment, babble_noise, pink_noi
 from adapters.training.texts import (
     TextLine, drop_overlapping, generate_lines, interleave, markov_lines, overlapping, split_heldout, text_stats, words,
 )
+from adapters.training.neural_voices import LENGTH_SCALE_RANGE, NeuralVoice, PiperProcess, installed_piper_voices
 from adapters.training.voices import Voice, english_accents, sample_voice, speak, split_variants, write_wav
 
 SAMPLE_RATE = 16000
@@ -52,6 +56,7 @@ class CorpusOptions:
     gen_batch_size: int = 256
     llm_prompts: int = 6000  # LLM generations (everyday questions/statements); about 45% survive cleaning
     heldout_from: Path | None = None  # reuse this held-out manifest's lines (and so its clips): comparable numbers across corpus versions
+    neural_share: float = 0.0  # share of training rows spoken by an installed Piper voice (0 = espeak-ng only)
 
 
 def _rng(seed: int, split: str, i: int) -> random.Random:
@@ -62,16 +67,30 @@ def _row_voice(seed: int, split: str, i: int, pool: list[str]) -> Voice:
     return sample_voice(_rng(seed, split + "/voice", i), english_accents(), pool)
 
 
+def _neural_voice(seed: int, i: int, share: float, models: list[str]) -> NeuralVoice | None:
+    """Training row ``i``'s neural voice, or None for espeak-ng. The choice has its own random
+    stream, so adding neural voices leaves every other row's voice (and cached clip) as it was."""
+    if share <= 0 or not models or _rng(seed, "train/engine", i).random() >= share:
+        return None
+    rng = _rng(seed, "train/neural", i)
+    return NeuralVoice(rng.choice(models), round(rng.uniform(*LENGTH_SCALE_RANGE), 3))
+
+
 def _babble_pool(lines: list[TextLine], pool: list[str], seed: int, split: str) -> list[np.ndarray]:
     """Clean speech of a few lines of the same split, to sum into babble noise."""
     return [speak(t.text, _row_voice(seed, split + "/babble", i, pool), sample_rate=SAMPLE_RATE)
             for i, t in enumerate(lines[:BABBLE_CLIPS])]
 
 
-def render_clip(text: str, voice: Voice, path: Path, rng: random.Random, *, others: list[np.ndarray],
-                augment_prob: float, noisy: bool) -> dict[str, float | str]:
+def render_clip(text: str, voice: Voice | NeuralVoice, path: Path, rng: random.Random, *, others: list[np.ndarray],
+                augment_prob: float, noisy: bool, piper: PiperProcess | None = None) -> dict[str, float | str]:
     """Speak, optionally augment (train) or add noise (noisy held-out), write 16 kHz PCM."""
-    x = speak(text, voice, sample_rate=SAMPLE_RATE)
+    if isinstance(voice, NeuralVoice):
+        if piper is None:
+            raise ValueError(f"{voice.name} needs a running Piper (PiperProcess)")
+        x = piper.speak(text, voice, sample_rate=SAMPLE_RATE)
+    else:
+        x = speak(text, voice, sample_rate=SAMPLE_RATE)
     info: dict[str, float | str] = {}
     if noisy:
         nrng = np.random.default_rng(rng.getrandbits(63))
@@ -103,7 +122,7 @@ def heldout_lines(manifest: Path) -> list[TextLine]:
                      seed_word=str(getattr(rows[i], "seed_word", ""))) for i in range(len(rows))]
 
 
-def _clip_key(opts: CorpusOptions, split: str, i: int, text: str, voice: Voice, noisy: bool) -> str:
+def _clip_key(opts: CorpusOptions, split: str, i: int, text: str, voice: Voice | NeuralVoice, noisy: bool) -> str:
     """What a clip was rendered from. A resumed build reuses a clip only when its key matches, so a
     rebuild with another ``n_train`` (which reorders the lines) or seed re-renders instead of
     pairing old audio with new text. The babble pool is a function of the same inputs."""
@@ -139,11 +158,15 @@ def build_corpus(opts: CorpusOptions, *, log: Callable[[str], None] | None = Non
 
     babble = {"train": _babble_pool(train_lines, train_pool, opts.seed, "train"),
               "heldout": _babble_pool(held_lines, held_pool, opts.seed, "heldout")}
-    jobs: list[tuple[str, int, TextLine, Voice, bool]] = []
+    neural_models = list(installed_piper_voices()) if opts.neural_share > 0 else []
+    if opts.neural_share > 0 and not neural_models:
+        raise RuntimeError("neural_share > 0 but no Piper voice is installed (pip install -e '.[tts]')")
+    jobs: list[tuple[str, int, TextLine, Voice | NeuralVoice, bool]] = []
     for split, group, pool in (("train", train_lines, train_pool), ("heldout", held_lines, held_pool)):
         for i, t in enumerate(group):
             noisy = split == "heldout" and i % 3 == 0  # a third, spread over qa and transcribe lines
-            jobs.append((split, i, t, _row_voice(opts.seed, split, i, pool), noisy))
+            neural = _neural_voice(opts.seed, i, opts.neural_share, neural_models) if split == "train" else None
+            jobs.append((split, i, t, neural or _row_voice(opts.seed, split, i, pool), noisy))
 
     infos: dict[tuple[str, int], dict[str, float | str]] = {}
     keys: dict[tuple[str, int], str] = {}
@@ -157,24 +180,25 @@ def build_corpus(opts: CorpusOptions, *, log: Callable[[str], None] | None = Non
             infos[(rec["split"], rec["i"])] = rec["info"]
             keys[(rec["split"], rec["i"])] = rec.get("key", "")
 
-    def work(job: tuple[str, int, TextLine, Voice, bool]) -> tuple[str, int, str, dict[str, float | str]] | None:
+    todo = [j for j in jobs if not ((out / "audio" / f"{j[0]}-{j[1]:06d}.wav").is_file()
+                                    and keys.get((j[0], j[1])) == _clip_key(opts, j[0], j[1], j[2].text, j[3], j[4]))]
+    needs_piper = any(isinstance(j[3], NeuralVoice) for j in todo)
+    piper = PiperProcess({m: p for m, p in installed_piper_voices().items() if m in neural_models}) if needs_piper else None
+
+    def work(job: tuple[str, int, TextLine, Voice | NeuralVoice, bool]) -> tuple[str, int, str, dict[str, float | str]]:
         split, i, t, voice, noisy = job
         path = out / "audio" / f"{split}-{i:06d}.wav"
-        key = _clip_key(opts, split, i, t.text, voice, noisy)
-        if path.is_file() and keys.get((split, i)) == key:
-            return None
         info = render_clip(t.text, voice, path, _rng(opts.seed, split, i), others=babble[split],
-                           augment_prob=opts.augment_prob if split == "train" else 0.0, noisy=noisy)
-        return split, i, key, info
+                           augment_prob=opts.augment_prob if split == "train" else 0.0, noisy=noisy, piper=piper)
+        return split, i, _clip_key(opts, split, i, t.text, voice, noisy), info
 
-    with ThreadPoolExecutor(opts.workers) as pool, open(meta_file, "a") as meta:
-        for res in tqdm(pool.map(work, jobs), total=len(jobs), desc="speech", file=sys.stderr,
-                        disable=not opts.progress, mininterval=5):
-            if res is not None:
-                split, i, key, info = res
-                infos[(split, i)] = info
-                meta.write(json.dumps({"split": split, "i": i, "key": key, "info": info}) + "\n")
-                meta.flush()
+    if todo:
+        say(f"corpus: rendering {len(todo)} of {len(jobs)} clips ({sum(isinstance(j[3], NeuralVoice) for j in todo)} neural)")
+    try:
+        _render_all(todo, work, infos, meta_file, opts.workers, opts.progress)
+    finally:
+        if piper is not None:
+            piper.close()
 
     paths: dict[str, Path] = {}
     rows: dict[str, list[dict[str, object]]] = {"train": [], "heldout": []}
@@ -208,8 +232,21 @@ def build_corpus(opts: CorpusOptions, *, log: Callable[[str], None] | None = Non
     return paths
 
 
+def _render_all(todo: list[tuple[str, int, TextLine, Voice | NeuralVoice, bool]],
+                work: Callable[[tuple[str, int, TextLine, Voice | NeuralVoice, bool]], tuple[str, int, str, dict[str, float | str]]],
+                infos: dict[tuple[str, int], dict[str, float | str]], meta_file: Path, workers: int, progress: bool) -> None:
+    """Render ``todo`` on ``workers`` threads; each finished clip is appended to ``meta_file`` at once,
+    so a killed build resumes after the last clip it wrote."""
+    with ThreadPoolExecutor(workers) as pool, open(meta_file, "a") as meta:
+        for split, i, key, info in tqdm(pool.map(work, todo), total=len(todo), desc="speech", file=sys.stderr,
+                                        disable=not progress, mininterval=5):
+            infos[(split, i)] = info
+            meta.write(json.dumps({"split": split, "i": i, "key": key, "info": info}) + "\n")
+            meta.flush()
+
+
 def corpus_stats(out: Path, train: list[TextLine], held: list[TextLine], train_pool: list[str], held_pool: list[str],
-                 jobs: list[tuple[str, int, TextLine, Voice, bool]],
+                 jobs: list[tuple[str, int, TextLine, Voice | NeuralVoice, bool]],
                  infos: dict[tuple[str, int], dict[str, float | str]]) -> dict[str, object]:
     """What the issue asks to report, computed from what was written (the 4-gram check re-run)."""
     tr_vocab = {w for t in train for w in words(t.text)}
@@ -227,4 +264,7 @@ def corpus_stats(out: Path, train: list[TextLine], held: list[TextLine], train_p
         "hours": {s: round(v / 3600, 3) for s, v in secs.items()},
         "heldout_noisy": sum(1 for s, _, _, _, n in jobs if s == "heldout" and n),
         "augmented_train_clips": sum(1 for (s, _), inf in infos.items() if s == "train" and len(inf) > 1),
+        "neural_voices": {s: sorted({v.name for s_, _, _, v, _ in jobs if s_ == s and isinstance(v, NeuralVoice)})
+                          for s in ("train", "heldout")},
+        "neural_clips": {s: sum(1 for s_, _, _, v, _ in jobs if s_ == s and isinstance(v, NeuralVoice)) for s in ("train", "heldout")},
     }
