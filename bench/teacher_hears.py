@@ -7,7 +7,11 @@ the same lines spoken by another TTS, given as a command that reads the text on 
 separate environment, Piper is GPL-3.0 and not a dependency of this project).
 
     python -m bench.teacher_hears --manifest C/heldout.jsonl --limit 20 \\
-        --tts "python -m piper -m .../en_US-joe-medium.onnx"
+        --tts "python -m piper -m .../en_US-joe-medium.onnx" [--out DIR]
+
+``--out`` keeps the re-voiced clips and writes ``DIR/manifest.jsonl``: the same rows (responses
+included) on the new clips, for ``bench.audio_use`` or ``aura eval``. Such a set shares its voice
+with any corpus trained on that voice: it measures unseen sentences, not unseen voices.
 """
 
 from __future__ import annotations
@@ -18,13 +22,14 @@ import shlex
 import subprocess
 import sys
 import tempfile
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 from adapters.audio import load_audio_file
 from adapters.provision.demo import DEMO_TEACHER_NAME, demo_models_dir
-from adapters.training.data import read_manifest_absolute
+from adapters.training.data import read_manifest_absolute, write_manifest
 from adapters.training.evaluate import wer
 from server.evaluation import WhisperASR
 
@@ -35,19 +40,25 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=20)
     p.add_argument("--teacher", type=Path, help="Whisper folder (default: the demo teacher, as `aura models demo` converts it)")
     p.add_argument("--tts", required=True, help="command that reads text on stdin and writes the WAV named by -f")
+    p.add_argument("--out", type=Path, help="keep the re-voiced clips here, with manifest.jsonl")
     a = p.parse_args()
     rows = read_manifest_absolute(a.manifest)[: a.limit]
     asr = WhisperASR(a.teacher or demo_models_dir() / DEMO_TEACHER_NAME)
     refs, corpus_hyp, tts_hyp = [], [], []
-    with tempfile.TemporaryDirectory() as tmp:
+    revoiced = []
+    with (nullcontext(str(a.out)) if a.out else tempfile.TemporaryDirectory()) as tmp:
+        Path(tmp).mkdir(parents=True, exist_ok=True)
         for i, r in enumerate(rows):
-            out = Path(tmp) / f"{i}.wav"
+            out = Path(tmp) / f"{i:06d}.wav"
+            revoiced.append(r.model_copy(update={"audio": out.name, "voice": a.tts}))
             subprocess.run([*shlex.split(a.tts), "-f", str(out)], input=r.text.encode(), check=True, capture_output=True,
                            timeout=120)
             refs.append(r.text)
             corpus_hyp.append(asr.transcribe(torch.from_numpy(load_audio_file(r.audio).samples.copy())))
             tts_hyp.append(asr.transcribe(torch.from_numpy(load_audio_file(out).samples.copy())))
             print(f"{i + 1}/{len(rows)}", file=sys.stderr, end="\r")
+        if a.out:
+            write_manifest(a.out / "manifest.jsonl", revoiced)
     print(json.dumps({"clips": len(rows), "manifest": str(a.manifest), "tts": a.tts,
                       "wer_corpus_clips": round(wer(refs, corpus_hyp), 3), "wer_same_lines_tts": round(wer(refs, tts_hyp), 3)}))
 
