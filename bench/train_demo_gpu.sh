@@ -83,5 +83,16 @@ last=$(ls "$W"/run/work/ckpt-*.pt 2>/dev/null | sort | tail -1 || true)
 if [[ -n "$last" ]]; then
   tar -C "$(dirname "$last")" -cf - "$(basename "$last")" | split -b 15M - "$OUT/ckpt.tar.part-"
 fi
+# a call gives back at most 64 MiB (8 files): the pieces past that wait in $W/rest for the next call
+mkdir -p "$W/rest" && rm -f "$W/rest"/*
+total=0; kept=0
+for f in "$OUT"/device.log "$OUT"/train_log.jsonl "$OUT"/adapter.tar.part-* "$OUT"/ckpt.tar.part-*; do
+  [[ -f "$f" ]] || continue
+  size=$(stat -c %s "$f")
+  if (( total + size > 62 * 1024 * 1024 || kept >= 8 )); then mv "$f" "$W/rest/"; else total=$(( total + size )); kept=$(( kept + 1 )); fi
+done
 ls -la "$OUT"
+if [[ -n "$(ls "$W/rest")" ]]; then
+  say "$(ls "$W/rest" | wc -l) pieces did not fit; within the idle window, call: cp $W/rest/* \$OUT/"
+fi
 say "done"
