@@ -158,15 +158,15 @@ def build_corpus(opts: CorpusOptions, *, log: Callable[[str], None] | None = Non
 
     babble = {"train": _babble_pool(train_lines, train_pool, opts.seed, "train"),
               "heldout": _babble_pool(held_lines, held_pool, opts.seed, "heldout")}
-    neural_models = list(installed_piper_voices()) if opts.neural_share > 0 else []
-    if opts.neural_share > 0 and not neural_models:
+    neural = installed_piper_voices() if opts.neural_share > 0 else {}
+    if opts.neural_share > 0 and not neural:
         raise RuntimeError("neural_share > 0 but no Piper voice is installed (pip install -e '.[tts]')")
     jobs: list[tuple[str, int, TextLine, Voice | NeuralVoice, bool]] = []
     for split, group, pool in (("train", train_lines, train_pool), ("heldout", held_lines, held_pool)):
         for i, t in enumerate(group):
             noisy = split == "heldout" and i % 3 == 0  # a third, spread over qa and transcribe lines
-            neural = _neural_voice(opts.seed, i, opts.neural_share, neural_models) if split == "train" else None
-            jobs.append((split, i, t, neural or _row_voice(opts.seed, split, i, pool), noisy))
+            voice = _neural_voice(opts.seed, i, opts.neural_share, list(neural)) if split == "train" else None
+            jobs.append((split, i, t, voice or _row_voice(opts.seed, split, i, pool), noisy))
 
     infos: dict[tuple[str, int], dict[str, float | str]] = {}
     keys: dict[tuple[str, int], str] = {}
@@ -180,20 +180,22 @@ def build_corpus(opts: CorpusOptions, *, log: Callable[[str], None] | None = Non
             infos[(rec["split"], rec["i"])] = rec["info"]
             keys[(rec["split"], rec["i"])] = rec.get("key", "")
 
-    todo = [j for j in jobs if not ((out / "audio" / f"{j[0]}-{j[1]:06d}.wav").is_file()
-                                    and keys.get((j[0], j[1])) == _clip_key(opts, j[0], j[1], j[2].text, j[3], j[4]))]
-    needs_piper = any(isinstance(j[3], NeuralVoice) for j in todo)
-    piper = PiperProcess({m: p for m, p in installed_piper_voices().items() if m in neural_models}) if needs_piper else None
+    todo = []  # (job, its clip key) for each clip that is missing or was rendered from something else
+    for job in jobs:
+        key = _clip_key(opts, job[0], job[1], job[2].text, job[3], job[4])
+        if not ((out / "audio" / f"{job[0]}-{job[1]:06d}.wav").is_file() and keys.get((job[0], job[1])) == key):
+            todo.append((job, key))
+    n_neural = sum(isinstance(job[3], NeuralVoice) for job, _ in todo)
+    piper = PiperProcess(neural) if n_neural else None
 
-    def work(job: tuple[str, int, TextLine, Voice | NeuralVoice, bool]) -> tuple[str, int, str, dict[str, float | str]]:
-        split, i, t, voice, noisy = job
-        path = out / "audio" / f"{split}-{i:06d}.wav"
-        info = render_clip(t.text, voice, path, _rng(opts.seed, split, i), others=babble[split],
+    def work(item: tuple[tuple[str, int, TextLine, Voice | NeuralVoice, bool], str]) -> tuple[str, int, str, dict[str, float | str]]:
+        (split, i, t, voice, noisy), key = item
+        info = render_clip(t.text, voice, out / "audio" / f"{split}-{i:06d}.wav", _rng(opts.seed, split, i), others=babble[split],
                            augment_prob=opts.augment_prob if split == "train" else 0.0, noisy=noisy, piper=piper)
-        return split, i, _clip_key(opts, split, i, t.text, voice, noisy), info
+        return split, i, key, info
 
     if todo:
-        say(f"corpus: rendering {len(todo)} of {len(jobs)} clips ({sum(isinstance(j[3], NeuralVoice) for j in todo)} neural)")
+        say(f"corpus: rendering {len(todo)} of {len(jobs)} clips ({n_neural} neural)")
     try:
         _render_all(todo, work, infos, meta_file, opts.workers, opts.progress)
     finally:
@@ -232,8 +234,8 @@ def build_corpus(opts: CorpusOptions, *, log: Callable[[str], None] | None = Non
     return paths
 
 
-def _render_all(todo: list[tuple[str, int, TextLine, Voice | NeuralVoice, bool]],
-                work: Callable[[tuple[str, int, TextLine, Voice | NeuralVoice, bool]], tuple[str, int, str, dict[str, float | str]]],
+def _render_all(todo: list[tuple[tuple[str, int, TextLine, Voice | NeuralVoice, bool], str]],
+                work: Callable[[tuple[tuple[str, int, TextLine, Voice | NeuralVoice, bool], str]], tuple[str, int, str, dict[str, float | str]]],
                 infos: dict[tuple[str, int], dict[str, float | str]], meta_file: Path, workers: int, progress: bool) -> None:
     """Render ``todo`` on ``workers`` threads; each finished clip is appended to ``meta_file`` at once,
     so a killed build resumes after the last clip it wrote."""

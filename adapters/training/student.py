@@ -105,10 +105,10 @@ class AuraStudent(nn.Module):
         # The LM head only where there is an answer token: it is the largest matmul per position.
         logits = self.causal_lm.lm_head(out.last_hidden_state[sel]) if max_layer is None else None
         n_max = int(n_tok.max())
-        mask = torch.arange(n_max, device=n_tok.device)[None, :] < n_tok[:, None]
+        pos = torch.arange(n_max, device=n_tok.device)[None, :]
+        mask = pos < n_tok[:, None]
         # each example's audio span, gathered for the whole batch; zeros past its length
-        at = (batch.audio_starts.to(mask.device)[:, None] + torch.arange(n_max, device=mask.device)[None, :])
-        at = at.clamp(max=embeds.shape[1] - 1)[..., None]
+        at = (batch.audio_starts.to(pos.device)[:, None] + pos).clamp(max=embeds.shape[1] - 1)[..., None]
         at_audio: dict[int, torch.Tensor] = {}
         for layer, h in captured.items():
             at_audio[layer] = torch.where(mask[..., None], h.gather(1, at.expand(-1, -1, h.shape[-1])), 0.0)

@@ -638,9 +638,13 @@ class Trainer:
         if c.save_every and (step + 1) % c.save_every == 0 and step + 1 < end:
             self.save_checkpoint(step + 1)
 
+    def _last_train_record(self) -> dict[str, float]:
+        """The last logged training record (evaluation records have no ``loss``); {} before any."""
+        return next((h for h in reversed(self.history) if "loss" in h), {})
+
     def final_losses(self) -> dict[str, float]:
         """The loss terms of the last logged training record (what provenance and results report)."""
-        last = next((h for h in reversed(self.history) if "loss" in h), {})
+        last = self._last_train_record()
         return {k: last[k] for k in LOSS_TERMS if k in last}
 
     def export(self, final_eval: dict[str, float] | None = None) -> Path:
@@ -649,7 +653,7 @@ class Trainer:
             "kind": "aura_distillation",
             "data": {"manifest": str(c.manifest), "sha256": sha256_file(c.manifest), "rows": len(self.examples),
                      "tasks": {t: sum(e.task == t for e in self.examples) for t in ("transcribe", "qa")}},
-            "steps": next((h["step"] for h in reversed(self.history) if "loss" in h), 0),
+            "steps": self._last_train_record().get("step", 0),
             "batch_size": c.batch_size, "lr": c.lr, "seed": c.seed, "precision": c.precision,
             "losses": {"final": self.final_losses(), "eval": final_eval, "history": self.history[-50:]},
             "teacher": {"path": str(c.teacher), "name": Path(c.teacher).name, "fingerprint": s.teacher.fingerprint,
