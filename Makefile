@@ -10,12 +10,15 @@ PYTEST_ARGS ?=
 
 install: system-deps $(STAMP)
 
-# FFmpeg libraries come with PyAV's wheel; the ffmpeg and espeak-ng programs make test audio.
+# FFmpeg libraries come with PyAV's wheel; the ffmpeg and espeak-ng programs make test audio. flite and
+# Festival (with three festvox voices) are the corpus's classic voices, the ones the teacher hears.
+SYSTEM_PACKAGES = ffmpeg espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts
 system-deps:
-	@if ! command -v ffmpeg >/dev/null || ! command -v espeak-ng >/dev/null; then \
-		echo "installing ffmpeg + espeak-ng (apt-get)"; \
+	@if ! command -v ffmpeg >/dev/null || ! command -v espeak-ng >/dev/null || ! command -v flite >/dev/null \
+			|| ! [ -d /usr/share/festival/voices/us/cmu_us_slt_arctic_hts ]; then \
+		echo "installing $(SYSTEM_PACKAGES) (apt-get)"; \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq ffmpeg espeak-ng >/dev/null; \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null; \
 	fi
 
 # Debian's chromium runs the playground's browser test (Playwright drives it; it downloads no browser).

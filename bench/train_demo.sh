@@ -31,8 +31,11 @@ train() { if [[ -n "${TORCHRUN:-}" ]]; then $TORCHRUN -m adapters.training.ddp "
 
 "$PY" -m server.cli models demo --quiet                 # SmolLM2-135M-Instruct + Whisper tiny.en (one-time)
 if has corpus; then
-  # LLM-written everyday lines (vLLM) + encyclopedia trigram lines, espeak-ng accents x variants, augmentation
-  "$PY" -m server.cli data demo --out "$C" --train "$TRAIN_LINES" --heldout "$HELDOUT" --llm-prompts "$LLM_PROMPTS" --no-responses
+  # LLM-written everyday lines (vLLM) + encyclopedia trigram lines, espeak-ng accents x variants, Piper and
+  # flite/Festival voices (the ones the teacher hears), augmentation; held-out in voices of held-out-only speakers
+  "$PY" -m server.cli data demo --out "$C" --train "$TRAIN_LINES" --heldout "$HELDOUT" --llm-prompts "$LLM_PROMPTS" \
+    --neural-share "${NEURAL_SHARE:-0.4}" --system-share "${SYSTEM_SHARE:-0.5}" --heldout-voices "${HELDOUT_VOICES:-system}" \
+    --no-responses
 fi
 if has responses; then
   "$PY" -m server.cli data responses --manifest "$C/train.jsonl" --max-tokens 64   # the base LLM's own answers

@@ -205,6 +205,56 @@ def test_neural_voices_speak_a_share_of_training_lines_and_leave_the_rest_as_the
         PiperProcess.speak(piper, "x", NeuralVoice("en_GB-nobody-low", 1.0))
 
 
+def test_classic_voices_speak_a_share_of_training_and_all_of_heldout_without_sharing_a_speaker(
+        corpus: dict[str, object], tmp_path: Path) -> None:
+    """--system-share / --heldout-voices system: a share of the training lines is spoken by flite and
+    Festival voices of training speakers, and every held-out line by the voices of held-out-only
+    speakers (SLT in both engines, RMS), so no held-out clip's speaker trained. The other training rows
+    keep their clips byte for byte. The clips are real speech, a pure function of text and voice."""
+    import shutil
+
+    from adapters.training.system_voices import HELDOUT_SPEAKERS, SystemVoice, speak_system, split_system_voices
+    from adapters.training.voices import read_wav
+
+    train_voices, held_voices = split_system_voices()
+    assert len(train_voices) >= 5 and len(held_voices) == 3  # make install: flite, festival, festvox-* (apt-get)
+    src: Path = corpus["out"]
+    shutil.copytree(src, tmp_path, dirs_exist_ok=True)
+    paths = build_corpus(CorpusOptions(out_dir=tmp_path, model=None, n_train=N_TRAIN, n_heldout=24, seed=3,
+                                       llm_prompts=N_PROMPTS, progress=False, system_share=0.3, heldout_voices="system"))
+    stats = json.loads(paths["stats"].read_text())
+    assert 0.15 * N_TRAIN <= stats["system_clips"]["train"] <= 0.45 * N_TRAIN and stats["system_clips"]["heldout"] == 24
+    assert stats["system_speakers_shared"] == 0 and stats["voices_used"]["shared"] == 0
+    assert len(stats["system_voices"]["train"]) >= 4
+    assert set(stats["system_voices"]["heldout"]) == {f"{e}:{v}" for e, v in held_voices}
+    before = {(r["audio"], r["task"]): r for r in corpus["train"]}
+    train = [json.loads(line) for line in paths["train"].read_text().splitlines()]
+    for r in train:
+        if r["voice"].startswith(("flite:", "festival:")):
+            assert tuple(r["voice"].split(":")) in train_voices
+        else:
+            assert r == before[(r["audio"], r["task"])]
+            assert (tmp_path / r["audio"]).read_bytes() == (src / r["audio"]).read_bytes()
+    held = [json.loads(line) for line in paths["heldout"].read_text().splitlines()]
+    assert sorted(r["text"] for r in held) == sorted(r["text"] for r in corpus["heldout"])
+    for r in held + [r for r in train if r["voice"].startswith(("flite:", "festival:"))][:10]:
+        x, rate = read_wav(tmp_path / r["audio"])
+        n_words = len(r["text"].split())
+        assert rate == 16000 and float(np.sqrt(np.mean(x ** 2))) > 0.01
+        assert 0.12 * n_words < len(x) / rate < 1.2 * n_words + 1.5, (r["voice"], r["text"], len(x) / rate)
+    assert all(tuple(r["voice"].split(":")) in held_voices for r in held)
+    noisy = [r for r in held if r["noisy"]]
+    assert len(noisy) == 8 and all(abs(r["aug"]["measured_snr_db"] - r["aug"]["snr_db"]) < 0.5 for r in noisy)
+    for engine, name in train_voices + held_voices:
+        voice = SystemVoice(engine, name, 1.0)
+        assert (voice.speaker in HELDOUT_SPEAKERS) == ((engine, name) in held_voices)
+        a, b = (speak_system('-v "Where is the nearest train station?"', voice) for _ in range(2))
+        slow = speak_system('-v "Where is the nearest train station?"', SystemVoice(engine, name, 1.2))
+        assert np.array_equal(a, b) and len(slow) > 1.08 * len(a), (engine, name)
+    with pytest.raises(ValueError, match="unknown TTS engine"):
+        speak_system("x", SystemVoice("mbrola", "us1", 1.0))
+
+
 def test_text_cleaning_and_numbers() -> None:
     assert spell_numbers("We met 3 times in 1984 and 2005.") == "We met three times in nineteen eighty four and two thousand five."
     assert spell_numbers("It costs $5.") is None and spell_numbers("At 10:30 today.") is None

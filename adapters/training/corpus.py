@@ -1,5 +1,6 @@
-"""The open-vocabulary spoken corpus: LLM-written lines, many espeak-ng voices and a share of neural
-(Piper) voices, augmentation, and a held-out split that shares no word 4-gram and no voice with training.
+"""The open-vocabulary spoken corpus: LLM-written lines, many espeak-ng voices, a share of neural
+(Piper) and classic (flite, Festival) voices, augmentation, and a held-out split that shares no word
+4-gram and no voice with training.
 
 Stages, each cached under ``out_dir`` so an interrupted build continues where it stopped:
 
@@ -9,8 +10,11 @@ Stages, each cached under ``out_dir`` so an interrupted build continues where it
 3. audio: each row's voice, speed, pitch and augmentation chain come from a per-row seeded RNG,
    so a clip is a pure function of (seed, split, index); existing clips are kept. With
    ``neural_share`` > 0, that share of the training rows (drawn from a stream of its own, so the
-   other rows keep their voices and clips) is spoken by an installed Piper voice instead. Held-out
-   rows never are: the voices installed so far are too few to keep some of them for held-out.
+   other rows keep their voices and clips) is spoken by an installed Piper voice instead; with
+   ``system_share`` > 0, that share of the rest by a training flite/Festival voice. Held-out rows are
+   never Piper (too few voices to keep one back); with ``heldout_voices="system"`` they are spoken by
+   the flite/Festival voices of held-out-only speakers, like the issue's own held-out set (other
+   synthetic voices than espeak-ng), instead of held-out espeak-ng variants.
 4. manifests: ``train.jsonl`` (every clip as ``transcribe``; question clips also as ``qa`` on the
    same audio) and ``heldout.jsonl`` (half qa, half transcribe; a third of the clips noisy).
 
@@ -37,10 +41,13 @@ from adapters.training.texts import (
     TextLine, drop_overlapping, generate_lines, interleave, markov_lines, overlapping, split_heldout, text_stats, words,
 )
 from adapters.training.neural_voices import LENGTH_SCALE_RANGE, NeuralVoice, PiperProcess, installed_piper_voices
+from adapters.training.system_voices import STRETCH_RANGE, SystemVoice, speak_system, split_system_voices
 from adapters.training.voices import Voice, english_accents, sample_voice, speak, split_variants, write_wav
 
 SAMPLE_RATE = 16000
 BABBLE_CLIPS = 24
+HELDOUT_VOICES = ("espeak", "system")
+AnyVoice = Voice | NeuralVoice | SystemVoice
 
 
 @dataclass
@@ -57,6 +64,8 @@ class CorpusOptions:
     llm_prompts: int = 6000  # LLM generations (everyday questions/statements); about 45% survive cleaning
     heldout_from: Path | None = None  # reuse this held-out manifest's lines (and so its clips): comparable numbers across corpus versions
     neural_share: float = 0.0  # share of training rows spoken by an installed Piper voice (0 = espeak-ng only)
+    system_share: float = 0.0  # share of the other training rows spoken by a training flite/Festival voice
+    heldout_voices: str = "espeak"  # "system": held-out rows in held-out-only flite/Festival voices
 
 
 def _rng(seed: int, split: str, i: int) -> random.Random:
@@ -76,19 +85,30 @@ def _neural_voice(seed: int, i: int, share: float, models: list[str]) -> NeuralV
     return NeuralVoice(rng.choice(models), round(rng.uniform(*LENGTH_SCALE_RANGE), 3))
 
 
+def _system_voice(seed: int, split: str, i: int, share: float, pool: list[tuple[str, str]]) -> SystemVoice | None:
+    """Row ``i``'s flite/Festival voice, or None. Its own random stream, as for ``_neural_voice``."""
+    if share <= 0 or not pool or _rng(seed, split + "/engine-system", i).random() >= share:
+        return None
+    rng = _rng(seed, split + "/system", i)
+    engine, name = rng.choice(pool)
+    return SystemVoice(engine, name, round(rng.uniform(*STRETCH_RANGE), 3))
+
+
 def _babble_pool(lines: list[TextLine], pool: list[str], seed: int, split: str) -> list[np.ndarray]:
     """Clean speech of a few lines of the same split, to sum into babble noise."""
     return [speak(t.text, _row_voice(seed, split + "/babble", i, pool), sample_rate=SAMPLE_RATE)
             for i, t in enumerate(lines[:BABBLE_CLIPS])]
 
 
-def render_clip(text: str, voice: Voice | NeuralVoice, path: Path, rng: random.Random, *, others: list[np.ndarray],
+def render_clip(text: str, voice: AnyVoice, path: Path, rng: random.Random, *, others: list[np.ndarray],
                 augment_prob: float, noisy: bool, piper: PiperProcess | None = None) -> dict[str, float | str]:
     """Speak, optionally augment (train) or add noise (noisy held-out), write 16 kHz PCM."""
     if isinstance(voice, NeuralVoice):
         if piper is None:
             raise ValueError(f"{voice.name} needs a running Piper (PiperProcess)")
         x = piper.speak(text, voice, sample_rate=SAMPLE_RATE)
+    elif isinstance(voice, SystemVoice):
+        x = speak_system(text, voice, sample_rate=SAMPLE_RATE)
     else:
         x = speak(text, voice, sample_rate=SAMPLE_RATE)
     info: dict[str, float | str] = {}
@@ -122,7 +142,7 @@ def heldout_lines(manifest: Path) -> list[TextLine]:
                      seed_word=str(getattr(rows[i], "seed_word", ""))) for i in range(len(rows))]
 
 
-def _clip_key(opts: CorpusOptions, split: str, i: int, text: str, voice: Voice | NeuralVoice, noisy: bool) -> str:
+def _clip_key(opts: CorpusOptions, split: str, i: int, text: str, voice: AnyVoice, noisy: bool) -> str:
     """What a clip was rendered from. A resumed build reuses a clip only when its key matches, so a
     rebuild with another ``n_train`` (which reorders the lines) or seed re-renders instead of
     pairing old audio with new text. The babble pool is a function of the same inputs."""
@@ -161,11 +181,20 @@ def build_corpus(opts: CorpusOptions, *, log: Callable[[str], None] | None = Non
     neural = installed_piper_voices() if opts.neural_share > 0 else {}
     if opts.neural_share > 0 and not neural:
         raise RuntimeError("neural_share > 0 but no Piper voice is installed (pip install -e '.[tts]')")
-    jobs: list[tuple[str, int, TextLine, Voice | NeuralVoice, bool]] = []
+    if opts.heldout_voices not in HELDOUT_VOICES:
+        raise ValueError(f"heldout_voices={opts.heldout_voices!r}: use one of {', '.join(HELDOUT_VOICES)}")
+    system = dict(zip(("train", "heldout"), split_system_voices(), strict=True))
+    system_share = {"train": opts.system_share, "heldout": 1.0 if opts.heldout_voices == "system" else 0.0}
+    for split in ("train", "heldout"):
+        if system_share[split] > 0 and not system[split]:
+            raise RuntimeError(f"no {split} flite/Festival voice is installed (make install; apt-get install flite festival "
+                               "festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts)")
+    jobs: list[tuple[str, int, TextLine, AnyVoice, bool]] = []
     for split, group, pool in (("train", train_lines, train_pool), ("heldout", held_lines, held_pool)):
         for i, t in enumerate(group):
             noisy = split == "heldout" and i % 3 == 0  # a third, spread over qa and transcribe lines
-            voice = _neural_voice(opts.seed, i, opts.neural_share, list(neural)) if split == "train" else None
+            voice: AnyVoice | None = _neural_voice(opts.seed, i, opts.neural_share, list(neural)) if split == "train" else None
+            voice = voice or _system_voice(opts.seed, split, i, system_share[split], system[split])
             jobs.append((split, i, t, voice or _row_voice(opts.seed, split, i, pool), noisy))
 
     infos: dict[tuple[str, int], dict[str, float | str]] = {}
@@ -188,7 +217,7 @@ def build_corpus(opts: CorpusOptions, *, log: Callable[[str], None] | None = Non
     n_neural = sum(isinstance(job[3], NeuralVoice) for job, _ in todo)
     piper = PiperProcess(neural) if n_neural else None
 
-    def work(item: tuple[tuple[str, int, TextLine, Voice | NeuralVoice, bool], str]) -> tuple[str, int, str, dict[str, float | str]]:
+    def work(item: tuple[tuple[str, int, TextLine, AnyVoice, bool], str]) -> tuple[str, int, str, dict[str, float | str]]:
         (split, i, t, voice, noisy), key = item
         info = render_clip(t.text, voice, out / "audio" / f"{split}-{i:06d}.wav", _rng(opts.seed, split, i), others=babble[split],
                            augment_prob=opts.augment_prob if split == "train" else 0.0, noisy=noisy, piper=piper)
@@ -234,8 +263,8 @@ def build_corpus(opts: CorpusOptions, *, log: Callable[[str], None] | None = Non
     return paths
 
 
-def _render_all(todo: list[tuple[tuple[str, int, TextLine, Voice | NeuralVoice, bool], str]],
-                work: Callable[[tuple[tuple[str, int, TextLine, Voice | NeuralVoice, bool], str]], tuple[str, int, str, dict[str, float | str]]],
+def _render_all(todo: list[tuple[tuple[str, int, TextLine, AnyVoice, bool], str]],
+                work: Callable[[tuple[tuple[str, int, TextLine, AnyVoice, bool], str]], tuple[str, int, str, dict[str, float | str]]],
                 infos: dict[tuple[str, int], dict[str, float | str]], meta_file: Path, workers: int, progress: bool) -> None:
     """Render ``todo`` on ``workers`` threads; each finished clip is appended to ``meta_file`` at once,
     so a killed build resumes after the last clip it wrote."""
@@ -248,11 +277,12 @@ def _render_all(todo: list[tuple[tuple[str, int, TextLine, Voice | NeuralVoice, 
 
 
 def corpus_stats(out: Path, train: list[TextLine], held: list[TextLine], train_pool: list[str], held_pool: list[str],
-                 jobs: list[tuple[str, int, TextLine, Voice | NeuralVoice, bool]],
+                 jobs: list[tuple[str, int, TextLine, AnyVoice, bool]],
                  infos: dict[tuple[str, int], dict[str, float | str]]) -> dict[str, object]:
     """What the issue asks to report, computed from what was written (the 4-gram check re-run)."""
     tr_vocab = {w for t in train for w in words(t.text)}
     voices = {s: {v.name for s_, _, _, v, _ in jobs if s_ == s} for s in ("train", "heldout")}
+    speakers = {s: {v.speaker for s_, _, _, v, _ in jobs if s_ == s and isinstance(v, SystemVoice)} for s in ("train", "heldout")}
     secs = {s: sum(float(infos[(s_, i)].get("duration_s", 0.0)) for s_, i, _, _, _ in jobs if s_ == s) for s in ("train", "heldout")}
     return {
         "train": text_stats(train), "heldout": text_stats(held),
@@ -269,4 +299,8 @@ def corpus_stats(out: Path, train: list[TextLine], held: list[TextLine], train_p
         "neural_voices": {s: sorted({v.name for s_, _, _, v, _ in jobs if s_ == s and isinstance(v, NeuralVoice)})
                           for s in ("train", "heldout")},
         "neural_clips": {s: sum(1 for s_, _, _, v, _ in jobs if s_ == s and isinstance(v, NeuralVoice)) for s in ("train", "heldout")},
+        "system_voices": {s: sorted({v.name for s_, _, _, v, _ in jobs if s_ == s and isinstance(v, SystemVoice)})
+                          for s in ("train", "heldout")},
+        "system_clips": {s: sum(1 for s_, _, _, v, _ in jobs if s_ == s and isinstance(v, SystemVoice)) for s in ("train", "heldout")},
+        "system_speakers_shared": len(speakers["train"] & speakers["heldout"]),
     }
