@@ -31,6 +31,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 import numpy as np
 from tqdm import tqdm
@@ -46,7 +47,8 @@ from adapters.training.voices import Voice, english_accents, sample_voice, speak
 
 SAMPLE_RATE = 16000
 BABBLE_CLIPS = 24
-HELDOUT_VOICES = ("espeak", "system")
+HeldoutVoices = Literal["espeak", "system"]  # held-out rows in held-out espeak-ng variants / held-out flite+Festival speakers
+HELDOUT_VOICES: tuple[str, ...] = get_args(HeldoutVoices)
 AnyVoice = Voice | NeuralVoice | SystemVoice
 
 
@@ -65,7 +67,7 @@ class CorpusOptions:
     heldout_from: Path | None = None  # reuse this held-out manifest's lines (and so its clips): comparable numbers across corpus versions
     neural_share: float = 0.0  # share of training rows spoken by an installed Piper voice (0 = espeak-ng only)
     system_share: float = 0.0  # share of the other training rows spoken by a training flite/Festival voice
-    heldout_voices: str = "espeak"  # "system": held-out rows in held-out-only flite/Festival voices
+    heldout_voices: HeldoutVoices = "espeak"
 
 
 def _rng(seed: int, split: str, i: int) -> random.Random:
