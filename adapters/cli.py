@@ -141,8 +141,8 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--overwrite", action="store_true", help="also refill rows that already have a response")
     p.set_defaults(func=cmd_data_responses)
-    p = dsub.add_parser("demo", help="build the open-vocabulary spoken corpus (LLM-written lines, espeak-ng and Piper voices, "
-                        "augmentation, a held-out split with no shared 4-gram or voice) + responses; resumable")
+    p = dsub.add_parser("demo", help="build the open-vocabulary spoken corpus (LLM-written lines, espeak-ng, Piper and flite/Festival voices, "
+                        "augmentation, a held-out split with no shared 4-gram, voice or speaker) + responses; resumable")
     p.add_argument("--out", help="default: $AURA_HOME/corpus")
     p.add_argument("--train", type=int, default=10_000, help="distinct training lines (clips)")
     p.add_argument("--heldout", type=int, default=90, help="held-out clips (half qa, a third noisy)")
