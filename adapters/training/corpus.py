@@ -185,8 +185,10 @@ def build_corpus(opts: CorpusOptions, *, log: Callable[[str], None] | None = Non
         raise RuntimeError("neural_share > 0 but no Piper voice is installed (pip install -e '.[tts]')")
     if opts.heldout_voices not in HELDOUT_VOICES:
         raise ValueError(f"heldout_voices={opts.heldout_voices!r}: use one of {', '.join(HELDOUT_VOICES)}")
-    system = dict(zip(("train", "heldout"), split_system_voices(), strict=True))
     system_share = {"train": opts.system_share, "heldout": 1.0 if opts.heldout_voices == "system" else 0.0}
+    # the installed voices are looked up only when some row may use one, as for Piper above
+    system = (dict(zip(("train", "heldout"), split_system_voices(), strict=True)) if any(v > 0 for v in system_share.values())
+              else {"train": [], "heldout": []})
     for split in ("train", "heldout"):
         if system_share[split] > 0 and not system[split]:
             raise RuntimeError(f"no {split} flite/Festival voice is installed (make install; apt-get install flite festival "
@@ -284,7 +286,9 @@ def corpus_stats(out: Path, train: list[TextLine], held: list[TextLine], train_p
     """What the issue asks to report, computed from what was written (the 4-gram check re-run)."""
     tr_vocab = {w for t in train for w in words(t.text)}
     voices = {s: {v.name for s_, _, _, v, _ in jobs if s_ == s} for s in ("train", "heldout")}
-    speakers = {s: {v.speaker for s_, _, _, v, _ in jobs if s_ == s and isinstance(v, SystemVoice)} for s in ("train", "heldout")}
+    neural = {s: [v for s_, _, _, v, _ in jobs if s_ == s and isinstance(v, NeuralVoice)] for s in ("train", "heldout")}
+    system = {s: [v for s_, _, _, v, _ in jobs if s_ == s and isinstance(v, SystemVoice)] for s in ("train", "heldout")}
+    speakers = {s: {v.speaker for v in vs} for s, vs in system.items()}
     secs = {s: sum(float(infos[(s_, i)].get("duration_s", 0.0)) for s_, i, _, _, _ in jobs if s_ == s) for s in ("train", "heldout")}
     return {
         "train": text_stats(train), "heldout": text_stats(held),
@@ -298,11 +302,9 @@ def corpus_stats(out: Path, train: list[TextLine], held: list[TextLine], train_p
         "hours": {s: round(v / 3600, 3) for s, v in secs.items()},
         "heldout_noisy": sum(1 for s, _, _, _, n in jobs if s == "heldout" and n),
         "augmented_train_clips": sum(1 for (s, _), inf in infos.items() if s == "train" and len(inf) > 1),
-        "neural_voices": {s: sorted({v.name for s_, _, _, v, _ in jobs if s_ == s and isinstance(v, NeuralVoice)})
-                          for s in ("train", "heldout")},
-        "neural_clips": {s: sum(1 for s_, _, _, v, _ in jobs if s_ == s and isinstance(v, NeuralVoice)) for s in ("train", "heldout")},
-        "system_voices": {s: sorted({v.name for s_, _, _, v, _ in jobs if s_ == s and isinstance(v, SystemVoice)})
-                          for s in ("train", "heldout")},
-        "system_clips": {s: sum(1 for s_, _, _, v, _ in jobs if s_ == s and isinstance(v, SystemVoice)) for s in ("train", "heldout")},
+        "neural_voices": {s: sorted({v.name for v in vs}) for s, vs in neural.items()},
+        "neural_clips": {s: len(vs) for s, vs in neural.items()},
+        "system_voices": {s: sorted({v.name for v in vs}) for s, vs in system.items()},
+        "system_clips": {s: len(vs) for s, vs in system.items()},
         "system_speakers_shared": len(speakers["train"] & speakers["heldout"]),
     }
