@@ -277,6 +277,8 @@ def init_adapter(
     features: FeatureConfig | None = None,
     conv_channels: int = 384,
     stack_factor: int = 4,
+    encoder_layers: int = 0,
+    encoder_heads: int = 6,
     prompt: PromptLayout | None = None,
     seed: int = 0,
     lora_init_std: float = 0.0,
@@ -301,8 +303,8 @@ def init_adapter(
             for n, p in peft_model.named_parameters():
                 if "lora_B" in n:
                     p.copy_(torch.randn(p.shape, generator=gen) * lora_init_std)
-    layer_cfg = AudioLayerConfig(n_mels=features.n_mels, conv_channels=conv_channels,
-                                 stack_factor=stack_factor, hidden_size=base.hidden_size)
+    layer_cfg = AudioLayerConfig(n_mels=features.n_mels, conv_channels=conv_channels, stack_factor=stack_factor,
+                                 hidden_size=base.hidden_size, encoder_layers=encoder_layers, encoder_heads=encoder_heads)
     layer = AudioEmbedding(layer_cfg)
     embed = model.get_input_embeddings().weight
     layer.match_output_scale(float(embed.float().pow(2).mean().sqrt()))

@@ -1,8 +1,20 @@
 """The AuRA audio embedding layer: log-mel frames -> vectors that sit in the LLM prompt.
 
 A Whisper-style conv stem (so it can be initialised from the teacher's stem, as VoRA does with
-its patch embedding), frame stacking to cut the token rate, then LayerNorm + Linear to the LLM
-width. The same module runs in the trainer and in the server.
+its patch embedding), optionally a few *causal* transformer blocks of the teacher's shape
+(initialised from its first blocks), frame stacking to cut the token rate, then LayerNorm +
+Linear to the LLM width. The same module runs in the trainer and in the server.
+
+Why blocks at all: linear probes showed the words are lost before the LLM's first block: a
+conv stem plus a linear map leaves all acoustic modelling to LoRA on a 135M LLM. A block or two
+of Whisper's own (about 1.8M parameters each at tiny's width) hands the LLM the teacher's
+early representation instead, and stays within the issue's budget of 5% of parameters and of a
+request's FLOPs (``python -m bench.audio_layer_cost`` prints both).
+
+Why causal: realtime sessions prefill the prompt while the user is still speaking, which only
+pays off when early audio vectors never depend on later audio. Causal blocks keep that (the
+conv stem looks one mel frame ahead, as before), and they make right padding invisible to
+every valid position, so batching cannot change an example's vectors.
 
 Batching must never change an example's output (a request's tokens may not depend on who it
 was batched with), so every stage masks what lies beyond each example's length exactly as the
@@ -13,10 +25,16 @@ from __future__ import annotations
 
 from typing import Literal
 
+import math
+
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
+
+MAX_ENCODER_LAYERS = 12
+# queries per attention call: bounds a long clip's attention scores to O(chunk x frames) memory
+ATTENTION_CHUNK = 512
 
 
 class AudioLayerConfig(BaseModel):
@@ -27,6 +45,36 @@ class AudioLayerConfig(BaseModel):
     conv_channels: int = Field(384, ge=1)
     stack_factor: int = Field(4, ge=1, le=32)
     hidden_size: int = Field(..., ge=1, description="The LLM's hidden size.")
+    encoder_layers: int = Field(0, ge=0, le=MAX_ENCODER_LAYERS,
+                                description="Causal transformer blocks (Whisper's shape) between the stem and the stacking.")
+    encoder_heads: int = Field(6, ge=1, le=64, description="Attention heads of those blocks; must divide conv_channels.")
+    encoder_ffn_dim: int | None = Field(None, ge=1, le=65536,
+                                        description="Feed-forward width of those blocks; None = 4 x conv_channels (Whisper's).")
+
+    @property
+    def ffn_dim(self) -> int:
+        return self.encoder_ffn_dim or 4 * self.conv_channels
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> "AudioLayerConfig":
+        if self.encoder_layers and self.conv_channels % self.encoder_heads:
+            raise ValueError(f"audio_layer.encoder_heads={self.encoder_heads} must divide conv_channels={self.conv_channels}")
+        return self
+
+    def flops(self, num_frames: int) -> int:
+        """Multiply-adds x 2 of one clip of ``num_frames`` log-mel frames through this layer.
+
+        Counts every matrix product (convolutions, block projections, causal attention scores and
+        mixing, the output projection); norms and activations are a rounding error beside them.
+        """
+        c, n_mels = self.conv_channels, self.n_mels
+        t2 = (num_frames + 1) // 2
+        total = 2 * num_frames * n_mels * c * 3 + 2 * t2 * c * c * 3
+        per_frame = 2 * (4 * c * c + 2 * c * self.ffn_dim)  # q, k, v, out + fc1, fc2
+        attention = 2 * 2 * c * t2 * (t2 + 1) // 2  # causal: scores + mixing over the earlier frames
+        total += self.encoder_layers * (t2 * per_frame + attention)
+        total += 2 * self.num_tokens(num_frames) * c * self.stack_factor * self.hidden_size
+        return total
 
     def num_tokens(self, num_frames: int) -> int:
         """Audio tokens for a clip of ``num_frames`` log-mel frames (conv stride 2, then stacking)."""
@@ -40,6 +88,47 @@ def _length_mask(lengths: torch.Tensor, size: int) -> torch.Tensor:
     return torch.arange(size, device=lengths.device)[None, :] < lengths[:, None]
 
 
+def sinusoids(length: int, channels: int) -> torch.Tensor:
+    """Whisper's position table (the values its checkpoints hold), computed for any length."""
+    half = channels // 2
+    increment = math.log(10000) / max(half - 1, 1)
+    inv = torch.exp(-increment * torch.arange(half, dtype=torch.float32))
+    t = torch.arange(length, dtype=torch.float32)[:, None] * inv[None, :]
+    return torch.cat([torch.sin(t), torch.cos(t)], dim=1)
+
+
+class CausalBlock(nn.Module):
+    """A pre-norm Whisper encoder block (same parameter names and shapes) with causal attention."""
+
+    def __init__(self, width: int, heads: int, ffn_dim: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.self_attn_layer_norm = nn.LayerNorm(width)
+        self.q_proj = nn.Linear(width, width)
+        self.k_proj = nn.Linear(width, width, bias=False)
+        self.v_proj = nn.Linear(width, width)
+        self.out_proj = nn.Linear(width, width)
+        self.final_layer_norm = nn.LayerNorm(width)
+        self.fc1 = nn.Linear(width, ffn_dim)
+        self.fc2 = nn.Linear(ffn_dim, width)
+
+    def _attend(self, h: torch.Tensor) -> torch.Tensor:
+        b, t, c = h.shape
+        split = lambda x: x.view(b, t, self.heads, c // self.heads).transpose(1, 2)  # noqa: E731
+        q, k, v = split(self.q_proj(h)), split(self.k_proj(h)), split(self.v_proj(h))
+        parts = []
+        for start in range(0, t, ATTENTION_CHUNK):
+            end = min(t, start + ATTENTION_CHUNK)
+            # query i sees keys 0..i: the chunk's own keys causally, all earlier keys fully
+            mask = torch.ones(end - start, end, dtype=torch.bool, device=h.device).tril(start)
+            parts.append(F.scaled_dot_product_attention(q[:, :, start:end], k[:, :, :end], v[:, :, :end], attn_mask=mask))
+        return torch.cat(parts, dim=2).transpose(1, 2).reshape(b, t, c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.out_proj(self._attend(self.self_attn_layer_norm(x)))
+        return x + self.fc2(F.gelu(self.fc1(self.final_layer_norm(x))))
+
+
 class AudioEmbedding(nn.Module):
     def __init__(self, config: AudioLayerConfig) -> None:
         super().__init__()
@@ -47,6 +136,7 @@ class AudioEmbedding(nn.Module):
         c = config.conv_channels
         self.conv1 = nn.Conv1d(config.n_mels, c, kernel_size=3, padding=1)
         self.conv2 = nn.Conv1d(c, c, kernel_size=3, stride=2, padding=1)
+        self.blocks = nn.ModuleList(CausalBlock(c, config.encoder_heads, config.ffn_dim) for _ in range(config.encoder_layers))
         self.norm = nn.LayerNorm(c * config.stack_factor)
         self.proj = nn.Linear(c * config.stack_factor, config.hidden_size)
 
@@ -59,8 +149,14 @@ class AudioEmbedding(nn.Module):
         x = F.gelu(self.conv1(features * mask)) * mask
         x = F.gelu(self.conv2(x))
         stem_lengths = (frame_lengths + 1) // 2
-        x = x * _length_mask(stem_lengths, x.shape[-1])[:, None, :]
+        stem_mask = _length_mask(stem_lengths, x.shape[-1])[:, None, :]
+        x = x * stem_mask
         x = x.transpose(1, 2)  # (B, T2, C)
+        if len(self.blocks):
+            x = x + sinusoids(x.shape[1], x.shape[2]).to(x.dtype).to(x.device)
+            for block in self.blocks:
+                x = block(x)
+            x = x * stem_mask.transpose(1, 2)  # padding is zero again, as a clip alone would stack it
         k = self.config.stack_factor
         pad = (-x.shape[1]) % k
         if pad:
@@ -72,13 +168,19 @@ class AudioEmbedding(nn.Module):
         return x, token_lengths
 
     @torch.no_grad()
-    def init_from_whisper_stem(self, conv1_weight: torch.Tensor, conv1_bias: torch.Tensor,
-                               conv2_weight: torch.Tensor, conv2_bias: torch.Tensor) -> None:
-        """Start from the teacher's own stem (VoRA-style), so distillation starts from its frames."""
-        self.conv1.weight.copy_(conv1_weight)
-        self.conv1.bias.copy_(conv1_bias)
-        self.conv2.weight.copy_(conv2_weight)
-        self.conv2.bias.copy_(conv2_bias)
+    def init_from_whisper(self, encoder: nn.Module) -> None:
+        """Start from the teacher's own stem and first blocks (VoRA-style), so training starts from its frames.
+
+        ``encoder`` is a Hugging Face ``WhisperEncoder``; shapes must match (the trainer checks).
+        """
+        self.conv1.load_state_dict(encoder.conv1.state_dict())
+        self.conv2.load_state_dict(encoder.conv2.state_dict())
+        for ours, theirs in zip(self.blocks, encoder.layers, strict=False):
+            attn = theirs.self_attn
+            for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+                getattr(ours, name).load_state_dict(getattr(attn, name).state_dict())
+            for name in ("self_attn_layer_norm", "final_layer_norm", "fc1", "fc2"):
+                getattr(ours, name).load_state_dict(getattr(theirs, name).state_dict())
 
     @torch.no_grad()
     def match_output_scale(self, target_rms: float) -> None:

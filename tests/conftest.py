@@ -40,8 +40,11 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Tiny:
     tok = save_smollm2_tokenizer(root / "tokenizer")
     llm = make_tiny_llama(root / "llm", tok)
     adapters = {}
-    for i, name in enumerate(("alpha", "beta"), start=1):
-        adapters[name] = init_adapter(llm, root / name, rank=8, seed=i, lora_init_std=0.05, conv_channels=64)
+    # beta's audio layer has a causal transformer block after the stem, so every parity, batching and
+    # realtime test also covers that path
+    for i, (name, blocks) in enumerate((("alpha", 0), ("beta", 1)), start=1):
+        adapters[name] = init_adapter(llm, root / name, rank=8, seed=i, lora_init_std=0.05, conv_channels=64,
+                                      encoder_layers=blocks, encoder_heads=4)
     return Tiny(root, llm, adapters)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 import torch
 
 from adapters.adapter import load_adapter
@@ -11,8 +12,9 @@ from adapters.audio import load_audio_file
 from server.frontend import AudioFrontend
 
 
-async def test_burst_is_batched_and_batching_changes_nothing(tiny, speech):
-    adapter = load_adapter(tiny.adapters["alpha"])
+@pytest.mark.parametrize("name", ["alpha", "beta"])  # beta's audio layer has a causal attention block
+async def test_burst_is_batched_and_batching_changes_nothing(tiny, speech, name):
+    adapter = load_adapter(tiny.adapters[name])
     clips = [load_audio_file(p).samples for p in speech.values()]  # different lengths
     frontend = AudioFrontend(max_batch=16, window_ms=50)
     try:

@@ -116,17 +116,19 @@ def test_checkpoint_resume_matches_uninterrupted_run(world: dict[str, Path]) -> 
     assert straight.train_step(6)["loss"] == pytest.approx(resumed.train_step(6)["loss"], abs=1e-6)
 
 
-def test_export_validates_and_reference_engine_reproduces_trainer_tokens(world: dict[str, Path]) -> None:
+@pytest.mark.parametrize("blocks", [0, 1])
+def test_export_validates_and_reference_engine_reproduces_trainer_tokens(world: dict[str, Path], blocks: int) -> None:
     from transformers import AutoTokenizer
 
     from server.engine.base import GenerationRequest, LoraHandle, SamplingOptions
     from server.engine.reference import ReferenceEngine
 
-    trainer = Trainer(_config(world, "export", steps=6, lr=5e-3))
+    trainer = Trainer(_config(world, f"export{blocks}", steps=6, lr=5e-3, audio_encoder_layers=blocks))
     result = trainer.run()
     out = result.output
     config = validate_adapter(out, base=read_base_model(world["student"]), max_lora_rank=16)
     assert config.trained is True
+    assert config.audio_layer.encoder_layers == blocks
     t = config.training
     assert t["steps"] == 6 and t["layer_map"] and t["teacher"]["fingerprint"].startswith("sha256:")
     assert "ce" in t["losses"]["final"] and "distill" in t["losses"]["final"]
@@ -160,6 +162,40 @@ def test_export_validates_and_reference_engine_reproduces_trainer_tokens(world: 
         return got
 
     assert asyncio.run(go()) == want
+
+
+def test_audio_layer_blocks_start_as_the_teachers_first_block_seen_causally(world: dict[str, Path]) -> None:
+    """audio_encoder_layers copies the teacher's stem and first blocks; a causal block's output at
+    frame i is then exactly the teacher's block on the audio up to frame i (its last position)."""
+    from adapters.audio_layer import sinusoids
+
+    trainer = Trainer(_config(world, "blocks", audio_encoder_layers=1))
+    audio, teacher = trainer.student.audio_layer, trainer.teacher_encoder
+    assert len(audio.blocks) == 1 and audio.config.encoder_heads == 2
+    torch.testing.assert_close(audio.conv2.weight, teacher.conv2.weight)
+    ex = trainer.examples[0]
+    with torch.no_grad():
+        f = torch.nn.functional
+        stem = f.gelu(teacher.conv2(f.gelu(teacher.conv1(ex.features[None].float())))).transpose(1, 2)
+        frames = min(stem.shape[1], 120)
+        positions = teacher.embed_positions.weight[:frames]
+        torch.testing.assert_close(sinusoids(frames, positions.shape[1]), positions, rtol=0, atol=1e-4)
+        x = stem[:, :frames] + positions
+        ours = audio.blocks[0](x)
+        def teacher_block(upto: int) -> torch.Tensor:
+            out = teacher.layers[0](x[:, :upto], None)
+            return out[0] if isinstance(out, tuple) else out
+
+        assert frames > 40
+        for end in (1, 17, frames // 2, frames):
+            torch.testing.assert_close(ours[0, end - 1], teacher_block(end)[0, -1], rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(ours[0, 0], teacher_block(frames)[0, 0], atol=1e-3), "causal, not bidirectional"
+    with pytest.raises(ConfigError, match="only 2 blocks"):
+        Trainer(_config(world, "blocks3", audio_encoder_layers=3))
+    with pytest.raises(ConfigError, match="teacher's width"):
+        Trainer(_config(world, "blocks_w", audio_encoder_layers=1, conv_channels=32))
+    fresh, one = _config(world, "fp"), _config(world, "fp", audio_encoder_layers=1)
+    assert fresh.fingerprint() != one.fingerprint(), "a run must not resume into another audio layer"
 
 
 def test_layer_map_out_of_range_fails_early(world: dict[str, Path]) -> None:

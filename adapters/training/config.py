@@ -16,6 +16,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
 
 from adapters.adapter import DEFAULT_TARGETS
+from adapters.audio_layer import MAX_ENCODER_LAYERS
+# settings added after runs were started: at these values they leave a run's fingerprint as it was
+NEW_SETTING_DEFAULTS: dict[str, object] = {"audio_encoder_layers": 0}
 
 DistillLoss = Literal["cosine", "mse", "none"]
 Precision = Literal["fp32", "bf16"]
@@ -45,6 +48,9 @@ class TrainConfig(BaseModel):
     # --- audio layer
     stack_factor: int = Field(4, ge=1, le=32)
     conv_channels: int | None = Field(None, description="Default: the teacher's width, so its stem can initialise ours.")
+    audio_encoder_layers: int = Field(
+        0, ge=0, le=MAX_ENCODER_LAYERS, description="Causal transformer blocks in the audio layer, initialised from the "
+        "teacher's first blocks (needs conv_channels = the teacher's width). 0 = the conv stem alone.")
 
     # --- distillation
     layer_map: dict[int, int] | None = Field(
@@ -169,6 +175,9 @@ class TrainConfig(BaseModel):
                 "progress", "threads", "prefetch", "output", "work_dir", "teacher_cache", "steps", "time_budget_s", "wer_every", "wer_examples",
                 "eval_manifest", "student", "teacher", "manifest", "init_from"}
         data = {k: v for k, v in json.loads(self.model_dump_json()).items() if k not in skip}
+        for key, default in NEW_SETTING_DEFAULTS.items():  # runs started before a setting existed still resume
+            if data.get(key) == default:
+                data.pop(key)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

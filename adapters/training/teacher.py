@@ -27,6 +27,8 @@ class TeacherInfo:
     path: Path
     width: int
     num_layers: int
+    heads: int
+    ffn_dim: int
     n_mels: int
     input_frames: int  # mel frames the encoder expects (2 * max_source_positions)
     fingerprint: str
@@ -48,6 +50,7 @@ def teacher_info(path: str | Path) -> TeacherInfo:
             h.update(f.read(1 << 20))
     return TeacherInfo(
         path=path, width=int(cfg["d_model"]), num_layers=int(cfg["encoder_layers"]),
+        heads=int(cfg.get("encoder_attention_heads", 6)), ffn_dim=int(cfg.get("encoder_ffn_dim", 4 * int(cfg["d_model"]))),
         n_mels=int(cfg.get("num_mel_bins", 80)), input_frames=2 * int(cfg.get("max_source_positions", 1500)),
         fingerprint="sha256:" + h.hexdigest()[:32],
     )

@@ -124,8 +124,17 @@ def check_config(config: TrainConfig) -> Setup:
 
     features = FeatureConfig(n_mels=teacher.n_mels)
     layout = PromptLayout()
+    if config.audio_encoder_layers:
+        if config.audio_encoder_layers > teacher.num_layers:
+            raise ConfigError(f"audio_encoder_layers={config.audio_encoder_layers} but the teacher has only "
+                              f"{teacher.num_layers} blocks to initialise them from")
+        if (config.conv_channels or teacher.width) != teacher.width:
+            raise ConfigError(f"audio_encoder_layers needs conv_channels = the teacher's width ({teacher.width}); "
+                              f"it is {config.conv_channels}")
     audio_cfg = AudioLayerConfig(n_mels=features.n_mels, conv_channels=config.conv_channels or teacher.width,
-                                 stack_factor=config.stack_factor, hidden_size=base.hidden_size)
+                                 stack_factor=config.stack_factor, hidden_size=base.hidden_size,
+                                 encoder_layers=config.audio_encoder_layers, encoder_heads=teacher.heads,
+                                 encoder_ffn_dim=teacher.ffn_dim if config.audio_encoder_layers else None)
     if config.init_from is not None:
         init = AuraConfig.model_validate_json((Path(config.init_from) / "aura_config.json").read_text())
         if init.audio_layer.hidden_size != base.hidden_size or init.base_model.hidden_size != base.hidden_size:
@@ -135,6 +144,9 @@ def check_config(config: TrainConfig) -> Setup:
         if init.base_model.fingerprint != base.fingerprint:
             raise ConfigError(f"init_from {config.init_from}: built for another base model ({init.base_model.name})")
         features, layout, audio_cfg = init.features, init.prompt, init.audio_layer
+        if config.audio_encoder_layers and config.audio_encoder_layers != audio_cfg.encoder_layers:
+            raise ConfigError(f"audio_encoder_layers={config.audio_encoder_layers} but init_from {config.init_from} "
+                              f"has {audio_cfg.encoder_layers}; an adapter's audio layer cannot change shape")
         if features.n_mels != teacher.n_mels:
             raise ConfigError(f"init_from: the adapter uses {features.n_mels} mel bins, the teacher {teacher.n_mels}")
     if audio_cfg.hidden_size != base.hidden_size:
@@ -248,7 +260,7 @@ class Trainer:
             audio = AudioEmbedding(s.audio_cfg)
             conv1, conv2 = self.teacher_encoder.conv1, self.teacher_encoder.conv2
             if conv1.weight.shape == audio.conv1.weight.shape and conv2.weight.shape == audio.conv2.weight.shape:
-                audio.init_from_whisper_stem(conv1.weight, conv1.bias, conv2.weight, conv2.bias)
+                audio.init_from_whisper(self.teacher_encoder)
                 self.stem_init = "teacher"
             else:
                 log.warning("audio stem shapes differ from the teacher's; the stem starts random")
