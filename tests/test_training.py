@@ -198,6 +198,24 @@ def test_audio_layer_blocks_start_as_the_teachers_first_block_seen_causally(worl
     assert fresh.fingerprint() != one.fingerprint(), "a run must not resume into another audio layer"
 
 
+def test_pretrained_audio_blocks_learn_at_their_own_rate(world: dict[str, Path]) -> None:
+    """audio_encoder_lr_scale: 0 keeps the teacher's blocks as they are while the rest trains."""
+    moved = {}
+    for scale in (0.0, 1.0):
+        trainer = Trainer(_config(world, f"lr_scale{scale}", audio_encoder_layers=1, audio_encoder_lr_scale=scale, steps=2))
+        audio = trainer.student.audio_layer
+        before = {k: v.detach().clone() for k, v in audio.state_dict().items()}
+        for step in range(2):
+            trainer.train_step(step)
+        fresh, blocks = trainer.optimizer.param_groups
+        assert fresh["lr"] > 0 and blocks["lr"] == pytest.approx(scale * fresh["lr"])
+        after = audio.state_dict()
+        moved[scale] = {k for k in before if not torch.equal(before[k], after[k])}
+    assert "proj.weight" in moved[0.0] and "conv1.weight" in moved[0.0]
+    assert not any(k.startswith("blocks.") for k in moved[0.0]), moved[0.0]
+    assert "blocks.0.fc1.weight" in moved[1.0]
+
+
 def test_layer_map_out_of_range_fails_early(world: dict[str, Path]) -> None:
     with pytest.raises(ConfigError, match="student layer 7 is out of range"):
         Trainer(_config(world, "bad1", layer_map={7: 0}))

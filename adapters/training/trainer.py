@@ -271,7 +271,12 @@ class Trainer:
         self.student = AuraStudent(peft_model, audio, heads).to(self.device)
         self.student.train()
         self.params = [p for p in self.student.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=c.lr, weight_decay=c.weight_decay)
+        # the audio layer's pretrained blocks learn slower than the fresh parameters (``lr_scale``)
+        pretrained = {id(p) for p in self.student.audio_layer.blocks.parameters()}
+        groups = [{"params": [p for p in self.params if id(p) not in pretrained], "lr_scale": 1.0}]
+        if pretrained:
+            groups.append({"params": [p for p in self.params if id(p) in pretrained], "lr_scale": c.audio_encoder_lr_scale})
+        self.optimizer = torch.optim.AdamW(groups, lr=c.lr, weight_decay=c.weight_decay)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         self.end_of_turn = end_of_turn_id(self.tokenizer)
         self.blank_id = self.end_of_turn  # CTC blank: a token no transcript contains
@@ -429,8 +434,9 @@ class Trainer:
         return reads if reads is not None and reads.step == step else None
 
     def train_step(self, step: int) -> dict[str, float]:
+        lr = lr_at(step, self.config, self._elapsed())
         for g in self.optimizer.param_groups:
-            g["lr"] = lr_at(step, self.config, self._elapsed())
+            g["lr"] = lr * g.get("lr_scale", 1.0)  # checkpoints from before the groups lack it
         idx = self.batch_indices(step)
         reads = self._reads_for(step)
         if reads is not None:
