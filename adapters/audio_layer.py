@@ -23,9 +23,8 @@ example alone would see zero padding.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F

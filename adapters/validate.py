@@ -40,7 +40,8 @@ def _fail(code: str, file: str | None, message: str) -> AdapterValidationError:
     return AdapterValidationError(message, code=code, file=file)
 
 
-def _safetensors_header(path: Path, file: str) -> dict[str, tuple[tuple[int, ...], str]]:
+def safetensors_header(path: Path, file: str) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Tensor name -> (shape, dtype) from a safetensors header, without reading any weight."""
     try:
         with safe_open(str(path), framework="pt") as f:
             return {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
@@ -154,7 +155,7 @@ def validate_adapter(
             raise _fail("unknown_target_modules", LORA_CONFIG,
                         f"target modules {unknown} do not exist in the base model (it has {list(base.linear_modules)})")
 
-    header = _safetensors_header(path / LORA_WEIGHTS, LORA_WEIGHTS)
+    header = safetensors_header(path / LORA_WEIGHTS, LORA_WEIGHTS)
     if not header:
         raise _fail("bad_lora_weights", LORA_WEIGHTS, "holds no tensors; save the PEFT LoRA weights (lora_A/lora_B) with safetensors")
     num_layers = base.num_hidden_layers if base is not None else config.base_model.num_hidden_layers
@@ -190,7 +191,7 @@ def validate_adapter(
         raise _fail("bad_lora_weights", LORA_WEIGHTS,
                     f"'{lonely[0]}' has lora_A without lora_B (or the reverse); every adapted module needs both")
 
-    audio_header = _safetensors_header(path / AUDIO_WEIGHTS, AUDIO_WEIGHTS)
+    audio_header = safetensors_header(path / AUDIO_WEIGHTS, AUDIO_WEIGHTS)
     expected = audio_layer_shapes(config.audio_layer)  # meta device: declared sizes cost no memory
     missing = sorted(set(expected) - set(audio_header))
     extra = sorted(set(audio_header) - set(expected))

@@ -19,15 +19,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
-from safetensors import safe_open
 from transformers import AutoTokenizer
 
 from adapters.adapter import AUDIO_WEIGHTS, LORA_WEIGHTS, audio_layer_params, read_aura_config
 from adapters.audio_layer import AudioLayerConfig
 from adapters.base_model import BaseModelInfo, read_base_model
 from adapters.prompt import build_prompt, user_turn
+from adapters.validate import safetensors_header
 from bench.common import machine
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,14 +36,7 @@ QUESTION = "Answer the question in the audio."
 
 
 def tensor_params(path: Path) -> int:
-    total = 0
-    with safe_open(str(path), "pt") as f:
-        for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
-            n = 1
-            for d in f.get_slice(key).get_shape():
-                n *= d
-            total += n
-    return total
+    return sum(math.prod(shape) for shape, _ in safetensors_header(path, path.name).values())
 
 
 def llm_flops(base: BaseModelInfo, lora_rank: int, lora_modules: list[str], prompt_tokens: int, generated: int) -> int:
@@ -82,7 +76,8 @@ def main() -> None:
 
     layers: list[AudioLayerConfig] = [config.audio_layer]
     if args.encoder_layers is not None:
-        layers = [config.audio_layer.model_copy(update={"encoder_layers": n}) for n in args.encoder_layers]
+        layers = [AudioLayerConfig.model_validate({**config.audio_layer.model_dump(), "encoder_layers": n})
+                  for n in args.encoder_layers]
     print(f"# {machine()}; base {base.architecture} {base_params / 1e6:.1f}M params, LoRA r={lora_rank} "
           f"{lora_params / 1e6:.2f}M; answer {args.response_tokens} tokens")
     print("| audio layer | params | share of params | " + " | ".join(f"{s:g} s: FLOPs share" for s in args.seconds) + " |")
@@ -92,13 +87,13 @@ def main() -> None:
         params = audio_layer_params(layer)
         shares = []
         for seconds in args.seconds:
-            frames = int(seconds * config.features.sample_rate) // config.features.hop_length
+            frames = config.features.num_frames(int(seconds * config.features.sample_rate))
             prompt = build_prompt(tokenizer, config.prompt, [user_turn(layer.num_tokens(frames), QUESTION)])
             audio = layer.flops(frames)
             llm = llm_flops(base, lora_rank, lora_modules, len(prompt.token_ids), args.response_tokens)
             shares.append(audio / (audio + llm))
             rows.append({"encoder_layers": layer.encoder_layers, "seconds": seconds, "audio_gflops": audio / 1e9,
-                         "llm_gflops": llm / 1e9, "prompt_tokens": len(prompt.token_ids), "share": audio / (audio + llm)})
+                         "llm_gflops": llm / 1e9, "prompt_tokens": len(prompt.token_ids), "share": shares[-1]})
         share_p = params / (params + base_params + lora_params)
         print(f"| conv stem + {layer.encoder_layers} block(s) | {params / 1e6:.2f}M | {share_p:.1%} | "
               + " | ".join(f"{s:.1%}" for s in shares) + " |")

@@ -17,9 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
 
 from adapters.adapter import DEFAULT_TARGETS
 from adapters.audio_layer import MAX_ENCODER_LAYERS
+
 # settings added after runs were started: at these values they leave a run's fingerprint as it was
 NEW_SETTING_DEFAULTS: dict[str, object] = {"audio_encoder_layers": 0, "audio_encoder_lr_scale": 0.1}
-
 DistillLoss = Literal["cosine", "mse", "none"]
 Precision = Literal["fp32", "bf16"]
 
