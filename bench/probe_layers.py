@@ -23,54 +23,34 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-CHARS = " abcdefghijklmnopqrstuvwxyz'"
-SLOTS = 2  # characters per audio token: 12.5 Hz tokens -> 25 Hz, above the ~14 characters/s of speech
-
-
-def encode(text: str) -> list[int]:
-    return [CHARS.index(c) + 1 for c in text.lower() if c in CHARS]
-
-
-def cer(refs: list[str], hyps: list[str]) -> float:
-    from adapters.training.evaluate import edit_distance
-
-    return sum(edit_distance(list(r), list(h)) for r, h in zip(refs, hyps)) / max(1, sum(len(r) for r in refs))
-
-
-def norm_text(text: str) -> str:
-    return " ".join("".join(c for c in text.lower() if c in CHARS).split())
+from adapters.training.ctc import CHAR_SLOTS, CHARS, ctc_loss, decode_chars, encode_chars, greedy_ctc, normalize_chars
+from adapters.training.evaluate import cer
 
 
 def train_probe(train: list[tuple[torch.Tensor, str]], held: list[tuple[torch.Tensor, str]], *, steps: int, seed: int) -> float:
     torch.manual_seed(seed)
     dim = train[0][0].shape[-1]
-    probe = torch.nn.Sequential(torch.nn.LayerNorm(dim), torch.nn.Linear(dim, SLOTS * (len(CHARS) + 1)))
+    probe = torch.nn.Sequential(torch.nn.LayerNorm(dim), torch.nn.Linear(dim, CHAR_SLOTS * (len(CHARS) + 1)))
     opt = torch.optim.AdamW(probe.parameters(), lr=3e-3, weight_decay=1e-2)
     rng = random.Random(seed)
 
     def logp(x: torch.Tensor) -> torch.Tensor:
-        return F.log_softmax(probe(x).reshape(x.shape[0] * SLOTS, len(CHARS) + 1), -1)
+        return F.log_softmax(probe(x).reshape(x.shape[0] * CHAR_SLOTS, len(CHARS) + 1), -1)
 
     for _ in range(steps):
         batch = rng.sample(train, min(32, len(train)))
         lps = [logp(x) for x, _ in batch]
-        targets = [torch.tensor(encode(t)) for _, t in batch]
-        loss = F.ctc_loss(torch.nn.utils.rnn.pad_sequence(lps), torch.cat(targets), torch.tensor([len(lp) for lp in lps]),
-                          torch.tensor([len(t) for t in targets]), blank=0, zero_infinity=True)
+        loss = ctc_loss(torch.nn.utils.rnn.pad_sequence(lps, batch_first=True), torch.tensor([len(lp) for lp in lps]),
+                        [encode_chars(t) for _, t in batch], blank=0)
         opt.zero_grad()
         loss.backward()
         opt.step()
     refs, hyps = [], []
     with torch.no_grad():
         for x, text in held:
-            best = logp(x).argmax(-1).tolist()
-            out, prev = [], 0
-            for k in best:
-                if k != prev and k != 0:
-                    out.append(CHARS[k - 1])
-                prev = k
-            refs.append(norm_text(text))
-            hyps.append(" ".join("".join(out).split()))
+            lp = logp(x)
+            refs.append(normalize_chars(text))
+            hyps.append(decode_chars(greedy_ctc(lp[None], torch.tensor([len(lp)]), blank=0)[0]))
     return cer(refs, hyps)
 
 

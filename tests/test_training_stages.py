@@ -1,4 +1,4 @@
-"""The recipe's levers: CTC alignment loss, the truncated first stage, the short-context teacher.
+"""The recipe's levers: CTC alignment loss (sub-words and characters), the truncated first stage, the short-context teacher.
 
 Each test is built to fail when the lever is wired wrong: CTC must learn a toy alignment and be
 decodable by best path; the truncated stage must send gradient to the audio layer through the
@@ -19,7 +19,7 @@ from audio_helpers import speak
 
 from adapters.features import FeatureConfig
 from adapters.training.config import TrainConfig
-from adapters.training.ctc import ctc_loss, greedy_ctc
+from adapters.training.ctc import CHAR_SLOTS, CHARS, ctc_loss, decode_chars, encode_chars, greedy_ctc, normalize_chars
 from adapters.training.student import decoder_layers
 from adapters.training.teacher import encoder_states, load_teacher_encoder, teacher_targets
 from adapters.training.trainer import ConfigError, Trainer
@@ -98,6 +98,56 @@ def test_truncated_stage_runs_only_the_low_blocks_and_ctc_reaches_the_audio_laye
     assert len(decoder_layers(trainer.student.causal_lm)) == 4  # the full model is back after the pass
 
 
+def test_character_targets_spell_the_transcript_and_decode_back() -> None:
+    ids = encode_chars("It's 5 o'clock,  Mr. Smith!")
+    assert 0 not in ids and all(1 <= i <= len(CHARS) for i in ids)  # 0 stays the blank
+    assert decode_chars(ids) == normalize_chars("It's 5 o'clock,  Mr. Smith!") == "it's o'clock mr smith"
+
+
+def test_character_ctc_trains_the_audio_layer_and_the_blocks_up_to_its_layer_only(world: dict[str, Path]) -> None:
+    """The character head reads block ``char_ctc_layer``: its loss must reach the audio layer and the
+    LoRA of blocks 0..layer through the audio positions, and nothing above; the head is training-only."""
+    from adapters.adapter import load_adapter
+    from adapters.validate import safetensors_header
+
+    trainer = Trainer(_config(world, "char", max_layer=2, char_ctc_weight=1.0, char_ctc_layer=1, distill_loss="none",
+                              tasks="transcribe", steps=1))
+    assert trainer.char_layer == 1 and trainer.ctc_layer is None
+    terms = trainer._losses([0, 1], trainer.examples, {}, keep_logits=True)
+    assert set(terms) == {"char_ctc", "loss", "_char_logits", "_char_lengths"}
+    e = trainer.examples[0]
+    assert terms["_char_logits"].shape[1:] == (max(trainer.examples[i].num_audio_tokens for i in (0, 1)) * CHAR_SLOTS, len(CHARS) + 1)
+    assert int(terms["_char_lengths"][0]) == e.num_audio_tokens * CHAR_SLOTS
+    trainer.student.zero_grad()
+    terms["loss"].backward()
+
+    def grad(pred: object) -> float:
+        return sum(float(p.grad.abs().sum()) for n, p in trainer.student.named_parameters()
+                   if p.requires_grad and pred(n) and p.grad is not None)  # type: ignore[operator]
+
+    assert grad(lambda n: n.startswith("audio_layer.")) > 0
+    assert grad(lambda n: n.startswith("char_head.")) > 0
+    assert grad(lambda n: "lora_" in n and ".layers.0." in n) > 0 and grad(lambda n: "lora_" in n and ".layers.1." in n) > 0
+    assert grad(lambda n: "lora_" in n and ".layers.2." in n) == 0  # ran (max_layer 2) but above the head
+    trainer.train()
+    out = trainer.export()
+    exported = [k for f in sorted(Path(out).glob("*.safetensors")) for k in safetensors_header(f, f.name)]
+    served = [n for n, p in trainer.student.named_parameters() if p.requires_grad and not n.startswith(("heads.", "char_head."))]
+    assert len(exported) == len(served) and not [k for k in exported if "char" in k]  # LoRA + audio layer, no head
+    assert load_adapter(out).config.training["stage"]["char_ctc_layer"] == 1
+
+
+def test_character_ctc_learns_to_spell_the_clips(world: dict[str, Path]) -> None:
+    trainer = Trainer(_config(world, "char_learn", max_layer=1, char_ctc_weight=1.0, char_ctc_layer=1, distill_loss="none",
+                              steps=40, lr=1e-2))
+    before = trainer.evaluate()
+    trainer.train()
+    after = trainer.evaluate()
+    assert before is not None and after is not None
+    assert after["eval_char_ctc"] < 0.7 * before["eval_char_ctc"]
+    assert 0.0 <= after["eval_char_cer"] < before["eval_char_cer"]
+
+
 def test_truncated_stage_learns(world: dict[str, Path]) -> None:
     trainer = Trainer(_config(world, "trunc_learn", max_layer=1, ctc_weight=1.0, distill_weight=0.5, steps=40))
     before = trainer.evaluate(wer=True)
@@ -117,6 +167,8 @@ def test_stage_settings_that_cannot_work_fail_early(world: dict[str, Path]) -> N
         Trainer(_config(world, "bad2", max_layer=1, ctc_weight=1.0, ctc_layer=3))
     with pytest.raises(ConfigError, match="grad_accum"):
         Trainer(_config(world, "bad3", batch_size=4, grad_accum=3))
+    with pytest.raises(ConfigError, match="char_ctc_layer 2"):
+        Trainer(_config(world, "bad4", max_layer=1, char_ctc_weight=1.0, char_ctc_layer=2))
 
 
 def test_grad_accumulation_gives_the_same_update(world: dict[str, Path]) -> None:
@@ -185,7 +237,8 @@ def test_teacher_layers_are_each_blocks_own_output_on_every_call(world: dict[str
 def test_truncated_stage_resumes_exactly(world: dict[str, Path]) -> None:
     """A stage-1 run stopped after 3 steps and resumed equals one that ran 6 steps straight
     (lazy, cached teacher targets and the cumulative clock included)."""
-    kw = dict(max_layer=1, ctc_weight=1.0, distill_weight=1.0, teacher_context_frames=200, steps=6, save_every=3)
+    kw = dict(max_layer=1, ctc_weight=1.0, distill_weight=1.0, teacher_context_frames=200, steps=6, save_every=3,
+              char_ctc_weight=0.5, char_ctc_layer=0)
     straight = Trainer(_config(world, "resume_a", **kw))
     straight.train()
     second = _interrupted_run(world, "resume_b", stop_after=3, **kw)

@@ -19,7 +19,8 @@ from adapters.adapter import DEFAULT_TARGETS
 from adapters.audio_layer import MAX_ENCODER_LAYERS
 
 # settings added after runs were started: at these values they leave a run's fingerprint as it was
-NEW_SETTING_DEFAULTS: dict[str, object] = {"audio_encoder_layers": 0, "audio_encoder_lr_scale": 0.1}
+NEW_SETTING_DEFAULTS: dict[str, object] = {"audio_encoder_layers": 0, "audio_encoder_lr_scale": 0.1,
+                                            "char_ctc_weight": 0.0, "char_ctc_layer": 2}
 DistillLoss = Literal["cosine", "mse", "none"]
 Precision = Literal["fp32", "bf16"]
 
@@ -77,6 +78,11 @@ class TrainConfig(BaseModel):
     ctc_weight: float = Field(0.0, ge=0.0, description="CTC over the LLM vocabulary at the audio positions (0 = off).")
     ctc_layer: int | None = Field(None, ge=0, description="Block whose output feeds the CTC head (final norm + LM head); "
                                   "default: max_layer, else the deepest distilled block.")
+    char_ctc_weight: float = Field(
+        0.0, ge=0.0, description="CTC over characters at the audio positions of block char_ctc_layer, through a small "
+        "training-only head (RMSNorm + Linear, dropped at export): a dense spelling signal for the early blocks, where "
+        "linear probes found the words missing (0 = off).")
+    char_ctc_layer: int = Field(2, ge=0, description="Block whose output feeds the character CTC head.")
     ce_weight: float = Field(1.0, ge=0.0, description="Weight of the next-token loss on answer tokens.")
     text_kd_weight: float = Field(
         0.0, ge=0.0, description="KL from the base LLM reading the transcript as text (in place of the audio, LoRA off) "

@@ -10,12 +10,35 @@ so its steps are several times cheaper than full-depth steps.
 
 The blank symbol is a token id the transcripts never contain (the tokenizer's end-of-turn
 token). ``greedy_ctc`` decodes the same way for a cheap held-out WER during training.
+
+The same loss also runs over characters (``CHARS``) through a small training-only head on an early
+block (``char_ctc_weight``): the LM head's 49k sub-word vocabulary at 12.5 Hz is a hard target for
+the first blocks, and linear probes found the words missing from them. ``CHAR_SLOTS`` characters
+per audio token (25 Hz) leave room above the ~14 characters/s of speech.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+CHARS = " abcdefghijklmnopqrstuvwxyz'"  # id 0 is the blank; character k is id k + 1
+CHAR_SLOTS = 2  # characters per audio token: 12.5 Hz tokens -> 25 Hz
+
+
+def encode_chars(text: str) -> list[int]:
+    """The character CTC target of a transcript: lower-cased, anything outside ``CHARS`` dropped."""
+    return [CHARS.index(c) + 1 for c in text.lower() if c in CHARS]
+
+
+def normalize_chars(text: str) -> str:
+    """What a character target spells, spaces collapsed: the reference a character error rate compares to."""
+    return " ".join("".join(c for c in text.lower() if c in CHARS).split())
+
+
+def decode_chars(ids: list[int]) -> str:
+    """Best-path character ids (no blanks) back to text, spaces collapsed."""
+    return " ".join("".join(CHARS[i - 1] for i in ids).split())
 
 
 def ctc_loss(logits: torch.Tensor, lengths: torch.Tensor, targets: list[list[int]], blank: int) -> torch.Tensor:

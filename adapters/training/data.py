@@ -22,6 +22,7 @@ from adapters.audio import load_audio_file
 from adapters.audio_layer import AudioLayerConfig
 from adapters.features import FeatureConfig, log_mel
 from adapters.prompt import PromptLayout, TextPart, Turn, build_prompt, end_of_turn_id, user_turn
+from adapters.training.ctc import encode_chars
 
 
 class ManifestRow(BaseModel):
@@ -115,6 +116,7 @@ class Example:
     task: str
     transcript_ids: list[int]  # the spoken words' tokens (CTC target; for qa rows not the answer)
     text_prompt_ids: list[int] = field(default_factory=list)  # the same prompt with the transcript in place of the audio
+    transcript_chars: list[int] = field(default_factory=list)  # the spoken words as character ids (character CTC target)
 
 
 def build_example(
@@ -151,6 +153,7 @@ def build_example(
         features=feats[0, :, :n_frames].contiguous() if feats is not None else None, num_frames=n_frames, num_audio_tokens=n_tok,
         prompt_ids=prompt.token_ids, audio_start=prompt.audio_spans[0][0], target_ids=target, task=row.task,
         transcript_ids=tokenizer.encode(row.text, add_special_tokens=False), text_prompt_ids=text_ids,
+        transcript_chars=encode_chars(row.text),
     )
 
 
@@ -168,6 +171,7 @@ class Batch:
     audio_tokens: torch.Tensor  # (B,)
     teacher: torch.Tensor | None  # (B, n_layers, N, d_teacher) pooled teacher states, zero past audio_tokens
     transcripts: list[list[int]]  # CTC targets
+    char_transcripts: list[list[int]] = field(default_factory=list)  # character CTC targets
     text_input_ids: torch.Tensor | None = None  # (B, Lt) the text-in-place-of-audio prompts + answers (text_kd)
     text_attention_mask: torch.Tensor | None = None
     text_labels: torch.Tensor | None = None  # same answer tokens as ``labels``, at the text prompt's positions
@@ -248,6 +252,6 @@ def collate(examples: list[Example], pad_id: int, teacher: list[torch.Tensor] | 
         frame_lengths=torch.tensor([e.num_frames for e in examples]),
         audio_starts=torch.tensor([e.audio_start for e in examples]),
         audio_tokens=torch.tensor([e.num_audio_tokens for e in examples]), teacher=teach,
-        transcripts=[e.transcript_ids for e in examples],
+        transcripts=[e.transcript_ids for e in examples], char_transcripts=[e.transcript_chars for e in examples],
         text_input_ids=text_ids, text_attention_mask=text_mask, text_labels=text_labels,
     )

@@ -49,6 +49,12 @@ def wer(refs: list[str], hyps: list[str]) -> float:
     return edits / max(1, words)
 
 
+def cer(refs: list[str], hyps: list[str]) -> float:
+    """Corpus character error rate: total character edits / total reference characters (texts as given)."""
+    edits = sum(edit_distance(list(r), list(h)) for r, h in zip(refs, hyps, strict=True))
+    return edits / max(1, sum(len(r) for r in refs))
+
+
 def exact_match(ref: str, hyp: str) -> float:
     return float(normalize_text(ref) == normalize_text(hyp))
 

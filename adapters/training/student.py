@@ -3,7 +3,8 @@
 Audio vectors replace the placeholder embeddings at the positions ``build_prompt`` reserved, the
 LLM runs with its ordinary causal mask, and forward hooks read the chosen decoder blocks'
 outputs at those positions for the heads (RMSNorm + Linear to the teacher's width, as in VoRA).
-The heads exist only for training; the exported adapter is LoRA + audio layer, nothing else.
+The heads (and the character CTC head) exist only for training; the exported adapter is LoRA +
+audio layer, nothing else.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from adapters.audio_layer import AudioEmbedding
+from adapters.training.ctc import CHAR_SLOTS, CHARS
 from adapters.training.data import Batch
 
 
@@ -31,6 +33,23 @@ class DistillHead(nn.Module):
         return self.proj(self.norm(x))
 
 
+class CharHead(nn.Module):
+    """Characters from one block's audio-position states: RMSNorm + Linear to ``CHAR_SLOTS``
+    character distributions per audio token (blank + ``CHARS``), read out as one sequence at
+    ``CHAR_SLOTS`` times the token rate. A linear read-out on purpose: what it can spell, the
+    LoRA above can read; the capacity has to be in the states, not in the head."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.norm = nn.RMSNorm(hidden, eps=1e-6)
+        self.proj = nn.Linear(hidden, CHAR_SLOTS * (len(CHARS) + 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, hidden) -> (B, N * CHAR_SLOTS, len(CHARS) + 1) logits."""
+        b, n, _ = x.shape
+        return self.proj(self.norm(x)).reshape(b, n * CHAR_SLOTS, len(CHARS) + 1)
+
+
 @dataclass
 class StudentOutput:
     answer_logits: torch.Tensor | None  # (n_answer_tokens, V); None in a truncated stage
@@ -39,6 +58,7 @@ class StudentOutput:
     audio_mask: torch.Tensor  # (B, N) bool
     audio_tokens: torch.Tensor  # (B,) valid audio positions
     ctc_logits: torch.Tensor | None = None  # (B, N, V) LM-head logits at audio positions
+    char_logits: torch.Tensor | None = None  # (B, N * CHAR_SLOTS, len(CHARS) + 1) character head logits
 
 
 def decoder_layers(causal_lm: Any) -> nn.ModuleList:
@@ -51,12 +71,14 @@ def decoder_layers(causal_lm: Any) -> nn.ModuleList:
 
 
 class AuraStudent(nn.Module):
-    def __init__(self, peft_model: Any, audio_layer: AudioEmbedding, heads: dict[int, DistillHead]) -> None:
+    def __init__(self, peft_model: Any, audio_layer: AudioEmbedding, heads: dict[int, DistillHead],
+                 char_head: CharHead | None = None) -> None:
         super().__init__()
         self.peft_model = peft_model
         self.audio_layer = audio_layer
         self.heads = nn.ModuleDict({str(k): v for k, v in heads.items()})
         self.layer_ids = sorted(heads)
+        self.char_head = char_head
 
     @property
     def causal_lm(self) -> Any:
@@ -79,16 +101,18 @@ class AuraStudent(nn.Module):
         rows, cols = valid.nonzero(as_tuple=True)
         return embeds.index_put((rows, audio_starts.to(cols.device)[rows] + cols), audio[rows, cols]), n_tok
 
-    def forward(self, batch: Batch, *, max_layer: int | None = None, ctc_layer: int | None = None) -> StudentOutput:
+    def forward(self, batch: Batch, *, max_layer: int | None = None, ctc_layer: int | None = None,
+                char_layer: int | None = None) -> StudentOutput:
         """One pass. ``max_layer`` runs blocks 0..max_layer only (no answer logits then: the LM head
         would read a half-finished residual stream); ``ctc_layer`` adds LM-head logits (after the
-        final norm) of that block's output at the audio positions."""
+        final norm) of that block's output at the audio positions; ``char_layer`` adds the character
+        head's logits of that block's output."""
         embeds, n_tok = self.embed(batch.input_ids, batch.features, batch.frame_lengths, batch.audio_starts)
         captured: dict[int, torch.Tensor] = {}
         inner = self.causal_lm.model
         blocks = decoder_layers(self.causal_lm)
         hooks = []
-        wanted = set(self.layer_ids) | ({ctc_layer} if ctc_layer is not None else set())
+        wanted = set(self.layer_ids) | {k for k in (ctc_layer, char_layer) if k is not None}
         for layer in sorted(wanted):
             def hook(_m: nn.Module, _inp: Any, out: Any, layer: int = layer) -> None:
                 captured[layer] = out[0] if isinstance(out, tuple) else out
@@ -113,8 +137,12 @@ class AuraStudent(nn.Module):
         for layer, h in captured.items():
             at_audio[layer] = torch.where(mask[..., None], h.gather(1, at.expand(-1, -1, h.shape[-1])), 0.0)
         ctc_logits = self.causal_lm.lm_head(inner.norm(at_audio[ctc_layer])) if ctc_layer is not None else None
+        char_logits = None
+        if char_layer is not None:
+            assert self.char_head is not None, "char_layer needs the student built with a char_head"
+            char_logits = self.char_head(at_audio[char_layer])
         audio_hidden = {k: v for k, v in at_audio.items() if k in self.layer_ids}
-        return StudentOutput(logits, batch.labels[sel], audio_hidden, mask, n_tok, ctc_logits)
+        return StudentOutput(logits, batch.labels[sel], audio_hidden, mask, n_tok, ctc_logits, char_logits)
 
     @torch.inference_mode()
     def greedy(self, prompt_ids: list[int], audio_start: int, features: torch.Tensor, num_frames: int,

@@ -32,10 +32,10 @@ from adapters.features import FeatureConfig
 from adapters.prompt import PromptLayout, end_of_turn_id
 from adapters.training.config import TrainConfig
 from adapters.training.data import Batch, Example, ManifestRow, build_example, collate, read_manifest, with_features, with_features_batch
-from adapters.training.ctc import ctc_loss, greedy_ctc
+from adapters.training.ctc import CHAR_SLOTS, ctc_loss, decode_chars, greedy_ctc
 from adapters.training.losses import distill_loss, next_token_loss, text_kd_loss
 from adapters.training.spec_augment import SpecAugment, mask_seed
-from adapters.training.student import AuraStudent, DistillHead
+from adapters.training.student import AuraStudent, CharHead, DistillHead
 from adapters.training.teacher import (
     TargetStats, TeacherCache, TeacherInfo, load_teacher_encoder, teacher_info, teacher_targets,
 )
@@ -45,7 +45,7 @@ CHECKPOINT_GLOB = "ckpt-*.pt"
 # corpora up to this many rows keep their log-mels in memory; larger ones recompute them per batch
 # from the clips (bounded memory; the clips are what the prefetch thread reads ahead)
 FEATURES_IN_MEMORY_MAX_ROWS = 2000
-LOSS_TERMS = ("loss", "ce", "text_kd", "distill", "ctc")  # what progress, logs and the adapter's provenance report
+LOSS_TERMS = ("loss", "ce", "text_kd", "distill", "ctc", "char_ctc")  # what progress, logs and the adapter's provenance report
 
 
 class ConfigError(ValueError):
@@ -108,10 +108,13 @@ def check_config(config: TrainConfig) -> Setup:
             raise ConfigError("ctc_weight > 0 needs ctc_layer (or max_layer, or a distilled layer to read from)")
         if not 0 <= ctc_layer < base.num_hidden_layers or (config.max_layer is not None and ctc_layer > config.max_layer):
             raise ConfigError(f"ctc_layer {ctc_layer} must be a student layer at or below max_layer")
+    if config.char_ctc_weight > 0 and (config.char_ctc_layer >= base.num_hidden_layers
+                                       or (config.max_layer is not None and config.char_ctc_layer > config.max_layer)):
+        raise ConfigError(f"char_ctc_layer {config.char_ctc_layer} must be a student layer at or below max_layer")
     if config.max_layer is not None and config.text_kd_weight > 0:
         raise ConfigError("text_kd_weight needs the full student (its answer logits); it cannot run in a truncated stage (max_layer)")
-    if config.max_layer is not None and config.ctc_weight == 0 and deepest is None:
-        raise ConfigError("a truncated stage (max_layer) trains nothing without distillation or ctc_weight > 0")
+    if config.max_layer is not None and config.ctc_weight == 0 and config.char_ctc_weight == 0 and deepest is None:
+        raise ConfigError("a truncated stage (max_layer) trains nothing without distillation, ctc_weight or char_ctc_weight > 0")
     if config.batch_size % config.grad_accum:
         raise ConfigError(f"batch_size {config.batch_size} is not a multiple of grad_accum {config.grad_accum}")
     if config.lora_layers is not None:
@@ -268,7 +271,8 @@ class Trainer:
             embed = base.get_input_embeddings().weight
             audio.match_output_scale(float(embed.float().pow(2).mean().sqrt()))
         heads = {k: DistillHead(s.base.hidden_size, s.teacher.width) for k in s.layer_map} if self.distill else {}
-        self.student = AuraStudent(peft_model, audio, heads).to(self.device)
+        char_head = CharHead(s.base.hidden_size) if c.char_ctc_weight > 0 else None
+        self.student = AuraStudent(peft_model, audio, heads, char_head).to(self.device)
         self.student.train()
         self.params = [p for p in self.student.parameters() if p.requires_grad]
         # the audio layer's pretrained blocks learn slower than the fresh parameters (``lr_scale``)
@@ -288,6 +292,7 @@ class Trainer:
         self.eval_examples = self._examples(s.eval_rows[: c.eval_examples], c.eval_manifest) if s.eval_rows else []
         self.teacher_layers = [s.layer_map[k] for k in sorted(s.layer_map)]
         self.ctc_layer = ctc_layer_of(c, max(s.layer_map) if self.distill and s.layer_map else None) if c.ctc_weight > 0 else None
+        self.char_layer = c.char_ctc_layer if c.char_ctc_weight > 0 else None
         # teacher targets are computed when a clip is first used (and cached on disk): a large
         # corpus starts training at once instead of after hours of teacher passes
         self.targets: dict[int, torch.Tensor] = {}
@@ -376,7 +381,7 @@ class Trainer:
                       for e, i in zip(chosen, idx)]
         batch = collate(chosen, self.pad_id, teach, text=self.text_kd).to(self.device)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=c.precision == "bf16"):
-            out = (module or self.student)(batch, max_layer=c.max_layer, ctc_layer=self.ctc_layer)
+            out = (module or self.student)(batch, max_layer=c.max_layer, ctc_layer=self.ctc_layer, char_layer=self.char_layer)
             terms: dict[str, torch.Tensor] = {}
             loss = torch.zeros((), device=self.device)
             if self.use_ce:
@@ -399,6 +404,13 @@ class Trainer:
                 loss = loss + c.ctc_weight * terms["ctc"]
                 if keep_logits:
                     terms["_ctc_logits"], terms["_ctc_lengths"] = out.ctc_logits.detach(), out.audio_tokens
+            if self.char_layer is not None:
+                assert out.char_logits is not None
+                char_lengths = out.audio_tokens * CHAR_SLOTS
+                terms["char_ctc"] = ctc_loss(out.char_logits, char_lengths, batch.char_transcripts, blank=0)
+                loss = loss + c.char_ctc_weight * terms["char_ctc"]
+                if keep_logits:
+                    terms["_char_logits"], terms["_char_lengths"] = out.char_logits.detach(), char_lengths
             terms["loss"] = loss
         return terms
 
@@ -480,6 +492,7 @@ class Trainer:
     def evaluate(self, *, wer: bool = False) -> dict[str, float] | None:
         """Held-out losses; with ``wer`` also the WER of transcribe rows (best-path CTC in a
         truncated stage, greedy decoding of the full student otherwise)."""
+        from adapters.training.evaluate import cer
         from adapters.training.evaluate import wer as corpus_wer
 
         if not self.eval_examples:
@@ -490,6 +503,8 @@ class Trainer:
         bs = max(1, self.config.batch_size // self.config.grad_accum)
         refs: list[str] = []
         ctc_hyps: list[str] = []
+        char_refs: list[str] = []
+        char_hyps: list[str] = []
         # one task per batch, so the next-token loss is also reported per task: transcripts and the
         # LLM's own answers differ by ~1 nat even when the audio is understood, and a mixed number
         # cannot tell a better transcriber from a different task mix
@@ -505,6 +520,10 @@ class Trainer:
                     hyps = greedy_ctc(terms.pop("_ctc_logits"), terms.pop("_ctc_lengths"), self.blank_id)
                     refs += [self.tokenizer.decode(self.eval_examples[i].transcript_ids) for i in idx]
                     ctc_hyps += [self.tokenizer.decode(h) for h in hyps]
+                if "_char_logits" in terms:
+                    hyps = greedy_ctc(terms.pop("_char_logits"), terms.pop("_char_lengths"), blank=0)
+                    char_refs += [decode_chars(self.eval_examples[i].transcript_chars) for i in idx]
+                    char_hyps += [decode_chars(h) for h in hyps]
                 for k, v in terms.items():
                     sums[k] = sums.get(k, 0.0) + float(v) * len(idx)
                 if "ce" in terms:
@@ -514,6 +533,8 @@ class Trainer:
             result.update({f"eval_ce_{task}": v for task, v in task_ce.items()})
         if ctc_hyps:
             result["eval_ctc_wer"] = corpus_wer(refs, ctc_hyps)
+        if char_hyps:
+            result["eval_char_cer"] = cer(char_refs, char_hyps)
         if wer and self.config.max_layer is None:
             result["eval_wer"] = self.greedy_wer()
         self.student.train()
@@ -684,6 +705,7 @@ class Trainer:
             "end_of_turn_id": self.end_of_turn,
             "config_fingerprint": c.fingerprint(),
             "stage": {"max_layer": c.max_layer, "ctc_weight": c.ctc_weight, "ctc_layer": self.ctc_layer,
+                      "char_ctc_weight": c.char_ctc_weight, "char_ctc_layer": self.char_layer,
                       "ce_weight": c.ce_weight if self.use_ce else 0.0, "text_kd_weight": c.text_kd_weight if self.text_kd else 0.0,
                       "tasks": c.tasks,
                       "teacher_context_frames": c.teacher_context_frames, "init_from": str(c.init_from) if c.init_from else None},
