@@ -498,13 +498,49 @@ def test_spec_augment_masks_bands_and_spans_of_the_clip_only_and_reproducibly() 
     assert SpecAugment()(feats, n, 1) is feats  # off by default: no copy, no change
 
 
-def test_trainer_masks_training_batches_only_and_resumes_with_the_same_masks(world: dict[str, Path]) -> None:
-    """SpecAugment on: a training step's loss differs from the unmasked one (the masks reach the
-    student), without a step (as evaluation calls it) the inputs are clean, and a run stopped and resumed equals a straight one,
-    bit for bit (masks are drawn per (seed, step, example), not from a global RNG)."""
-    kw = dict(max_layer=1, ctc_weight=1.0, distill_weight=1.0, steps=4, save_every=2, spec_time_masks=2,
-              spec_time_width=0.2, spec_freq_masks=2, spec_freq_width=20)
-    t = Trainer(_config(world, "spec_a", **kw))
+def test_frequency_warp_moves_a_tone_to_the_warped_frequency_and_leaves_the_rest_alone() -> None:
+    """A 1 kHz tone's log-mel peak, warped by 1.2, lands in the bin of 1.2 kHz (by 0.8, of 800 Hz);
+    factor 1 is the identity; padding is untouched; the augmentation draws its factor per seed
+    within [1 - w, 1 + w]."""
+    import math
+
+    from adapters.features import FeatureConfig, log_mel, mel_bin_position
+    from adapters.training.spec_augment import SpecAugment, warp_frequencies
+
+    cfg = FeatureConfig()
+    t = torch.arange(cfg.sample_rate) / cfg.sample_rate
+    feats, frames = log_mel([torch.sin(2 * math.pi * 1000.0 * t)], cfg)
+    n = int(frames[0])
+    tone = torch.cat([feats[0, :, :n], torch.full((cfg.n_mels, 7), -1.0)], dim=1)  # + 7 padding frames
+
+    def peak(x: torch.Tensor) -> int:
+        return int(x[:, :n].mean(dim=1).argmax())
+
+    assert abs(peak(tone) - float(mel_bin_position(cfg, torch.tensor(1000.0)))) <= 1
+    for factor in (1.2, 0.8):
+        warped = warp_frequencies(tone, n, factor, cfg)
+        assert abs(peak(warped) - float(mel_bin_position(cfg, torch.tensor(1000.0 * factor)))) <= 1
+        assert peak(warped) != peak(tone)
+        torch.testing.assert_close(warped[:, n:], tone[:, n:], rtol=0, atol=0)
+    torch.testing.assert_close(warp_frequencies(tone, n, 1.0, cfg), tone, rtol=0, atol=1e-5)
+
+    aug = SpecAugment(freq_warp=0.2, features=cfg)
+    peaks = {peak(aug(tone, n, seed)) for seed in range(30)}
+    lo, hi = (float(mel_bin_position(cfg, torch.tensor(f))) for f in (800.0, 1200.0))
+    assert len(peaks) >= 4 and all(lo - 1 <= p <= hi + 1 for p in peaks)  # many factors, all within range
+    assert torch.equal(aug(tone, n, 3), aug(tone, n, 3))
+
+
+@pytest.mark.parametrize("kind", ["masks", "warp"])
+def test_trainer_masks_training_batches_only_and_resumes_with_the_same_masks(world: dict[str, Path], kind: str) -> None:
+    """SpecAugment on (masks, or the frequency warp alone): a training step's loss differs from the
+    unaugmented one (the augmentation reaches the student), without a step (as evaluation calls it) the
+    inputs are clean, and a run stopped and resumed equals a straight one, bit for bit (masks and
+    warps are drawn per (seed, step, example), not from a global RNG)."""
+    augment = (dict(spec_time_masks=2, spec_time_width=0.2, spec_freq_masks=2, spec_freq_width=20) if kind == "masks"
+               else dict(spec_freq_warp=0.2))
+    kw = dict(max_layer=1, ctc_weight=1.0, distill_weight=1.0, steps=4, save_every=2, **augment)
+    t = Trainer(_config(world, f"spec_a_{kind}", **kw))
     idx = [0, 1, 2, 3]
     with torch.no_grad():
         clean = float(t._losses(idx, t.examples, {})["loss"])
@@ -512,7 +548,7 @@ def test_trainer_masks_training_batches_only_and_resumes_with_the_same_masks(wor
         again = float(t._losses(idx, t.examples, {}, step=1)["loss"])
     assert masked[0] != clean and masked[1] != masked[0] and again == masked[1]
     t.train()
-    second = _interrupted_run(world, "spec_b", stop_after=2, **kw)
+    second = _interrupted_run(world, f"spec_b_{kind}", stop_after=2, **kw)
     _assert_same_weights(t, second)
 
 

@@ -20,7 +20,7 @@ from adapters.audio_layer import MAX_ENCODER_LAYERS
 
 # settings added after runs were started: at these values they leave a run's fingerprint as it was
 NEW_SETTING_DEFAULTS: dict[str, object] = {"audio_encoder_layers": 0, "audio_encoder_lr_scale": 0.1,
-                                            "char_ctc_weight": 0.0, "char_ctc_layer": 2}
+                                            "char_ctc_weight": 0.0, "char_ctc_layer": 2, "spec_freq_warp": 0.0}
 DistillLoss = Literal["cosine", "mse", "none"]
 Precision = Literal["fp32", "bf16"]
 
@@ -96,6 +96,8 @@ class TrainConfig(BaseModel):
     spec_time_width: float = Field(0.05, gt=0.0, le=0.5, description="Largest time mask, as a share of the clip's frames.")
     spec_freq_masks: int = Field(0, ge=0, le=10, description="Frequency masks per clip and step (0 = off).")
     spec_freq_width: int = Field(10, ge=1, le=64, description="Largest frequency mask, in mel bins.")
+    spec_freq_warp: float = Field(0.0, ge=0.0, le=0.3, description="Vocal tract length perturbation: scale the clip's "
+                                  "frequencies by a factor drawn from [1 - w, 1 + w] per clip and step (0 = off).")
 
     # --- targets
     transcribe_prompt: str = "Transcribe the audio."

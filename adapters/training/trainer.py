@@ -286,7 +286,8 @@ class Trainer:
         self.blank_id = self.end_of_turn  # CTC blank: a token no transcript contains
         self.use_ce = c.max_layer is None and c.ce_weight > 0
         self.text_kd = c.max_layer is None and c.text_kd_weight > 0
-        self.spec_augment = SpecAugment(c.spec_time_masks, c.spec_time_width, c.spec_freq_masks, c.spec_freq_width)
+        self.spec_augment = SpecAugment(c.spec_time_masks, c.spec_time_width, c.spec_freq_masks, c.spec_freq_width,
+                                        c.spec_freq_warp, s.features)
 
         self.examples = self._examples(s.rows, c.manifest)
         self.eval_examples = self._examples(s.eval_rows[: c.eval_examples], c.eval_manifest) if s.eval_rows else []
