@@ -56,29 +56,30 @@ def _mel_to_hz(mel: torch.Tensor) -> torch.Tensor:
     return torch.where(mel >= 15.0, 1000.0 * torch.exp(logstep * (mel - 15.0)), linear)
 
 
-def mel_bin_position(config: FeatureConfig, hz: torch.Tensor) -> torch.Tensor:
-    """Fractional index of the mel bin centred at ``hz`` (bin k's centre is the (k+1)-th of the
-    n_mels + 2 equally spaced Slaney-mel points over 0..sr/2, as in the filter bank)."""
-    f64 = torch.float64
+def _mel_points(config: FeatureConfig) -> torch.Tensor:
+    """The n_mels + 2 equally spaced Slaney-mel points over 0..sr/2 (float64, in mel): the filter
+    bank's edges, and bin k's centre at point k + 1."""
+    f64 = torch.float64  # in double so float32 filters round the same way as numpy's
     lo, hi = _hz_to_mel(torch.tensor([0.0, config.sample_rate / 2.0], dtype=f64)).tolist()
-    step = (hi - lo) / (config.n_mels + 1)
-    return (_hz_to_mel(hz.to(f64)) - lo) / step - 1.0
+    return torch.linspace(lo, hi, config.n_mels + 2, dtype=f64)
+
+
+def mel_bin_position(config: FeatureConfig, hz: torch.Tensor) -> torch.Tensor:
+    """Fractional index of the mel bin centred at ``hz``."""
+    points = _mel_points(config)
+    return (_hz_to_mel(hz.to(points.dtype)) - points[0]) / (points[1] - points[0]) - 1.0
 
 
 def mel_bin_centres_hz(config: FeatureConfig) -> torch.Tensor:
     """(n_mels,) centre frequency of each mel bin, in Hz (float64)."""
-    f64 = torch.float64
-    lo, hi = _hz_to_mel(torch.tensor([0.0, config.sample_rate / 2.0], dtype=f64)).tolist()
-    return _mel_to_hz(torch.linspace(lo, hi, config.n_mels + 2, dtype=f64))[1:-1]
+    return _mel_to_hz(_mel_points(config))[1:-1]
 
 
 @functools.lru_cache(maxsize=32)
 def _mel_filters_cached(config: FeatureConfig, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     n_freqs = config.n_fft // 2 + 1
-    f64 = torch.float64  # build in double so float32 filters round the same way as numpy's
-    edges = torch.tensor([0.0, config.sample_rate / 2.0], dtype=f64)
-    mel_lo, mel_hi = _hz_to_mel(edges).tolist()
-    filter_hz = _mel_to_hz(torch.linspace(mel_lo, mel_hi, config.n_mels + 2, dtype=f64))
+    f64 = torch.float64
+    filter_hz = _mel_to_hz(_mel_points(config))
     fft_hz = torch.linspace(0.0, float(config.sample_rate // 2), n_freqs, dtype=f64)
 
     slopes = filter_hz[None, :] - fft_hz[:, None]  # (n_freqs, n_mels + 2)

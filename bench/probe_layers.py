@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from adapters.training.ctc import CHAR_SLOTS, CHARS, ctc_loss, decode_chars, encode_chars, greedy_ctc, normalize_chars
 from adapters.training.evaluate import cer
@@ -34,13 +33,13 @@ def train_probe(train: list[tuple[torch.Tensor, str]], held: list[tuple[torch.Te
     opt = torch.optim.AdamW(probe.parameters(), lr=3e-3, weight_decay=1e-2)
     rng = random.Random(seed)
 
-    def logp(x: torch.Tensor) -> torch.Tensor:
-        return F.log_softmax(probe(x).reshape(x.shape[0] * CHAR_SLOTS, len(CHARS) + 1), -1)
+    def logits(x: torch.Tensor) -> torch.Tensor:
+        return probe(x).reshape(x.shape[0] * CHAR_SLOTS, len(CHARS) + 1)
 
     for _ in range(steps):
         batch = rng.sample(train, min(32, len(train)))
-        lps = [logp(x) for x, _ in batch]
-        loss = ctc_loss(torch.nn.utils.rnn.pad_sequence(lps, batch_first=True), torch.tensor([len(lp) for lp in lps]),
+        out = [logits(x) for x, _ in batch]
+        loss = ctc_loss(torch.nn.utils.rnn.pad_sequence(out, batch_first=True), torch.tensor([len(o) for o in out]),
                         [encode_chars(t) for _, t in batch], blank=0)
         opt.zero_grad()
         loss.backward()
@@ -48,9 +47,9 @@ def train_probe(train: list[tuple[torch.Tensor, str]], held: list[tuple[torch.Te
     refs, hyps = [], []
     with torch.no_grad():
         for x, text in held:
-            lp = logp(x)
+            out = logits(x)
             refs.append(normalize_chars(text))
-            hyps.append(decode_chars(greedy_ctc(lp[None], torch.tensor([len(lp)]), blank=0)[0]))
+            hyps.append(decode_chars(greedy_ctc(out[None], torch.tensor([len(out)]), blank=0)[0]))
     return cer(refs, hyps)
 
 

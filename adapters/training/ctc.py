@@ -33,7 +33,7 @@ def encode_chars(text: str) -> list[int]:
 
 def normalize_chars(text: str) -> str:
     """What a character target spells, spaces collapsed: the reference a character error rate compares to."""
-    return " ".join("".join(c for c in text.lower() if c in CHARS).split())
+    return decode_chars(encode_chars(text))
 
 
 def decode_chars(ids: list[int]) -> str:

@@ -102,14 +102,17 @@ def check_config(config: TrainConfig) -> Setup:
             raise ConfigError(f"max_layer {config.max_layer} is out of range (the student has layers 0..{base.num_hidden_layers - 1})")
         if deepest is not None and deepest > config.max_layer:
             raise ConfigError(f"max_layer {config.max_layer} cuts off distilled layer {deepest}; raise max_layer or change layer_map")
+    def runs(layer: int) -> bool:
+        """A student block that this stage runs (a head can read it)."""
+        return 0 <= layer < base.num_hidden_layers and (config.max_layer is None or layer <= config.max_layer)
+
     ctc_layer = ctc_layer_of(config, deepest)
     if config.ctc_weight > 0:
         if ctc_layer is None:
             raise ConfigError("ctc_weight > 0 needs ctc_layer (or max_layer, or a distilled layer to read from)")
-        if not 0 <= ctc_layer < base.num_hidden_layers or (config.max_layer is not None and ctc_layer > config.max_layer):
+        if not runs(ctc_layer):
             raise ConfigError(f"ctc_layer {ctc_layer} must be a student layer at or below max_layer")
-    if config.char_ctc_weight > 0 and (config.char_ctc_layer >= base.num_hidden_layers
-                                       or (config.max_layer is not None and config.char_ctc_layer > config.max_layer)):
+    if config.char_ctc_weight > 0 and not runs(config.char_ctc_layer):
         raise ConfigError(f"char_ctc_layer {config.char_ctc_layer} must be a student layer at or below max_layer")
     if config.max_layer is not None and config.text_kd_weight > 0:
         raise ConfigError("text_kd_weight needs the full student (its answer logits); it cannot run in a truncated stage (max_layer)")
