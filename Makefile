@@ -10,14 +10,24 @@ PYTEST_ARGS ?=
 
 install: system-deps $(STAMP)
 
-# FFmpeg libraries come with PyAV's wheel; the ffmpeg and espeak-ng programs make test audio. flite and
-# Festival (with three festvox voices) are the corpus's classic voices, the ones the teacher hears.
-SYSTEM_PACKAGES = ffmpeg espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts
+# FFmpeg libraries come with PyAV's wheel; the ffmpeg and espeak-ng programs make test audio. flite,
+# Festival (with three festvox voices), RHVoice (English) and SVOX Pico are the corpus's classic voices, the
+# ones the teacher hears; the last two come from Debian's non-free component (trained voices without their
+# training scripts; licences LGPL-2.1+ and Apache-2.0), which is enabled for them on Debian.
+SYSTEM_PACKAGES = ffmpeg espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts \
+	rhvoice rhvoice-english libttspico-utils
+NONFREE_LIST = /etc/apt/sources.list.d/aura-contrib-non-free.sources
 system-deps:
 	@if ! command -v ffmpeg >/dev/null || ! command -v espeak-ng >/dev/null || ! command -v flite >/dev/null \
-			|| ! [ -d /usr/share/festival/voices/us/cmu_us_slt_arctic_hts ]; then \
+			|| ! [ -d /usr/share/festival/voices/us/cmu_us_slt_arctic_hts ] || ! command -v RHVoice-test >/dev/null \
+			|| ! command -v pico2wave >/dev/null; then \
 		echo "installing $(SYSTEM_PACKAGES) (apt-get)"; \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		if [ "$$(. /etc/os-release && echo $$ID)" = debian ] && ! [ -f $(NONFREE_LIST) ]; then \
+			echo "enabling Debian's contrib and non-free components in $(NONFREE_LIST)"; \
+			printf 'Types: deb\nURIs: http://deb.debian.org/debian\nSuites: %s\nComponents: contrib non-free\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' \
+				"$$(. /etc/os-release && echo $$VERSION_CODENAME)" | $$SUDO tee $(NONFREE_LIST) >/dev/null; \
+		fi; \
 		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null; \
 	fi
 

@@ -11,7 +11,12 @@ weights are fp16 to begin with), the manifests and the few wheels the trainer ne
     python -m bench.gpu_payload pack --corpus C --manifest C/train_qa.jsonl --manifest C/heldout_resp.jsonl \
         --gguf SmolLM2-135M-Instruct.Q4_1.gguf --llm $AURA_HOME/models/smollm2-135m-instruct \
         --teacher $AURA_HOME/models/whisper-tiny.en --wheels WHEELS --out .aura/gpu/payload   # here
+    python -m bench.gpu_payload parts --payload .aura/gpu/payload --out .aura/gpu/parts   # here: carry-sized folders
     python -m bench.gpu_payload unpack --payload P --out W                 # there (bench/train_demo_gpu.sh)
+
+``parts`` splits the payload into folders of at most ``--mib`` MiB (whole files, largest first), one per
+device call: each call carries one folder and copies it into the same payload folder there
+(bench/GPU_PLAN.md has the calls). The working tree travels with every call too (~17 MiB), hence 44.
 """
 
 from __future__ import annotations
@@ -114,6 +119,39 @@ def pack(corpus: Path, manifests: list[Path], gguf: Path, teacher: Path, wheels:
     print(json.dumps({"payload": str(out), "bytes": sum(f.stat().st_size for f in out.rglob("*") if f.is_file())}))
 
 
+def split_parts(payload: Path, out: Path, mib: int) -> list[Path]:
+    """Hard-link (or copy) the payload's files into ``out/partNN/`` folders of at most ``mib`` MiB each,
+    keeping each file's path below the payload: copying every part into one folder rebuilds the payload."""
+    limit = mib * 1024 * 1024
+    files = sorted((f for f in payload.rglob("*") if f.is_file()), key=lambda f: (-f.stat().st_size, str(f)))
+    big = [f for f in files if f.stat().st_size > limit]
+    if big:
+        raise ValueError(f"{big[0]} is larger than {mib} MiB: no part can hold it")
+    bins: list[tuple[int, list[Path]]] = []
+    for f in files:  # first fit, largest first
+        size = f.stat().st_size
+        i = next((k for k, (used, _) in enumerate(bins) if used + size <= limit), None)
+        if i is None:
+            bins.append((size, [f]))
+        else:
+            bins[i] = (bins[i][0] + size, [*bins[i][1], f])
+    if out.exists():
+        shutil.rmtree(out)
+    parts = []
+    for k, (_, members) in enumerate(bins):
+        part = out / f"part{k:02d}"
+        for f in members:
+            dst = part / f.relative_to(payload)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                dst.hardlink_to(f)
+            except OSError:
+                shutil.copy2(f, dst)
+        parts.append(part)
+    print(json.dumps({"parts": [str(p) for p in parts], "mib": [round(u / 2**20, 1) for u, _ in bins]}))
+    return parts
+
+
 def _decode_shard(args: tuple[Path, int, list[tuple[str, int, int]], Path]) -> int:
     import soundfile as sf
 
@@ -163,11 +201,17 @@ def main() -> None:
     b = sub.add_parser("unpack")
     b.add_argument("--payload", type=Path, required=True)
     b.add_argument("--out", type=Path, required=True)
+    d = sub.add_parser("parts")
+    d.add_argument("--payload", type=Path, required=True)
+    d.add_argument("--out", type=Path, required=True)
+    d.add_argument("--mib", type=int, default=44, help="the most one part (one device call's carry) may hold")
     c = sub.add_parser("digest")
     c.add_argument("folder", type=Path)
     args = p.parse_args()
     if args.cmd == "pack":
         pack(args.corpus, args.manifest, args.gguf, args.teacher, args.wheels, args.out, args.llm)
+    elif args.cmd == "parts":
+        split_parts(args.payload, args.out, args.mib)
     elif args.cmd == "unpack":
         unpack(args.payload, args.out)
     else:

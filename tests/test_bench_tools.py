@@ -1,0 +1,58 @@
+"""The training pipeline's helpers in bench/: what a GPU lease is carried (payload parts) and which rows
+the teacher hears (the hearable manifest). Both decide what a long run trains on, so they are checked
+on real files rather than trusted."""
+
+from __future__ import annotations
+
+import filecmp
+import json
+from pathlib import Path
+
+import pytest
+
+from adapters.training.data import ManifestRow
+from bench.gpu_payload import split_parts
+from bench.qa_rows import hearable, with_qa_rows
+
+MIB = 1024 * 1024
+
+
+def test_payload_parts_fit_one_call_each_and_rebuild_the_payload(tmp_path: Path) -> None:
+    """Every part is at most --mib; copying all parts into one folder gives the payload back, file for file."""
+    payload = tmp_path / "payload"
+    sizes = {"shards/shard00.ogg": 0.7, "shards/shard01.ogg": 0.6, "shards/index.json": 0.01, "teacher/model.safetensors": 0.45,
+             "train_qa.jsonl": 0.3, "whl/a.whl": 0.2, "llm_digest.txt": 0.0001}
+    for i, (name, mib) in enumerate(sizes.items()):
+        f = payload / name
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(bytes([i]) * int(mib * MIB))
+    parts = split_parts(payload, tmp_path / "parts", 1)
+    assert len(parts) == 3  # 2.26 MiB in parts of 1 MiB: first fit, largest first
+    rebuilt = tmp_path / "rebuilt"
+    seen: list[str] = []
+    for part in parts:
+        files = [f for f in part.rglob("*") if f.is_file()]
+        assert sum(f.stat().st_size for f in files) <= MIB
+        for f in files:
+            rel = f.relative_to(part)
+            seen.append(str(rel))
+            (rebuilt / rel).parent.mkdir(parents=True, exist_ok=True)
+            (rebuilt / rel).write_bytes(f.read_bytes())
+    assert sorted(seen) == sorted(sizes)  # each file in exactly one part
+    assert all(filecmp.cmp(payload / n, rebuilt / n, shallow=False) for n in sizes)
+    (payload / "big.bin").write_bytes(b"x" * (MIB + 1))
+    with pytest.raises(ValueError, match="larger than 1 MiB"):
+        split_parts(payload, tmp_path / "parts2", 1)
+
+
+def test_hearable_keeps_the_rows_whose_voice_the_teacher_hears() -> None:
+    """Piper, flite, Festival, RHVoice and Pico voices are named engine:voice; espeak-ng's are not."""
+    voices = ["piper:en_US-joe-medium", "flite:kal", "en-us+f3", "rhvoice:clb", "en-gb-scotland", "pico:en-GB", None]
+    rows = [ManifestRow.model_validate({"audio": f"audio/train-{i:06d}.wav", "task": "transcribe", "text": f"line {i}",
+                                        **({"voice": v} if v else {})}) for i, v in enumerate(voices)]
+    kept = hearable(rows)
+    assert [r.voice for r in kept] == ["piper:en_US-joe-medium", "flite:kal", "rhvoice:clb", "pico:en-GB"]
+    # on a manifest that already has its qa rows, --wiki 0 adds nothing: --hearable then only filters
+    asked = with_qa_rows(rows, wiki=len(rows), seed=0)
+    assert with_qa_rows(asked, wiki=0, seed=0) == asked
+    assert json.loads(kept[0].model_dump_json())["voice"] == "piper:en_US-joe-medium"
