@@ -56,3 +56,15 @@ def test_hearable_keeps_the_rows_whose_voice_the_teacher_hears() -> None:
     asked = with_qa_rows(rows, wiki=len(rows), seed=0)
     assert with_qa_rows(asked, wiki=0, seed=0) == asked
     assert json.loads(kept[0].model_dump_json())["voice"] == "piper:en_US-joe-medium"
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (Path(__file__).parent.parent / "bench").glob("*.yaml")))
+def test_every_training_recipe_in_bench_is_a_valid_config(recipe: str) -> None:
+    """A recipe is read hours into a plan (on a GPU lease, say): a renamed or mistyped setting must fail here first."""
+    from adapters.training.config import load_train_config
+
+    path = Path(__file__).parent.parent / "bench" / recipe
+    cfg = load_train_config(path, {"student": "s", "teacher": "t", "manifest": "m", "output": "o"})
+    assert cfg.steps > 0 and cfg.batch_size > 0
+    with pytest.raises(ValueError, match="no_such_setting"):
+        load_train_config(path, {"student": "s", "teacher": "t", "manifest": "m", "output": "o", "no_such_setting": 1})
