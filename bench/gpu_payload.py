@@ -123,22 +123,23 @@ def split_parts(payload: Path, out: Path, mib: int) -> list[Path]:
     """Hard-link (or copy) the payload's files into ``out/partNN/`` folders of at most ``mib`` MiB each,
     keeping each file's path below the payload: copying every part into one folder rebuilds the payload."""
     limit = mib * 1024 * 1024
-    files = sorted((f for f in payload.rglob("*") if f.is_file()), key=lambda f: (-f.stat().st_size, str(f)))
-    big = [f for f in files if f.stat().st_size > limit]
-    if big:
-        raise ValueError(f"{big[0]} is larger than {mib} MiB: no part can hold it")
-    bins: list[tuple[int, list[Path]]] = []
+    sizes = {f: f.stat().st_size for f in payload.rglob("*") if f.is_file()}
+    files = sorted(sizes, key=lambda f: (-sizes[f], str(f)))
+    if files and sizes[files[0]] > limit:
+        raise ValueError(f"{files[0]} is larger than {mib} MiB: no part can hold it")
+    used: list[int] = []
+    bins: list[list[Path]] = []
     for f in files:  # first fit, largest first
-        size = f.stat().st_size
-        i = next((k for k, (used, _) in enumerate(bins) if used + size <= limit), None)
-        if i is None:
-            bins.append((size, [f]))
-        else:
-            bins[i] = (bins[i][0] + size, [*bins[i][1], f])
+        i = next((k for k, u in enumerate(used) if u + sizes[f] <= limit), len(bins))
+        if i == len(bins):
+            used.append(0)
+            bins.append([])
+        used[i] += sizes[f]
+        bins[i].append(f)
     if out.exists():
         shutil.rmtree(out)
     parts = []
-    for k, (_, members) in enumerate(bins):
+    for k, members in enumerate(bins):
         part = out / f"part{k:02d}"
         for f in members:
             dst = part / f.relative_to(payload)
@@ -148,7 +149,7 @@ def split_parts(payload: Path, out: Path, mib: int) -> list[Path]:
             except OSError:
                 shutil.copy2(f, dst)
         parts.append(part)
-    print(json.dumps({"parts": [str(p) for p in parts], "mib": [round(u / 2**20, 1) for u, _ in bins]}))
+    print(json.dumps({"parts": [str(p) for p in parts], "mib": [round(u / 2**20, 1) for u in used]}))
     return parts
 
 

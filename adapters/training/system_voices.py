@@ -138,6 +138,7 @@ def speak_system(text: str, voice: SystemVoice, *, sample_rate: int = 16000) -> 
     with tempfile.TemporaryDirectory(prefix="aura-tts-") as d:
         txt, wav = Path(d) / "a.txt", Path(d) / "a.wav"
         txt.write_text(text + "\n")
+        feed = b""  # the programs read the text file; only pico2wave reads stdin
         if voice.engine == "flite":
             cmd = ["flite", "-voice", voice.voice, "--setf", f"duration_stretch={voice.stretch}", "-f", str(txt), "-o", str(wav)]
         elif voice.engine == "festival":
@@ -152,12 +153,11 @@ def speak_system(text: str, voice: SystemVoice, *, sample_rate: int = 16000) -> 
         elif voice.engine == "pico":
             # pico2wave reads the text on stdin; its markup sets the rate (the only markup: < and > are dropped)
             plain = text.replace("<", " ").replace(">", " ")
-            txt.write_text(f"<speed level='{round(100 / voice.stretch)}'>{plain}</speed>\n")
+            feed = f"<speed level='{round(100 / voice.stretch)}'>{plain}</speed>\n".encode()
             cmd = ["pico2wave", "-l", voice.voice, "-w", str(wav)]
         else:
             raise ValueError(f"unknown TTS engine {voice.engine!r}")
-        with open(txt, "rb") as stdin:
-            r = subprocess.run(cmd, stdin=stdin if voice.engine == "pico" else subprocess.DEVNULL, capture_output=True, timeout=120)
+        r = subprocess.run(cmd, input=feed, capture_output=True, timeout=120)
         if r.returncode != 0 or not wav.is_file():
             raise RuntimeError(f"{voice.name} failed on {text[:60]!r}: {r.stderr.decode(errors='replace')[-300:]}")
         x, rate = read_wav(wav)
