@@ -79,7 +79,8 @@ def cmd_data_responses(args: argparse.Namespace) -> int:
 
     model = _model_or_demo(args.model, "llm")
     n = fill_responses(Path(args.manifest), model, out=Path(args.out) if args.out else None,
-                       max_tokens=args.max_tokens, overwrite=args.overwrite)
+                       max_tokens=args.max_tokens, overwrite=args.overwrite,
+                       answers_from=[Path(m) for m in args.answers_from])
     _print_json({"manifest": str(args.out or args.manifest), "filled": n})
     return 0
 
@@ -140,6 +141,8 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--out", help="write here instead of rewriting the manifest")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--overwrite", action="store_true", help="also refill rows that already have a response")
+    p.add_argument("--answers-from", action="append", default=[], metavar="MANIFEST",
+                   help="take the answer of a question already answered there (same model and --max-tokens); repeatable")
     p.set_defaults(func=cmd_data_responses)
     p = dsub.add_parser("demo", help="build the open-vocabulary spoken corpus (LLM-written lines, espeak-ng, Piper and flite/Festival voices, "
                         "augmentation, a held-out split with no shared 4-gram, voice or speaker) + responses; resumable")

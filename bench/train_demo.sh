@@ -10,7 +10,7 @@
 # voice the teacher hears). ~2 h on this 2-core CPU, most of it vLLM writing lines and answers.
 #
 # Every stage is cached or resumable: rerun the same command after an interruption and it
-# continues (texts_raw.jsonl / audio_meta.jsonl for the corpus, filled responses are kept,
+# continues (texts_raw.jsonl / audio_meta.jsonl for the corpus, answers already written are reused,
 # checkpoints every save_every steps; teacher targets are cached per clip on first use).
 #
 # Usage (CPU, 1 torch thread, as run for this repo):
@@ -43,10 +43,18 @@ if has corpus; then
     --no-responses
 fi
 if has responses; then
-  # an answer row for every everyday line and QA_WIKI encyclopedia lines, then the base LLM's own answers
-  [[ -f "$C/train_qa.jsonl" ]] || "$PY" -m bench.qa_rows --manifest "$C/train.jsonl" --out "$C/train_qa.jsonl" --wiki "$QA_WIKI"
-  "$PY" -m server.cli data responses --manifest "$C/train_qa.jsonl" --max-tokens 64
-  "$PY" -m server.cli data responses --manifest "$C/heldout.jsonl" --out "$C/heldout_resp.jsonl" --max-tokens 64
+  # an answer row for every everyday line and QA_WIKI encyclopedia lines, then the base LLM's own answers.
+  # Rows are rebuilt whenever the corpus stage rewrote train.jsonl (new voices change the rows' clips and
+  # voice names); answers already written are kept (--answers-from), so vLLM runs only for new questions,
+  # and the old manifest is replaced only by a complete one.
+  if [[ ! -f "$C/train_qa.jsonl" || "$C/train.jsonl" -nt "$C/train_qa.jsonl" ]]; then
+    "$PY" -m bench.qa_rows --manifest "$C/train.jsonl" --out "$C/train_qa.next.jsonl" --wiki "$QA_WIKI"
+    reuse=(); [[ -f "$C/train_qa.jsonl" ]] && reuse=(--answers-from "$C/train_qa.jsonl")
+    "$PY" -m server.cli data responses --manifest "$C/train_qa.next.jsonl" "${reuse[@]}" --max-tokens 64
+    mv "$C/train_qa.next.jsonl" "$C/train_qa.jsonl"
+  fi
+  reuse=(); [[ -f "$C/heldout_resp.jsonl" ]] && reuse=(--answers-from "$C/heldout_resp.jsonl")
+  "$PY" -m server.cli data responses --manifest "$C/heldout.jsonl" --out "$C/heldout_resp.jsonl" "${reuse[@]}" --max-tokens 64
   "$PY" -m bench.qa_rows --manifest "$C/train_qa.jsonl" --out "$C/train_qa_hearable.jsonl" --wiki 0 --hearable
 fi
 common=(--student "$M/smollm2-135m-instruct" --teacher "$M/whisper-tiny.en" --eval-manifest "$C/heldout_resp.jsonl"

@@ -68,3 +68,37 @@ def test_every_training_recipe_in_bench_is_a_valid_config(recipe: str) -> None:
     assert cfg.steps > 0 and cfg.batch_size > 0
     with pytest.raises(ValueError, match="no_such_setting"):
         load_train_config(path, {"student": "s", "teacher": "t", "manifest": "m", "output": "o", "no_such_setting": 1})
+
+
+def test_rebuilt_rows_take_their_answers_from_the_manifest_they_replace(tmp_path: Path) -> None:
+    """A corpus rebuilt with new voices but the same lines needs no vLLM run: each question answered in
+    the old manifest keeps its answer (the model folder here does not exist, so vLLM would fail), the
+    rows keep their new voices, and the same line asked with another prompt is a new question."""
+    import numpy as np
+
+    from adapters.training.data import read_manifest, text_question, write_manifest
+    from adapters.training.responses import fill_responses, known_answers
+    from adapters.training.voices import write_wav
+
+    texts = ["what is the capital of france", "how many legs does a spider have"]
+    (tmp_path / "audio").mkdir()
+    for i in range(len(texts)):
+        write_wav(tmp_path / "audio" / f"train-{i:06d}.wav", np.zeros(1600, dtype=np.float32), 16000)
+
+    def rows(voice: str, answered: bool) -> list[ManifestRow]:
+        out = []
+        for i, t in enumerate(texts):
+            base = {"audio": f"audio/train-{i:06d}.wav", "text": t, "voice": voice}
+            out.append(ManifestRow.model_validate({**base, "task": "transcribe"}))
+            out.append(ManifestRow.model_validate({**base, "task": "qa", **({"response": f"answer {i}"} if answered else {})}))
+        return out
+
+    old, new = tmp_path / "train_qa.jsonl", tmp_path / "train_qa.next.jsonl"
+    write_manifest(old, rows("en-us+m3", answered=True))
+    write_manifest(new, rows("rhvoice:clb", answered=False))
+    assert fill_responses(new, tmp_path / "no-such-model", answers_from=[old]) == 2
+    filled = read_manifest(new)
+    assert [(r.voice, r.response) for r in filled if r.task == "qa"] == [("rhvoice:clb", "answer 0"), ("rhvoice:clb", "answer 1")]
+    asked_otherwise = ManifestRow.model_validate({"audio": "audio/train-000000.wav", "task": "qa", "text": texts[0],
+                                                  "prompt": "Answer in one word."})
+    assert text_question(asked_otherwise) not in known_answers([old])

@@ -205,6 +205,27 @@ def test_neural_voices_speak_a_share_of_training_lines_and_leave_the_rest_as_the
         PiperProcess.speak(piper, "x", NeuralVoice("en_GB-nobody-low", 1.0))
 
 
+def test_classic_voices_are_drawn_balanced_by_sex_and_speaker_not_by_voice_file() -> None:
+    """Male speakers own more voice files (KAL three, AWB two) and SLT three of the four held-out
+    files: a draw by sex, then speaker, then file gives each sex half of the clips and each speaker an
+    equal share of its sex's, in both splits (a uniform draw over files gave female speakers 30%)."""
+    import random
+    from collections import Counter
+
+    from adapters.training.system_voices import SystemVoice, draw_system_voice, split_system_voices
+
+    for pool in split_system_voices():
+        rng, n = random.Random(0), 6000
+        drawn = [SystemVoice(*draw_system_voice(rng, pool), 1.0) for _ in range(n)]
+        assert set((v.engine, v.voice) for v in drawn) == set(pool)  # every file is used
+        sexes = Counter(v.sex for v in drawn)
+        assert abs(sexes["f"] / n - 0.5) < 0.03, sexes
+        for sex in ("f", "m"):
+            speakers = Counter(v.speaker for v in drawn if v.sex == sex)
+            for count in speakers.values():
+                assert abs(count / sexes[sex] - 1 / len(speakers)) < 0.04, speakers
+
+
 def test_classic_voices_speak_a_share_of_training_and_all_of_heldout_without_sharing_a_speaker(
         corpus: dict[str, object], tmp_path: Path) -> None:
     """--system-share / --heldout-voices system: a share of the training lines is spoken by flite,
@@ -233,6 +254,8 @@ def test_classic_voices_speak_a_share_of_training_and_all_of_heldout_without_sha
     assert len(stats["system_voices"]["train"]) >= 8
     assert set(stats["system_speakers"]["train"]["f"]) and set(stats["system_speakers"]["train"]["m"])
     assert set(stats["system_voices"]["heldout"]) == {f"{e}:{v}" for e, v in held_voices}
+    for split, n in (("train", stats["system_clips"]["train"]), ("heldout", 24)):  # drawn by sex first: about half each
+        assert sum(stats["system_clips_by_sex"][split].values()) == n and 0.3 * n <= stats["system_clips_by_sex"][split]["f"] <= 0.7 * n
     before = {(r["audio"], r["task"]): r for r in corpus["train"]}
     train = [json.loads(line) for line in paths["train"].read_text().splitlines()]
     for r in train:

@@ -42,7 +42,13 @@ from adapters.training.texts import (
     TextLine, drop_overlapping, generate_lines, interleave, markov_lines, overlapping, split_heldout, text_stats, words,
 )
 from adapters.training.neural_voices import LENGTH_SCALE_RANGE, NeuralVoice, PiperProcess, installed_piper_voices
-from adapters.training.system_voices import STRETCH_RANGE, SystemVoice, speak_system, split_system_voices
+from adapters.training.system_voices import (
+    STRETCH_RANGE,
+    SystemVoice,
+    draw_system_voice,
+    speak_system,
+    split_system_voices,
+)
 from adapters.training.voices import Voice, english_accents, sample_voice, speak, split_variants, write_wav
 
 SAMPLE_RATE = 16000
@@ -92,7 +98,7 @@ def _system_voice(seed: int, split: str, i: int, share: float, pool: list[tuple[
     if share <= 0 or not pool or _rng(seed, split + "/engine-system", i).random() >= share:
         return None
     rng = _rng(seed, split + "/system", i)
-    engine, name = rng.choice(pool)
+    engine, name = draw_system_voice(rng, pool)
     return SystemVoice(engine, name, round(rng.uniform(*STRETCH_RANGE), 3))
 
 
@@ -309,4 +315,5 @@ def corpus_stats(out: Path, train: list[TextLine], held: list[TextLine], train_p
         "system_speakers": {s: {sex: sorted({v.speaker for v in vs if v.sex == sex}) for sex in ("f", "m")}
                             for s, vs in system.items()},
         "system_speakers_shared": len(speakers["train"] & speakers["heldout"]),
+        "system_clips_by_sex": {s: {sex: sum(v.sex == sex for v in vs) for sex in ("f", "m")} for s, vs in system.items()},
     }

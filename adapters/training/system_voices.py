@@ -19,12 +19,18 @@ CMU ARCTIC speakers SLT (female: flite's clustergen ``slt``, Festival's HTS ``cm
 and RHVoice's ``slt``) and RMS (male: flite's ``rms``), so no held-out clip is spoken by a speaker
 whose recordings any training voice was built from. (RHVoice's ``alan`` is Alan W Black, the AWB of
 CMU ARCTIC: a training speaker either way.)
+
+A row's voice is drawn by sex, then speaker, then voice file (``draw_system_voice``), not uniformly over
+voice files: the male speakers own more files (KAL three, AWB two), so a uniform draw gave female
+speakers 30% of the training clips, and gave SLT (three files) 78% of the held-out clips against RMS
+(one). Each sex present now gets an equal share, and each speaker an equal share of its sex's.
 Every engine is run as a program, never imported, and is deterministic: a clip is a pure
 function of (text, voice, duration stretch), like an espeak-ng clip.
 """
 
 from __future__ import annotations
 
+import random
 import shutil
 import subprocess
 import tempfile
@@ -130,6 +136,16 @@ def split_system_voices() -> tuple[list[tuple[str, str]], list[tuple[str, str]]]
     train = [k for k in installed_system_voices() if _VOICES[k] not in HELDOUT_SPEAKERS]
     held = [k for k in installed_system_voices() if _VOICES[k] in HELDOUT_SPEAKERS]
     return train, held
+
+
+def draw_system_voice(rng: random.Random, pool: list[tuple[str, str]]) -> tuple[str, str]:
+    """One (engine, voice) of ``pool``: a sex, then one of its speakers, then one of that speaker's
+    voices, each uniformly, so sexes and speakers are balanced whatever number of files each owns."""
+    sexes = sorted({SPEAKER_SEX[_VOICES[k]] for k in pool})
+    sex = rng.choice(sexes)
+    speakers = sorted({_VOICES[k] for k in pool if SPEAKER_SEX[_VOICES[k]] == sex})
+    speaker = rng.choice(speakers)
+    return rng.choice([k for k in pool if _VOICES[k] == speaker])
 
 
 def speak_system(text: str, voice: SystemVoice, *, sample_rate: int = 16000) -> np.ndarray:
