@@ -4,6 +4,7 @@ served pipeline, ``ChatService.run`` on the reference engine)."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -36,8 +37,20 @@ def test_answer_agreement_metrics() -> None:
     assert token_f1("paris", "london") == 0.0
 
 
+class _Records(logging.Handler):
+    """The warnings a logger emitted."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
 def test_eval_output_shape(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    """AuRA + cascade on two clips; the last stdout line is one JSON object with every figure."""
+    """AuRA + cascade on two clips; the last stdout line is one JSON object with every figure, and --quiet
+    means quiet: no per-clip warnings from transformers' Whisper generate on stderr."""
     from audio_helpers import speak
     from tiny_models import make_tiny_llama, save_smollm2_tokenizer
 
@@ -60,9 +73,15 @@ def test_eval_output_shape(tmp_path: Path, capsys: pytest.CaptureFixture[str], m
             "--max-tokens", "4", "--quiet", "--details", str(tmp_path / "details.jsonl")]
     argv += ["--teacher", str(teacher)] if (teacher / "config.json").is_file() else ["--no-cascade"]
     monkeypatch.setenv("AURA_HOME", str(tmp_path / "home"))  # the server's adapter cache
-    assert main(argv) == 0
-    last = capsys.readouterr().out.strip().splitlines()[-1]
-    summary = json.loads(last)
+    seen = _Records()
+    hf_root = logging.getLogger("transformers")  # its own handler, propagate=False: watch it directly
+    hf_root.addHandler(seen)
+    try:
+        assert main(argv) == 0
+    finally:
+        hf_root.removeHandler(seen)
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert not [r.getMessage() for r in seen.records if "max_new_tokens" in r.getMessage()]
     assert summary["clips"] == 2 and summary["n_transcribe"] == 1 and summary["n_qa"] == 1
     systems = ["aura"] + (["cascade"] if "--teacher" in argv else [])
     for system in systems:
