@@ -14,9 +14,10 @@ weights are fp16 to begin with), the manifests and the few wheels the trainer ne
     python -m bench.gpu_payload parts --payload .aura/gpu/payload --out .aura/gpu/parts   # here: carry-sized folders
     python -m bench.gpu_payload unpack --payload P --out W                 # there (bench/train_demo_gpu.sh)
 
-``parts`` splits the payload into folders of at most ``--mib`` MiB (whole files, largest first), one per
-device call: each call carries one folder and copies it into the same payload folder there
-(bench/GPU_PLAN.md has the calls). The working tree travels with every call too (~17 MiB), hence 44.
+``parts`` splits the payload into folders of at most ``--mib`` MiB (whole files, largest first; a larger
+file, the GGUF, in pieces), one per device call: each call carries one folder and copies it into the same
+payload folder there, and ``join`` (the first thing bench/train_demo_gpu.sh does) puts the pieces back
+together (bench/GPU_PLAN.md has the calls). The working tree travels with every call too (~17 MiB), hence 44.
 """
 
 from __future__ import annotations
@@ -119,38 +120,88 @@ def pack(corpus: Path, manifests: list[Path], gguf: Path, teacher: Path, wheels:
     print(json.dumps({"payload": str(out), "bytes": sum(f.stat().st_size for f in out.rglob("*") if f.is_file())}))
 
 
+PIECE = ".piece-"  # a file larger than one part travels as NAME.piece-00, -01, ... plus NAME.pieces.json
+
+
 def split_parts(payload: Path, out: Path, mib: int) -> list[Path]:
     """Hard-link (or copy) the payload's files into ``out/partNN/`` folders of at most ``mib`` MiB each,
-    keeping each file's path below the payload: copying every part into one folder rebuilds the payload."""
+    keeping each file's path below the payload: copying every part into one folder and running
+    ``join_pieces`` on it rebuilds the payload. A file larger than a part (the 94 MB GGUF LLM) is cut into
+    pieces of at most ``mib`` MiB, with its size and sha256 in ``NAME.pieces.json``."""
     limit = mib * 1024 * 1024
-    sizes = {f: f.stat().st_size for f in payload.rglob("*") if f.is_file()}
-    files = sorted(sizes, key=lambda f: (-sizes[f], str(f)))
-    if files and sizes[files[0]] > limit:
-        raise ValueError(f"{files[0]} is larger than {mib} MiB: no part can hold it")
+    # (path below the part, source: a payload file or the bytes to write, byte offset, length)
+    entries: list[tuple[Path, Path | bytes, int, int]] = []
+    for f in sorted(x for x in payload.rglob("*") if x.is_file()):
+        rel, size = f.relative_to(payload), f.stat().st_size
+        if size <= limit:
+            entries.append((rel, f, 0, size))
+            continue
+        n = -(-size // limit)
+        entries += [(rel.with_name(f"{rel.name}{PIECE}{k:02d}"), f, k * limit, min(limit, size - k * limit)) for k in range(n)]
+        info = json.dumps({"size": size, "sha256": hashlib.sha256(f.read_bytes()).hexdigest(), "pieces": n}).encode()
+        entries.append((rel.with_name(rel.name + ".pieces.json"), info, 0, len(info)))
+    entries.sort(key=lambda e: (-e[3], str(e[0])))
     used: list[int] = []
-    bins: list[list[Path]] = []
-    for f in files:  # first fit, largest first
-        i = next((k for k, u in enumerate(used) if u + sizes[f] <= limit), len(bins))
+    bins: list[list[tuple[Path, Path | bytes, int, int]]] = []
+    for e in entries:  # first fit, largest first
+        i = next((k for k, u in enumerate(used) if u + e[3] <= limit), len(bins))
         if i == len(bins):
             used.append(0)
             bins.append([])
-        used[i] += sizes[f]
-        bins[i].append(f)
+        used[i] += e[3]
+        bins[i].append(e)
     if out.exists():
         shutil.rmtree(out)
     parts = []
     for k, members in enumerate(bins):
         part = out / f"part{k:02d}"
-        for f in members:
-            dst = part / f.relative_to(payload)
+        for rel, src, offset, length in members:
+            dst = part / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                dst.hardlink_to(f)
-            except OSError:
-                shutil.copy2(f, dst)
+            if isinstance(src, bytes):
+                dst.write_bytes(src)
+            elif length != src.stat().st_size:  # a piece
+                with src.open("rb") as r:
+                    r.seek(offset)
+                    dst.write_bytes(r.read(length))
+            else:
+                try:
+                    dst.hardlink_to(src)
+                except OSError:
+                    shutil.copy2(src, dst)
         parts.append(part)
     print(json.dumps({"parts": [str(p) for p in parts], "mib": [round(u / 2**20, 1) for u in used]}))
     return parts
+
+
+def join_pieces(folder: Path) -> list[Path]:
+    """Rebuild every file ``split_parts`` cut into pieces, in place; checks size and sha256 and names a
+    missing piece (a part not carried). Idempotent: a file already joined is left as it is."""
+    joined = []
+    for sidecar in sorted(folder.rglob("*.pieces.json")):
+        info = json.loads(sidecar.read_text())
+        target = sidecar.with_name(sidecar.name.removesuffix(".pieces.json"))
+        pieces = [target.with_name(f"{target.name}{PIECE}{k:02d}") for k in range(info["pieces"])]
+        if not any(p.exists() for p in pieces) and target.is_file() and target.stat().st_size == info["size"]:
+            continue
+        missing = [p.name for p in pieces if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{target}: pieces {missing} are missing: copy every part into {folder}")
+        tmp = target.with_name(target.name + ".joining")
+        h = hashlib.sha256()
+        with tmp.open("wb") as w:
+            for p in pieces:
+                data = p.read_bytes()
+                h.update(data)
+                w.write(data)
+        if tmp.stat().st_size != info["size"] or h.hexdigest() != info["sha256"]:
+            tmp.unlink()
+            raise ValueError(f"{target}: the joined pieces differ from the packed file (size or sha256)")
+        tmp.rename(target)
+        for p in pieces:
+            p.unlink()
+        joined.append(target)
+    return joined
 
 
 def _decode_shard(args: tuple[Path, int, list[tuple[str, int, int]], Path]) -> int:
@@ -206,6 +257,8 @@ def main() -> None:
     d.add_argument("--payload", type=Path, required=True)
     d.add_argument("--out", type=Path, required=True)
     d.add_argument("--mib", type=int, default=44, help="the most one part (one device call's carry) may hold")
+    e = sub.add_parser("join", help="there: rebuild the files parts cut into pieces, after copying every part in")
+    e.add_argument("--payload", type=Path, required=True)
     c = sub.add_parser("digest")
     c.add_argument("folder", type=Path)
     args = p.parse_args()
@@ -213,6 +266,8 @@ def main() -> None:
         pack(args.corpus, args.manifest, args.gguf, args.teacher, args.wheels, args.out, args.llm)
     elif args.cmd == "parts":
         split_parts(args.payload, args.out, args.mib)
+    elif args.cmd == "join":
+        print(json.dumps({"joined": [str(f) for f in join_pieces(args.payload)]}))
     elif args.cmd == "unpack":
         unpack(args.payload, args.out)
     else:

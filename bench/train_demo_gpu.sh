@@ -19,6 +19,7 @@ exec > >(tee -a "$OUT/device.log") 2>&1
 say() { echo "[$(date -u +%T)] $*"; }
 say "start; $(( DEADLINE - $(date +%s) )) s to the deadline"
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')" || true
+"$PY" -m bench.gpu_payload join --payload "$P"   # files larger than one call's carry (the GGUF) came in pieces
 if [[ -z "${NO_WHEELS:-}" ]]; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$W/site" "$P"/whl/*.whl
   export PYTHONPATH=$PWD:$W/site

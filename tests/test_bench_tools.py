@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import filecmp
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 
 from adapters.training.data import ManifestRow
-from bench.gpu_payload import split_parts
+from bench.gpu_payload import join_pieces, split_parts
 from bench.qa_rows import hearable, with_qa_rows
 
 MIB = 1024 * 1024
@@ -40,9 +41,42 @@ def test_payload_parts_fit_one_call_each_and_rebuild_the_payload(tmp_path: Path)
             (rebuilt / rel).write_bytes(f.read_bytes())
     assert sorted(seen) == sorted(sizes)  # each file in exactly one part
     assert all(filecmp.cmp(payload / n, rebuilt / n, shallow=False) for n in sizes)
-    (payload / "big.bin").write_bytes(b"x" * (MIB + 1))
-    with pytest.raises(ValueError, match="larger than 1 MiB"):
-        split_parts(payload, tmp_path / "parts2", 1)
+
+
+
+def test_a_file_larger_than_a_part_travels_in_pieces_and_joins_back(tmp_path: Path) -> None:
+    """The GGUF LLM (94 MB) is larger than one call's carry: it is cut into pieces that fit, and
+    ``join_pieces`` on the folder the parts were copied into rebuilds it byte for byte; a part left
+    behind is named, a corrupted piece is caught by the checksum, and joining twice changes nothing."""
+    import random
+
+    payload = tmp_path / "payload"
+    (payload / "teacher").mkdir(parents=True)
+    big = random.Random(0).randbytes(int(2.5 * MIB))
+    (payload / "llm.gguf").write_bytes(big)
+    (payload / "teacher" / "model.safetensors").write_bytes(b"t" * int(0.6 * MIB))
+    parts = split_parts(payload, tmp_path / "parts", 1)
+    for part in parts:
+        assert sum(f.stat().st_size for f in part.rglob("*") if f.is_file()) <= MIB
+    # largest first: piece 00 (1 MiB), piece 01 (1 MiB), the teacher (0.6) with the sidecar, piece 02 (0.5)
+    assert [sorted(f.name for f in part.rglob("*") if f.is_file()) for part in parts] == [
+        ["llm.gguf.piece-00"], ["llm.gguf.piece-01"], ["llm.gguf.pieces.json", "model.safetensors"], ["llm.gguf.piece-02"]]
+    there = tmp_path / "there"
+    for part in parts[:-1]:  # one call's part left behind
+        shutil.copytree(part, there, dirs_exist_ok=True)
+    with pytest.raises(FileNotFoundError, match="missing: copy every part"):
+        join_pieces(there)
+    shutil.copytree(parts[-1], there, dirs_exist_ok=True)
+    assert join_pieces(there) == [there / "llm.gguf"]
+    assert (there / "llm.gguf").read_bytes() == big and not list(there.glob("llm.gguf.piece-*"))
+    assert join_pieces(there) == [] and (there / "llm.gguf").read_bytes() == big
+    shutil.rmtree(there)
+    for part in parts:
+        shutil.copytree(part, there, dirs_exist_ok=True)
+    piece = there / "llm.gguf.piece-01"
+    piece.write_bytes(b"\0" + piece.read_bytes()[1:])
+    with pytest.raises(ValueError, match="sha256"):
+        join_pieces(there)
 
 
 def test_hearable_keeps_the_rows_whose_voice_the_teacher_hears() -> None:
