@@ -129,41 +129,42 @@ def split_parts(payload: Path, out: Path, mib: int) -> list[Path]:
     ``join_pieces`` on it rebuilds the payload. A file larger than a part (the 94 MB GGUF LLM) is cut into
     pieces of at most ``mib`` MiB, with its size and sha256 in ``NAME.pieces.json``."""
     limit = mib * 1024 * 1024
-    # (path below the part, source: a payload file or the bytes to write, byte offset, length)
-    entries: list[tuple[Path, Path | bytes, int, int]] = []
+    # (path below the part, source: a payload file or the bytes to write, length, (offset, length) of a piece or None)
+    entries: list[tuple[Path, Path | bytes, int, tuple[int, int] | None]] = []
     for f in sorted(x for x in payload.rglob("*") if x.is_file()):
         rel, size = f.relative_to(payload), f.stat().st_size
         if size <= limit:
-            entries.append((rel, f, 0, size))
+            entries.append((rel, f, size, None))
             continue
         n = -(-size // limit)
-        entries += [(rel.with_name(f"{rel.name}{PIECE}{k:02d}"), f, k * limit, min(limit, size - k * limit)) for k in range(n)]
+        spans = [(k * limit, min(limit, size - k * limit)) for k in range(n)]
+        entries += [(rel.with_name(f"{rel.name}{PIECE}{k:02d}"), f, span[1], span) for k, span in enumerate(spans)]
         info = json.dumps({"size": size, "sha256": hashlib.sha256(f.read_bytes()).hexdigest(), "pieces": n}).encode()
-        entries.append((rel.with_name(rel.name + ".pieces.json"), info, 0, len(info)))
-    entries.sort(key=lambda e: (-e[3], str(e[0])))
+        entries.append((rel.with_name(rel.name + ".pieces.json"), info, len(info), None))
+    entries.sort(key=lambda e: (-e[2], str(e[0])))
     used: list[int] = []
-    bins: list[list[tuple[Path, Path | bytes, int, int]]] = []
+    bins: list[list[tuple[Path, Path | bytes, int, tuple[int, int] | None]]] = []
     for e in entries:  # first fit, largest first
-        i = next((k for k, u in enumerate(used) if u + e[3] <= limit), len(bins))
+        i = next((k for k, u in enumerate(used) if u + e[2] <= limit), len(bins))
         if i == len(bins):
             used.append(0)
             bins.append([])
-        used[i] += e[3]
+        used[i] += e[2]
         bins[i].append(e)
     if out.exists():
         shutil.rmtree(out)
     parts = []
     for k, members in enumerate(bins):
         part = out / f"part{k:02d}"
-        for rel, src, offset, length in members:
+        for rel, src, _, span in members:
             dst = part / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
             if isinstance(src, bytes):
                 dst.write_bytes(src)
-            elif length != src.stat().st_size:  # a piece
+            elif span is not None:
                 with src.open("rb") as r:
-                    r.seek(offset)
-                    dst.write_bytes(r.read(length))
+                    r.seek(span[0])
+                    dst.write_bytes(r.read(span[1]))
             else:
                 try:
                     dst.hardlink_to(src)
