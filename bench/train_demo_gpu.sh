@@ -16,6 +16,10 @@ W=${WORK:-/tmp/aura_gpu}; RESERVE=${RESERVE:-110}; PY=${PYTHON:-python3}
 mkdir -p "$W" "$OUT"
 cd "$(dirname "$0")/.."
 exec > >(tee -a "$OUT/device.log") 2>&1
+# The device's reply shows only the last 12,000 characters: transformers' load report of the
+# encoder-only teacher (~10 kB listing the decoder it was not given) and its loading bars would
+# push the training log out of it. Errors still print.
+export TRANSFORMERS_VERBOSITY=${TRANSFORMERS_VERBOSITY:-error} HF_HUB_DISABLE_PROGRESS_BARS=1
 say() { echo "[$(date -u +%T)] $*"; }
 say "start; $(( DEADLINE - $(date +%s) )) s to the deadline"
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')" || true

@@ -277,13 +277,7 @@ class Trainer:
         char_head = CharHead(s.base.hidden_size) if c.char_ctc_weight > 0 else None
         self.student = AuraStudent(peft_model, audio, heads, char_head).to(self.device)
         self.student.train()
-        self.params = [p for p in self.student.parameters() if p.requires_grad]
-        # the audio layer's pretrained blocks learn slower than the fresh parameters (``lr_scale``)
-        pretrained = {id(p) for p in self.student.audio_layer.blocks.parameters()}
-        groups = [{"params": [p for p in self.params if id(p) not in pretrained], "lr_scale": 1.0}]
-        if pretrained:
-            groups.append({"params": [p for p in self.params if id(p) in pretrained], "lr_scale": c.audio_encoder_lr_scale})
-        self.optimizer = torch.optim.AdamW(groups, lr=c.lr, weight_decay=c.weight_decay)
+        self.rebuild_optimizer()
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         self.end_of_turn = end_of_turn_id(self.tokenizer)
         self.blank_id = self.end_of_turn  # CTC blank: a token no transcript contains
@@ -307,6 +301,22 @@ class Trainer:
         # one batch ahead: the reads of step s+1 overlap step s (the order is a pure function of the step)
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="aura-prefetch") if c.prefetch else None
         self._ahead: Future[BatchReads] | None = None
+
+    def rebuild_optimizer(self) -> None:
+        """A fresh optimizer over the student's trainable parameters, as they are now.
+
+        ``_build`` calls it once; a diagnostic that swaps a part of the student before the first
+        step (``bench/oracle_readout.py`` puts the teacher in the audio layer's place) calls it
+        again, so the optimizer and the gradient clipping see exactly the parameters that train."""
+        c = self.config
+        self.params = [p for p in self.student.parameters() if p.requires_grad]
+        # the audio layer's pretrained blocks learn slower than the fresh parameters (``lr_scale``)
+        blocks = getattr(self.student.audio_layer, "blocks", None)
+        pretrained = {id(p) for p in blocks.parameters()} if isinstance(blocks, torch.nn.Module) else set()
+        groups = [{"params": [p for p in self.params if id(p) not in pretrained], "lr_scale": 1.0}]
+        if pretrained:
+            groups.append({"params": [p for p in self.params if id(p) in pretrained], "lr_scale": c.audio_encoder_lr_scale})
+        self.optimizer = torch.optim.AdamW(groups, lr=c.lr, weight_decay=c.weight_decay)
 
     def _target_stats(self) -> TargetStats:
         """Centering statistics from a seeded sample of training clips (their targets are cached, so a

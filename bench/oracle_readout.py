@@ -1,0 +1,139 @@
+"""The read-out with the teacher's own features: how far can the LLM learn to read Whisper at this scale?
+
+Every CPU run so far left the LM-head CTC at block 9 on its plateau (best-path WER 0.89-0.95) and
+the held-out character error rate of the block-2 head at 0.56-0.72, while linear probes read
+Whisper tiny.en's last block at 0.39. Two stories fit: the student's audio layer and first blocks
+do not yet carry the words (then the levers are the audio layer and its distillation), or the
+LLM blocks above them cannot learn to read words in a few thousand examples whatever they are
+given (then no CPU A/B of the read-out can tell levers apart, and only the GPU run can).
+
+This runs the trainer's own recipe with one change: the audio layer is replaced by the frozen
+teacher itself, run on each clip alone (bidirectional, as Whisper runs; block ``--teacher-layer``,
+the last by default, with the final LayerNorm), pooled to the student's audio-token rate exactly
+as the distillation targets are, then a trainable LayerNorm + Linear to the LLM width. Same
+rows, batch order, losses, LoRA and held-out evaluation, so its curve sits beside the student's
+(`.aura/runs/voices_ab/table.py`). It is a diagnostic, not an adapter: the teacher sits in
+inference, so nothing is exported; checkpoints resume it like any run.
+
+    python -m bench.oracle_readout --config bench/train_char_ctc_cpu.yaml --student S --teacher T \\
+        --manifest ROWS.jsonl --eval-manifest C/heldout.jsonl --teacher-cache $AURA_HOME/teacher_cache --work-dir RUN/work
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from adapters.audio_layer import AudioLayerConfig
+from adapters.training.teacher import encoder_states, pool_frames
+
+if TYPE_CHECKING:
+    from adapters.training.trainer import Trainer
+
+
+class TeacherReadout(nn.Module):
+    """In the audio layer's place: (B, n_mels, T) log-mel + (B,) frames -> (B, N, hidden) + (B,) tokens.
+
+    Each clip runs through the frozen teacher alone, on its own frames, so padding and batch-mates
+    change nothing; the token count is the audio layer's (stem stride 2, then ``stack_factor``), so
+    the prompt layout and the loss positions are the student's. ``config`` is the replaced audio
+    layer's: the trainer reads its token layout (stack factor) from it."""
+
+    def __init__(self, encoder: nn.Module, layer: int, config: AudioLayerConfig, target_rms: float) -> None:
+        super().__init__()
+        self.encoder = encoder.requires_grad_(False).eval()
+        self.layer = layer
+        self.config = config
+        self.stack_factor = config.stack_factor
+        hidden_size = config.hidden_size
+        width = int(encoder.layer_norm.normalized_shape[0])
+        self.norm = nn.LayerNorm(width)
+        self.proj = nn.Linear(width, hidden_size)
+        with torch.no_grad():  # fresh vectors at the token embeddings' scale, as the audio layer starts
+            rms = self.proj(torch.randn(256, width)).pow(2).mean().sqrt().item()
+            self.proj.weight.mul_(target_rms / rms)
+            self.proj.bias.mul_(target_rms / rms)
+
+    def train(self, mode: bool = True) -> "TeacherReadout":
+        super().train(mode)
+        self.encoder.eval()  # the teacher stays in eval mode (no dropout) whatever the student does
+        return self
+
+    def teacher_states(self, features: torch.Tensor, frame_lengths: torch.Tensor) -> list[torch.Tensor]:
+        """Per clip: (tokens, width) pooled teacher states, from the clip's own frames only."""
+        out = []
+        with torch.no_grad():
+            for b, n in enumerate(frame_lengths.tolist()):
+                n = max(1, int(n))
+                hs = encoder_states(self.encoder, features[b : b + 1, :, :n], [self.layer])[self.layer][0]
+                out.append(pool_frames(hs, (n + 1) // 2, self.stack_factor))
+        return out
+
+    def forward(self, features: torch.Tensor, frame_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        states = self.teacher_states(features, frame_lengths)
+        lengths = torch.tensor([s.shape[0] for s in states], device=features.device)
+        padded = torch.nn.utils.rnn.pad_sequence(states, batch_first=True)
+        x = self.proj(self.norm(padded))
+        mask = torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]
+        return x * mask[..., None], lengths
+
+
+def install(trainer: Trainer, layer: int | None = None) -> TeacherReadout:
+    """Put a ``TeacherReadout`` of the trainer's own teacher in the student's audio layer and rebuild
+    the optimizer over what trains now. Before the first step (or a resume) only."""
+    encoder = trainer.teacher_encoder
+    last = len(encoder.layers) - 1
+    layer = last if layer is None else layer
+    if not 0 <= layer <= last:
+        raise ValueError(f"--teacher-layer {layer}: the teacher has blocks 0..{last}")
+    embed = trainer.student.causal_lm.get_input_embeddings().weight
+    readout = TeacherReadout(encoder, layer, trainer.student.audio_layer.config, float(embed.float().pow(2).mean().sqrt()))
+    trainer.student.audio_layer = readout.to(trainer.device)
+    trainer.rebuild_optimizer()
+    return readout
+
+
+def main(argv: list[str] | None = None) -> int:
+    from adapters.training.config import load_train_config
+    from adapters.training.trainer import Trainer
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", type=Path, required=True, help="the recipe of the student run it is compared with")
+    p.add_argument("--student", type=Path, required=True)
+    p.add_argument("--teacher", type=Path, required=True)
+    p.add_argument("--manifest", type=Path, required=True)
+    p.add_argument("--eval-manifest", type=Path, required=True)
+    p.add_argument("--teacher-cache", type=Path, required=True)
+    p.add_argument("--work-dir", type=Path, required=True, help="checkpoints and train_log.jsonl; rerun to resume")
+    p.add_argument("--teacher-layer", type=int, default=None, help="teacher block fed to the LLM (default: the last)")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args(argv)
+    overrides = dict(student=args.student, teacher=args.teacher, manifest=args.manifest, eval_manifest=args.eval_manifest,
+                     teacher_cache=args.teacher_cache, work_dir=args.work_dir, output=args.work_dir / "not-exported")
+    if args.steps is not None:
+        overrides["steps"] = args.steps
+    if args.threads is not None:
+        overrides["threads"] = args.threads
+    trainer = Trainer(load_train_config(args.config, overrides))
+    readout = install(trainer, args.teacher_layer)
+    trainable = sum(p.numel() for p in readout.parameters() if p.requires_grad)
+    print(json.dumps({"oracle": "teacher block", "layer": readout.layer, "readout_params": trainable}), file=sys.stderr, flush=True)
+    last = trainer.train()
+    ev = trainer.evaluate()
+    if ev:
+        ev["step"] = last
+        with open(trainer.work_dir / "train_log.jsonl", "a") as f:
+            f.write(json.dumps(ev) + "\n")
+    print(json.dumps({"step": last, **(ev or {})}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
