@@ -40,26 +40,12 @@ def _model_or_demo(path: str | None, which: str) -> Path:
 
 
 # ---------------------------------------------------------------------------- train
-def _add_config_overrides(parser: argparse.ArgumentParser) -> None:
-    from adapters.training.config import TrainConfig
-
-    for name, info in TrainConfig.model_fields.items():
-        flag = "--" + name.replace("_", "-")
-        help_ = (info.description or "").replace("%", "%%")  # argparse %-formats help text
-        if info.annotation is bool:
-            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_)
-        else:
-            parser.add_argument(flag, dest=name, default=None, metavar=name.upper(), help=help_)
-
-
 def cmd_train(args: argparse.Namespace) -> int:
-    from adapters.training.config import TrainConfig, load_train_config
+    from adapters.training.config import config_from_flags
     from adapters.training.trainer import ConfigError, Trainer
 
-    overrides = {k: getattr(args, k) for k in TrainConfig.model_fields if getattr(args, k, None) is not None}
     try:
-        config = load_train_config(Path(args.config) if args.config else None, overrides)
-        trainer = Trainer(config)
+        trainer = Trainer(config_from_flags(args))
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"aura train: {e}", file=sys.stderr)
         return 2
@@ -125,12 +111,13 @@ def cmd_models_demo(args: argparse.Namespace) -> int:
 
 def add_commands(subparsers: Any) -> None:
     """Register train / data / models on the ``aura`` parser's subparsers."""
+    from adapters.training.config import add_config_flags
+
     p = subparsers.add_parser("train", help="train an AuRA adapter (distillation from a Whisper teacher)",
                               description="Every config field can be given in --config YAML and overridden here.")
-    p.add_argument("--config", help="YAML file with TrainConfig fields")
     p.add_argument("--export-only", action="store_true",
                    help="write the adapter from the newest checkpoint of work_dir (a run still in progress) and stop")
-    _add_config_overrides(p)
+    add_config_flags(p)
     p.set_defaults(func=cmd_train)
 
     data = subparsers.add_parser("data", help="training data tools")

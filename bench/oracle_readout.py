@@ -100,33 +100,26 @@ def install(trainer: Trainer, layer: int | None = None) -> TeacherReadout:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from adapters.training.config import load_train_config
-    from adapters.training.trainer import Trainer
+    from adapters.training.config import add_config_flags, config_from_flags
+    from adapters.training.trainer import ConfigError, Trainer
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", type=Path, required=True, help="the recipe of the student run it is compared with")
-    p.add_argument("--student", type=Path, required=True)
-    p.add_argument("--teacher", type=Path, required=True)
-    p.add_argument("--manifest", type=Path, required=True)
-    p.add_argument("--eval-manifest", type=Path, required=True)
-    p.add_argument("--teacher-cache", type=Path, required=True)
-    p.add_argument("--work-dir", type=Path, required=True, help="checkpoints and train_log.jsonl; rerun to resume")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                epilog="Every `aura train` flag works here too (the same TrainConfig); nothing is exported.")
     p.add_argument("--teacher-layer", type=int, default=None, help="teacher block fed to the LLM (default: the last)")
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--threads", type=int, default=None)
+    add_config_flags(p)
     args = p.parse_args(argv)
-    overrides = dict(student=args.student, teacher=args.teacher, manifest=args.manifest, eval_manifest=args.eval_manifest,
-                     teacher_cache=args.teacher_cache, work_dir=args.work_dir, output=args.work_dir / "not-exported")
-    if args.steps is not None:
-        overrides["steps"] = args.steps
-    if args.threads is not None:
-        overrides["threads"] = args.threads
-    trainer = Trainer(load_train_config(args.config, overrides))
-    readout = install(trainer, args.teacher_layer)
+    if args.work_dir is None:
+        p.error("--work-dir is required: checkpoints and train_log.jsonl go there (rerun to resume)")
+    try:
+        trainer = Trainer(config_from_flags(args, {"output": Path(args.work_dir) / "not-exported"}))
+        readout = install(trainer, args.teacher_layer)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"oracle_readout: {e}", file=sys.stderr)
+        return 2
     trainable = sum(p.numel() for p in readout.parameters() if p.requires_grad)
     print(json.dumps({"oracle": "teacher block", "layer": readout.layer, "readout_params": trainable}), file=sys.stderr, flush=True)
     last = trainer.train()
-    ev = trainer.evaluate()
+    ev = trainer.evaluate(wer=bool(trainer.config.wer_every))
     if ev:
         ev["step"] = last
         with open(trainer.work_dir / "train_log.jsonl", "a") as f:

@@ -4,6 +4,7 @@
 #
 #   bench/train_demo_gpu.sh PAYLOAD_DIR OUT_DIR DEADLINE_UNIX_S
 #   RESUME=DIR_WITH_CKPT EXTRA="--init-from A ..." bench/train_demo_gpu.sh ...   # later sittings / other levers
+#   ORACLE=1 bench/train_demo_gpu.sh ...   # the same run with the teacher in the audio layer's place (a control)
 #
 # Everything lands in OUT_DIR before DEADLINE (the lease's end): the log of every step, the
 # training log, the held-out curve and the adapter (tar, split in 15 MiB pieces). The training
@@ -75,9 +76,15 @@ args=(--config bench/train_open_gpu.yaml --student "$W/models/smollm2-135m-instr
       --manifest "$W/corpus/${TRAIN_MANIFEST:-train_qa.jsonl}" --eval-manifest "$W/corpus/${HELDOUT_MANIFEST:-heldout_resp.jsonl}"
       --teacher-cache "$W/tcache" --output "$W/run/adapter" --work-dir "$W/run/work" --threads "${THREADS:-8}"
       --time-budget-s "$(( spent + budget ))" ${EXTRA:-})
+# ORACLE=1: the control arm (README, "The read-out with the teacher's own features"): the same recipe and flags with
+# the frozen teacher in the audio layer's place (bench/oracle_readout.py). It exports nothing (the teacher would be
+# in inference); its log and checkpoint come back as a run's do.
+prog=("$W/aura_train.py")
+if [[ -n "${ORACLE:-}" ]]; then prog=(-m bench.oracle_readout); say "oracle arm: the teacher feeds the LLM"; fi
 # SIGINT makes the trainer checkpoint and stop; then the newest checkpoint is exported
-timeout --signal=INT $(( budget + RESERVE - 15 )) "$PY" "$W/aura_train.py" "${args[@]}" \
-  || { say "training did not finish in time; exporting the newest checkpoint"; timeout 40 "$PY" "$W/aura_train.py" "${args[@]}" --export-only || true; }
+timeout --signal=INT $(( budget + RESERVE - 15 )) "$PY" "${prog[@]}" "${args[@]}" \
+  || { say "training did not finish in time"; [[ -n "${ORACLE:-}" ]] \
+       || { say "exporting the newest checkpoint"; timeout 40 "$PY" "$W/aura_train.py" "${args[@]}" --export-only || true; }; }
 say "packing results"
 cp "$W/run/work/train_log.jsonl" "$OUT/" 2>/dev/null || true
 if [[ -f "$W/run/adapter/aura_config.json" ]]; then

@@ -67,12 +67,14 @@ def test_cli_trains_evaluates_and_resumes(world: dict[str, Path], tmp_path: Path
                                           capsys: pytest.CaptureFixture[str]) -> None:
     cfg = _config(world, "oracle_cli", steps=2)
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text("lora_rank: 4\nlora_alpha: 8\nbatch_size: 2\nlr: 3.0e-3\nwarmup_steps: 0\nlog_every: 1\n"
+    recipe.write_text("lora_rank: 4\nlora_alpha: 8\nlr: 3.0e-3\nwarmup_steps: 0\nlog_every: 1\n"
                       "save_every: 0\neval_every: 0\nctc_weight: 0.5\nprogress: false\nseed: 3\n")
     work = tmp_path / "work"
     common = ["--config", str(recipe), "--student", str(cfg.student), "--teacher", str(cfg.teacher),
-              "--manifest", str(cfg.manifest), "--eval-manifest", str(cfg.manifest),
+              "--manifest", str(cfg.manifest), "--eval-manifest", str(cfg.manifest), "--batch-size", "2",  # `aura train`'s flags
               "--teacher-cache", str(cfg.teacher_cache), "--work-dir", str(work), "--threads", "1"]
+    assert main([*common, "--steps", "2", "--teacher-layer", "7"]) == 2  # the tiny teacher has blocks 0..1
+    assert "--teacher-layer 7: the teacher has blocks 0..1" in capsys.readouterr().err
     assert main([*common, "--steps", "2"]) == 0
     first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert first["step"] == 2 and "eval_ce" in first and "eval_ctc_wer" in first

@@ -262,3 +262,11 @@ def test_yaml_config_and_cli_overrides(world: dict[str, Path], tmp_path: Path) -
     add_commands(parser.add_subparsers(dest="cmd"))
     args = parser.parse_args(["train", "--config", str(yaml_file), "--layer-map", "3:9", "--no-resume"])
     assert args.func(args) == 2  # teacher layer 9 does not exist: a clear error, exit code 2
+    # the same flags outside `aura train` (DDP, bench diagnostics): defaults fill only what neither the YAML nor a flag sets
+    from adapters.training.config import add_config_flags, config_from_flags
+
+    flags = argparse.ArgumentParser()
+    add_config_flags(flags)
+    cfg = config_from_flags(flags.parse_args(["--config", str(yaml_file), "--steps", "7"]),
+                            {"output": tmp_path / "elsewhere", "steps": 1, "lr": 0.5})
+    assert cfg.output == tmp_path / "out" / "adapter" and cfg.steps == 7 and cfg.lr == 0.5

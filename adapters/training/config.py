@@ -7,6 +7,7 @@ the trainer refuses it.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 from pathlib import Path
@@ -211,3 +212,34 @@ def load_train_config(path: Path | None, overrides: dict[str, Any] | None = None
         if value is not None:
             data[key] = value
     return TrainConfig.model_validate(data)
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """``--config`` and one flag per ``TrainConfig`` field: ``aura train``, the DDP entry point and the
+    bench diagnostics that run the trainer take the same flags, generated from the settings object."""
+    parser.add_argument("--config", help="YAML file with TrainConfig fields")
+    for name, info in TrainConfig.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        help_ = (info.description or "").replace("%", "%%")  # argparse %-formats help text
+        if info.annotation is bool:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_)
+        else:
+            parser.add_argument(flag, dest=name, default=None, metavar=name.upper(), help=help_)
+
+
+def config_from_flags(args: argparse.Namespace, defaults: dict[str, Any] | None = None) -> TrainConfig:
+    """The YAML of ``--config``, then the flags given; ``defaults`` fill the fields that neither sets."""
+    flags = {k: getattr(args, k) for k in TrainConfig.model_fields if getattr(args, k, None) is not None}
+    path = Path(args.config) if getattr(args, "config", None) else None
+    if defaults:
+        given = set(flags) | _yaml_keys(path)
+        flags = {**{k: v for k, v in defaults.items() if k not in given}, **flags}
+    return load_train_config(path, flags)
+
+
+def _yaml_keys(path: Path | None) -> set[str]:
+    """The fields a YAML config sets (a missing or malformed file is load_train_config's to report)."""
+    if path is None or not Path(path).is_file():
+        return set()
+    loaded = yaml.safe_load(Path(path).read_text()) or {}
+    return set(loaded) if isinstance(loaded, dict) else set()

@@ -75,15 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import json
 
-    from adapters.cli import _add_config_overrides
-    from adapters.training.config import load_train_config
+    from adapters.training.config import add_config_flags, config_from_flags
 
     parser = argparse.ArgumentParser(prog="torchrun ... -m adapters.training.ddp", description=__doc__)
-    parser.add_argument("--config", help="YAML file with TrainConfig fields")
-    _add_config_overrides(parser)
-    args = parser.parse_args(argv)
-    overrides = {k: getattr(args, k) for k in TrainConfig.model_fields if getattr(args, k, None) is not None}
-    config = load_train_config(Path(args.config) if args.config else None, overrides)
+    add_config_flags(parser)
+    config = config_from_flags(parser.parse_args(argv))
     backend = "nccl" if config.resolved_device().startswith("cuda") else "gloo"
     dist.init_process_group(backend, timeout=timedelta(minutes=30))
     try:
