@@ -188,8 +188,14 @@ class AudioEmbedding(nn.Module):
         An untrained layer whose outputs are 50x larger than any token embedding wrecks the LLM's
         first steps; matching the scale makes training start from a sane prompt.
         """
-        probe = torch.randn(256, self.proj.in_features)
-        rms = self.proj(probe).pow(2).mean().sqrt().item()
-        if rms > 0:
-            self.proj.weight.mul_(target_rms / rms)
-            self.proj.bias.mul_(target_rms / rms)
+        scale_to_rms(self.proj, target_rms)
+
+
+@torch.no_grad()
+def scale_to_rms(proj: nn.Linear, target_rms: float) -> None:
+    """Scale a fresh projection so its outputs for unit-normal inputs have RMS ``target_rms``
+    (the audio layer's start, and any stand-in that writes vectors into the LLM prompt)."""
+    rms = proj(torch.randn(256, proj.in_features)).pow(2).mean().sqrt().item()
+    if rms > 0:
+        proj.weight.mul_(target_rms / rms)
+        proj.bias.mul_(target_rms / rms)

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from adapters.audio_layer import AudioLayerConfig
+from adapters.audio_layer import AudioLayerConfig, scale_to_rms
 from adapters.training.teacher import encoder_states, pool_frames
 
 if TYPE_CHECKING:
@@ -50,15 +50,10 @@ class TeacherReadout(nn.Module):
         self.encoder = encoder.requires_grad_(False).eval()
         self.layer = layer
         self.config = config
-        self.stack_factor = config.stack_factor
-        hidden_size = config.hidden_size
         width = int(encoder.layer_norm.normalized_shape[0])
         self.norm = nn.LayerNorm(width)
-        self.proj = nn.Linear(width, hidden_size)
-        with torch.no_grad():  # fresh vectors at the token embeddings' scale, as the audio layer starts
-            rms = self.proj(torch.randn(256, width)).pow(2).mean().sqrt().item()
-            self.proj.weight.mul_(target_rms / rms)
-            self.proj.bias.mul_(target_rms / rms)
+        self.proj = nn.Linear(width, config.hidden_size)
+        scale_to_rms(self.proj, target_rms)  # fresh vectors at the token embeddings' scale, as the audio layer starts
 
     def train(self, mode: bool = True) -> "TeacherReadout":
         super().train(mode)
@@ -72,7 +67,7 @@ class TeacherReadout(nn.Module):
             for b, n in enumerate(frame_lengths.tolist()):
                 n = max(1, int(n))
                 hs = encoder_states(self.encoder, features[b : b + 1, :, :n], [self.layer])[self.layer][0]
-                out.append(pool_frames(hs, (n + 1) // 2, self.stack_factor))
+                out.append(pool_frames(hs, (n + 1) // 2, self.config.stack_factor))
         return out
 
     def forward(self, features: torch.Tensor, frame_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
