@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from safetensors.torch import load_file, save_file
 
 from adapters.atomic_dir import atomic_dir
-from adapters.audio_layer import AudioEmbedding, AudioLayerConfig
+from adapters.audio_layer import AudioEmbedding, AudioLayerConfig, embedding_rms
 from adapters.bounded_json import JSONLimitError, JSONValue, check_shape, loads
 from adapters.base_model import BaseModelInfo, read_base_model
 from adapters.features import FeatureConfig
@@ -306,8 +306,7 @@ def init_adapter(
     layer_cfg = AudioLayerConfig(n_mels=features.n_mels, conv_channels=conv_channels, stack_factor=stack_factor,
                                  hidden_size=base.hidden_size, encoder_layers=encoder_layers, encoder_heads=encoder_heads)
     layer = AudioEmbedding(layer_cfg)
-    embed = model.get_input_embeddings().weight
-    layer.match_output_scale(float(embed.float().pow(2).mean().sqrt()))
+    layer.match_output_scale(embedding_rms(model))
     config = AuraConfig(
         base_model=base_model_ref(base, base_name),
         features=features,

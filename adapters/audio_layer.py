@@ -191,6 +191,13 @@ class AudioEmbedding(nn.Module):
         scale_to_rms(self.proj, target_rms)
 
 
+def embedding_rms(model: nn.Module) -> float:
+    """RMS of an LLM's input token embeddings: the scale the audio layer's outputs start at, so the
+    prompt's audio positions look like token positions to the frozen blocks from the first step."""
+    embed = model.get_input_embeddings().weight
+    return float(embed.detach().float().pow(2).mean().sqrt())
+
+
 @torch.no_grad()
 def scale_to_rms(proj: nn.Linear, target_rms: float) -> None:
     """Scale a fresh projection so its outputs for unit-normal inputs have RMS ``target_rms``

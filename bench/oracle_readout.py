@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from adapters.audio_layer import AudioLayerConfig, scale_to_rms
+from adapters.audio_layer import AudioLayerConfig, embedding_rms, scale_to_rms
 from adapters.training.teacher import encoder_states, pool_frames
 
 if TYPE_CHECKING:
@@ -87,8 +87,8 @@ def install(trainer: Trainer, layer: int | None = None) -> TeacherReadout:
     layer = last if layer is None else layer
     if not 0 <= layer <= last:
         raise ValueError(f"--teacher-layer {layer}: the teacher has blocks 0..{last}")
-    embed = trainer.student.causal_lm.get_input_embeddings().weight
-    readout = TeacherReadout(encoder, layer, trainer.student.audio_layer.config, float(embed.float().pow(2).mean().sqrt()))
+    rms = embedding_rms(trainer.student.causal_lm)
+    readout = TeacherReadout(encoder, layer, trainer.student.audio_layer.config, rms)
     trainer.student.audio_layer = readout.to(trainer.device)
     trainer.rebuild_optimizer()
     return readout
@@ -114,11 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     trainable = sum(p.numel() for p in readout.parameters() if p.requires_grad)
     print(json.dumps({"oracle": "teacher block", "layer": readout.layer, "readout_params": trainable}), file=sys.stderr, flush=True)
     last = trainer.train()
-    ev = trainer.evaluate(wer=bool(trainer.config.wer_every))
-    if ev:
-        ev["step"] = last
-        with open(trainer.work_dir / "train_log.jsonl", "a") as f:
-            f.write(json.dumps(ev) + "\n")
+    ev = trainer.final_evaluation(last)
     print(json.dumps({"step": last, **(ev or {})}))
     return 0
 

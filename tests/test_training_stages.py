@@ -351,8 +351,11 @@ def test_time_budget_stops_saves_and_ends_at_the_low_learning_rate(world: dict[s
     t = Trainer(cfg)
     result = t.run()
     assert 1 <= result.steps < 100000
-    log = [json.loads(line) for line in (t.work_dir / "train_log.jsonl").read_text().splitlines() if '"loss"' in line]
+    records = [json.loads(line) for line in (t.work_dir / "train_log.jsonl").read_text().splitlines()]
+    log = [r for r in records if "loss" in r]
     assert log[-1]["step"] == result.steps and log[-1]["elapsed_s"] >= 3.0
+    # the learning curve ends with the held-out evaluation of the exported weights
+    assert records[-1]["step"] == result.steps and "eval_loss" in records[-1] and records[-1] == result.eval
     assert sorted(t.work_dir.glob("ckpt-*.pt"))[-1].name == f"ckpt-{result.steps:07d}.pt"
     assert load_adapter(result.output).config.training["steps"] == result.steps
     # the schedule follows the clock when the budget runs out first

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from adapters.adapter import AuraConfig, base_model_ref, load_adapter, new_lora_config, save_adapter, sha256_file
 from adapters.audio import load_audio_file
-from adapters.audio_layer import AudioEmbedding, AudioLayerConfig
+from adapters.audio_layer import AudioEmbedding, AudioLayerConfig, embedding_rms
 from adapters.base_model import BaseModelInfo, read_base_model
 from adapters.features import FeatureConfig
 from adapters.prompt import PromptLayout, end_of_turn_id
@@ -271,8 +271,7 @@ class Trainer:
             else:
                 log.warning("audio stem shapes differ from the teacher's; the stem starts random")
                 self.stem_init = "random"
-            embed = base.get_input_embeddings().weight
-            audio.match_output_scale(float(embed.float().pow(2).mean().sqrt()))
+            audio.match_output_scale(embedding_rms(base))
         heads = {k: DistillHead(s.base.hidden_size, s.teacher.width) for k in s.layer_map} if self.distill else {}
         char_head = CharHead(s.base.hidden_size) if c.char_ctc_weight > 0 else None
         self.student = AuraStudent(peft_model, audio, heads, char_head).to(self.device)
@@ -737,11 +736,20 @@ class Trainer:
         self.load_checkpoint(ckpts[-1])
         return self.export()
 
-    def run(self) -> TrainResult:
-        last = self.train()
+    def final_evaluation(self, last: int) -> dict[str, float] | None:
+        """Evaluate the weights of step ``last`` (with WER when the run measures it) and record it in the
+        history and ``train_log.jsonl``, so a run's learning curve ends at its last step; None without held-out rows."""
         ev = self.evaluate(wer=bool(self.config.wer_every))
         if ev:
             ev["step"] = last
+            ev["elapsed_s"] = round(self._elapsed(), 1)
             self.history.append(ev)
+            with open(self.work_dir / "train_log.jsonl", "a") as f:
+                f.write(json.dumps(ev) + "\n")
+        return ev
+
+    def run(self) -> TrainResult:
+        last = self.train()
+        ev = self.final_evaluation(last)
         out = self.export(ev)
         return TrainResult(out, last, self.final_losses(), ev, getattr(self, "steps_per_s", 0.0))
