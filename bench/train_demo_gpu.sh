@@ -76,7 +76,7 @@ args=(--config bench/train_open_gpu.yaml --student "$W/models/smollm2-135m-instr
       --manifest "$W/corpus/${TRAIN_MANIFEST:-train_qa.jsonl}" --eval-manifest "$W/corpus/${HELDOUT_MANIFEST:-heldout_resp.jsonl}"
       --teacher-cache "$W/tcache" --output "$W/run/adapter" --work-dir "$W/run/work" --threads "${THREADS:-8}"
       --time-budget-s "$(( spent + budget ))" ${EXTRA:-})
-# ORACLE=1: the control arm (README, "The read-out with the teacher's own features"): the same recipe and flags with
+# ORACLE=1: the control arm (bench/OPEN_VOCAB_LOG.md, stop 24): the same recipe and flags with
 # the frozen teacher in the audio layer's place (bench/oracle_readout.py). It exports nothing (the teacher would be
 # in inference); its log and checkpoint come back as a run's do.
 prog=("$W/aura_train.py")
