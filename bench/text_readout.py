@@ -65,19 +65,6 @@ def lay_out(tokens: torch.Tensor, n: int, arm: str) -> torch.Tensor:
     raise ValueError(f"unknown arm {arm!r}; one of {ARMS}")
 
 
-@torch.no_grad()
-def greedy(model: torch.nn.Module, embeds: torch.Tensor, *, max_new_tokens: int, eos_ids: set[int]) -> list[int]:
-    """Greedy decoding from prompt embeddings with a KV cache (as ``AuraStudent.greedy``)."""
-    out = model(inputs_embeds=embeds[None], use_cache=True)
-    tokens: list[int] = []
-    while True:
-        token = int(torch.argmax(out.logits[0, -1].float()))
-        tokens.append(token)
-        if token in eos_ids or len(tokens) >= max_new_tokens:
-            return tokens
-        out = model(input_ids=torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True)
-
-
 def audio_positions(config: AuraConfig, num_samples: int, stack_factor: int | None) -> int:
     """The audio-token count of a clip of ``num_samples`` for ``config``'s layer, or for one that
     stacks ``stack_factor`` frames instead."""
@@ -166,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     from adapters.prompt import end_of_turn_id
     from adapters.training.data import read_manifest_absolute
     from adapters.training.evaluate import wer
+    from adapters.training.student import greedy_from_embeds
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--student", type=Path, required=True, help="the base LLM folder the adapters were trained on")
@@ -216,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
             for r, n in zip(rows, counts, strict=True):
                 with torch.no_grad():
                     embeds, _ = read_vectors(model, tok, cfg.prompt, prompt_text, r.text, n, arm)
-                ids = greedy(model, embeds, max_new_tokens=args.max_tokens, eos_ids=eos)
+                ids = greedy_from_embeds(model, embeds, max_new_tokens=args.max_tokens, eos_ids=eos)
                 hyps.append(tok.decode([i for i in ids if i not in eos], skip_special_tokens=True).strip())
             res = {"model": label, "arm": arm, "wer": wer([r.text for r in rows], hyps), "rows": len(rows),
                    "seconds": round(time.perf_counter() - t0, 1),

@@ -152,12 +152,18 @@ class AuraStudent(nn.Module):
         ids = torch.tensor([prompt_ids], device=device)
         embeds, _ = self.embed(ids, features[None].to(device), torch.tensor([num_frames], device=device),
                                torch.tensor([audio_start], device=device))
-        lm = self.peft_model
-        out = lm(inputs_embeds=embeds, use_cache=True)
-        tokens: list[int] = []
-        while True:
-            token = int(torch.argmax(out.logits[0, -1].float()))
-            tokens.append(token)
-            if token in eos_ids or len(tokens) >= max_new_tokens:
-                return tokens
-            out = lm(input_ids=torch.tensor([[token]], device=device), past_key_values=out.past_key_values, use_cache=True)
+        return greedy_from_embeds(self.peft_model, embeds[0], max_new_tokens=max_new_tokens, eos_ids=eos_ids)
+
+
+@torch.inference_mode()
+def greedy_from_embeds(lm: nn.Module, embeds: torch.Tensor, *, max_new_tokens: int, eos_ids: set[int]) -> list[int]:
+    """Greedy decoding of a causal LM from (L, d) prompt embeddings with a KV cache: the trainer's
+    held-out WER and the read-out diagnostics decode the way the reference engine does."""
+    out = lm(inputs_embeds=embeds[None], use_cache=True)
+    tokens: list[int] = []
+    while True:
+        token = int(torch.argmax(out.logits[0, -1].float()))
+        tokens.append(token)
+        if token in eos_ids or len(tokens) >= max_new_tokens:
+            return tokens
+        out = lm(input_ids=torch.tensor([[token]], device=embeds.device), past_key_values=out.past_key_values, use_cache=True)
