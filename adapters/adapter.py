@@ -55,6 +55,10 @@ MAX_N_FFT = 8192
 MAX_AUDIO_PARAMS = 64 * 1024 * 1024  # 256 MB in fp32: far above any real stem, far below a bomb
 
 
+# The adapter shipped in this package and served by default (the server, the benchmarks and the diagnostics use it).
+DEMO_ADAPTER_DIR = Path(__file__).resolve().parent / "demo_adapter"
+
+
 class AdapterFileError(ValueError):
     """An adapter JSON file is unreadable or over a limit; ``file`` names it."""
 

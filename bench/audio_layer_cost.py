@@ -24,14 +24,13 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from adapters.adapter import AUDIO_WEIGHTS, LORA_WEIGHTS, audio_layer_params, read_aura_config
+from adapters.adapter import AUDIO_WEIGHTS, DEMO_ADAPTER_DIR, LORA_WEIGHTS, audio_layer_params, read_aura_config
 from adapters.audio_layer import AudioLayerConfig
 from adapters.base_model import BaseModelInfo, read_base_model
 from adapters.prompt import build_prompt, user_turn
 from adapters.validate import safetensors_header
 from bench.common import machine
 
-ROOT = Path(__file__).resolve().parent.parent
 QUESTION = "Answer the question in the audio."
 
 
@@ -53,7 +52,7 @@ def llm_flops(base: BaseModelInfo, lora_rank: int, lora_modules: list[str], prom
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--adapter", type=Path, default=ROOT / "adapters" / "demo_adapter")
+    parser.add_argument("--adapter", type=Path, default=DEMO_ADAPTER_DIR)
     parser.add_argument("--model", type=Path, default=None, help="Base LLM folder (default: the demo LLM, prepared once).")
     parser.add_argument("--seconds", type=float, nargs="+", default=[3.0, 10.0, 30.0])
     parser.add_argument("--response-tokens", type=int, default=32)

@@ -40,13 +40,14 @@ from pathlib import Path
 
 import torch
 
+from adapters.adapter import DEMO_ADAPTER_DIR
 from bench.common import machine, pct
 
 KERNELS = ("none", "vllm", "segmented", "merged")
 AUDIO_POSITIONS = 32
 FILLER = ("the quick brown fox jumps over the lazy dog while a small bird sings softly in the old "
           "green tree near the quiet river bank on a warm and sunny afternoon in early summer")
-DEMO_ADAPTER = Path(__file__).resolve().parent.parent / "adapters" / "demo_adapter"
+DEMO_ADAPTER = DEMO_ADAPTER_DIR
 
 
 @dataclass

@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     from peft import PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from adapters.adapter import DEFAULT_TARGETS, load_adapter, new_lora_config
+    from adapters.adapter import DEFAULT_TARGETS, DEMO_ADAPTER_DIR, load_adapter, new_lora_config
     from adapters.audio import load_audio_file
     from adapters.base_model import read_base_model
     from adapters.prompt import end_of_turn_id
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
 
-    shape_from = load_adapter(args.adapter[0] if args.adapter else Path(__file__).parent.parent / "adapters" / "demo_adapter")
+    shape_from = load_adapter(args.adapter[0] if args.adapter else DEMO_ADAPTER_DIR)
     cfg = shape_from.config
     tok = AutoTokenizer.from_pretrained(str(args.student))
     eot = end_of_turn_id(tok)

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from adapters.adapter import DEMO_ADAPTER_DIR
 from adapters.base_model import BaseModelInfo, read_base_model
 from server.admission import AdmissionController
 from server.config import Settings
@@ -22,9 +23,6 @@ from server.sources import AdapterCache
 from server.tenancy import Tenancy
 
 log = logging.getLogger("server")
-
-DEMO_ADAPTER_DIR = Path(__file__).resolve().parent.parent / "adapters" / "demo_adapter"
-
 
 @dataclass
 class ServerState:
