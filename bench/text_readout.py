@@ -13,7 +13,15 @@ would; L = the transcript's token count):
 - ``text``: the L token embeddings alone (n = L): what a cascade hands the LLM, in the audio slot;
 - ``stretched``: each token repeated to fill the n positions (a CTC path without blanks);
 - ``blanks``: the L tokens at evenly spread positions, zero vectors between (a CTC path whose
-  blank writes nothing).
+  blank writes nothing);
+- ``chars``: the transcript *spelled*, each character (``adapters.training.ctc.CHARS``) as the LLM's
+  own single-character token, spread with blanks over the character head's ``CHAR_SLOTS`` x n
+  slots: what a character CTC posterior would hand the LLM as soft embeddings. ``--char-noise``
+  reads it again with that share of the characters edited (substituted, dropped or inserted),
+  which says what character error rate the audio side must reach for a given WER;
+- ``pieces``: the transcript cut by the LLM's own BPE with only its first ``--merges`` merges
+  (every piece is still one of the LLM's tokens; ~1.7x as many as the full cut at 1,024), spread
+  with blanks over the n positions: what a CTC head over a small sub-word inventory would hand it.
 
 Greedy decoding with the prompt the adapter transcribes with, WER against the transcript.
 ``--stack-factor`` counts the audio positions as an audio layer stacking that many 50 Hz frames would.
@@ -34,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import sys
 import time
 from collections.abc import Callable
@@ -42,13 +51,36 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from adapters.training.ctc import CHAR_SLOTS, CHARS
+
 if TYPE_CHECKING:
+    from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerBase
 
     from adapters.adapter import AuraConfig
     from adapters.prompt import PromptLayout
 
-ARMS = ("text", "stretched", "blanks")
+ARMS = ("text", "stretched", "blanks", "chars", "pieces")
+TOKEN_ARMS = ARMS[1:3]  # the sub-word paths the "mix" training arm draws from
+
+
+def spell(text: str, rate: float, gen: random.Random) -> str:
+    """The transcript as the character head spells it (``CHARS``, lower case), with about ``rate``
+    of the characters edited: each, with probability ``rate``, substituted, dropped or followed by
+    an inserted one (equally likely), which makes the character error rate ~``rate``."""
+    from adapters.training.ctc import normalize_chars
+
+    out: list[str] = []
+    for c in normalize_chars(text):
+        if gen.random() >= rate:
+            out.append(c)
+            continue
+        op = gen.randrange(3)
+        if op == 0:
+            out.append(gen.choice(CHARS))
+        elif op == 2:
+            out.extend((c, gen.choice(CHARS)))
+    return "".join(out)
 
 
 def lay_out(tokens: torch.Tensor, n: int, arm: str) -> torch.Tensor:
@@ -72,14 +104,53 @@ def audio_positions(config: AuraConfig, num_samples: int, stack_factor: int | No
     return layer.num_tokens(config.features.num_frames(num_samples))
 
 
+def piece_tokenizer(student: Path, merges: int) -> Tokenizer:
+    """The LLM's own byte-level BPE keeping only its first ``merges`` merges: it cuts text into more,
+    shorter pieces, each still one of the LLM's tokens (same ids), and decodes back to the same text."""
+    from tokenizers import Tokenizer
+
+    spec = json.loads((student / "tokenizer.json").read_text())
+    if spec.get("model", {}).get("type") != "BPE":
+        raise ValueError(f"{student}: pieces need a BPE tokenizer.json")
+    spec["model"]["merges"] = spec["model"]["merges"][:merges]
+    return Tokenizer.from_str(json.dumps(spec))
+
+
 def read_vectors(model: torch.nn.Module, tok: PreTrainedTokenizerBase, layout: PromptLayout, prompt_text: str,
-                 text: str, n: int, arm: str, answer: list[int] | None = None) -> tuple[torch.Tensor, int]:
+                 text: str, n: int, arm: str, answer: list[int] | None = None,
+                 pieces: Tokenizer | None = None) -> tuple[torch.Tensor, int]:
     """Prompt embeddings with ``text`` laid out by ``arm`` over ``n`` audio positions (and the
-    ``answer`` ids appended); returns them and the prompt's length."""
+    ``answer`` ids appended); returns them and the prompt's length. For ``chars``, ``text`` is
+    already spelled (``spell``) and spreads over ``CHAR_SLOTS * n`` slots; ``pieces`` cuts it with
+    ``pieces`` (``piece_tokenizer``)."""
+    embed = model.get_input_embeddings()
+    if arm == "pieces":
+        if pieces is None:
+            raise ValueError("the pieces arm needs a piece tokenizer")
+        vecs = lay_out(embed(torch.tensor(pieces.encode(text, add_special_tokens=False).ids)), n, "blanks")
+    elif arm == "chars":
+        vecs = lay_out(embed(char_token_ids(tok)[torch.tensor([CHARS.index(c) for c in text or " "])]),
+                       CHAR_SLOTS * n, "blanks")
+    else:
+        vecs = lay_out(embed(torch.tensor(tok.encode(text, add_special_tokens=False))), n, arm)
+    return splice(model, tok, layout, prompt_text, vecs, answer)
+
+
+def char_token_ids(tok: PreTrainedTokenizerBase) -> torch.Tensor:
+    """The LLM's own single-character token for each of ``CHARS`` (SmolLM2 and most byte-level BPEs have one)."""
+    ids = [tok.encode(c, add_special_tokens=False) for c in CHARS]
+    if any(len(i) != 1 for i in ids):
+        raise ValueError(f"the tokenizer spells some of {CHARS!r} with more than one token")
+    return torch.tensor([i[0] for i in ids])
+
+
+def splice(model: torch.nn.Module, tok: PreTrainedTokenizerBase, layout: PromptLayout, prompt_text: str,
+           vecs: torch.Tensor, answer: list[int] | None = None) -> tuple[torch.Tensor, int]:
+    """Prompt embeddings with ``vecs`` (n, d) in the audio span (and the ``answer`` ids appended);
+    returns them and the prompt's length."""
     from adapters.prompt import build_prompt, user_turn
 
     embed = model.get_input_embeddings()
-    vecs = lay_out(embed(torch.tensor(tok.encode(text, add_special_tokens=False))), n, arm)
     prompt = build_prompt(tok, layout, [user_turn(vecs.shape[0], prompt_text)])
     start, length = prompt.audio_spans[0]
     embeds = embed(torch.tensor(prompt.token_ids + (answer or [])))
@@ -89,10 +160,8 @@ def read_vectors(model: torch.nn.Module, tok: PreTrainedTokenizerBase, layout: P
 
 def train_reader(model: torch.nn.Module, tok: PreTrainedTokenizerBase, layout: PromptLayout, prompt_text: str,
                  texts: list[str], ratios: list[float], args: argparse.Namespace, eot: int,
-                 on_eval: Callable[[int], None]) -> None:
+                 on_eval: Callable[[int], None], pieces: Tokenizer | None = None) -> None:
     """Train ``model``'s LoRA to transcribe ``texts`` laid out by ``args.train_arm`` at the audio rate."""
-    import random
-
     gen = random.Random(args.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr)
@@ -104,8 +173,9 @@ def train_reader(model: torch.nn.Module, tok: PreTrainedTokenizerBase, layout: P
             text = gen.choice(texts)
             target = tok.encode(text, add_special_tokens=False)
             n = max(len(target), round(len(target) * gen.choice(ratios)))
-            arm = gen.choice(ARMS[1:]) if args.train_arm == "mix" else args.train_arm
-            embeds, plen = read_vectors(model, tok, layout, prompt_text, text, n, arm, target + [eot])
+            arm = gen.choice(TOKEN_ARMS) if args.train_arm == "mix" else args.train_arm
+            laid = spell(text, gen.uniform(0.0, args.train_char_noise), gen) if arm == "chars" else text
+            embeds, plen = read_vectors(model, tok, layout, prompt_text, laid, n, arm, target + [eot], pieces)
             seqs.append(embeds)
             labels.append(torch.tensor([-100] * plen + target + [eot]))
         width = max(e.shape[0] for e in seqs)
@@ -152,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     from adapters.base_model import read_base_model
     from adapters.prompt import end_of_turn_id
     from adapters.training.data import read_manifest_absolute
-    from adapters.training.evaluate import wer
+    from adapters.training.ctc import normalize_chars
+    from adapters.training.evaluate import cer, wer
     from adapters.training.student import greedy_from_embeds
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -163,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
                         "(default: adapters/demo_adapter, read without its LoRA unless named)")
     p.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
     p.add_argument("--stack-factor", type=int, default=None, help="count audio positions as a layer stacking this many frames")
+    p.add_argument("--merges", type=int, default=1024, help="pieces: the BPE merges kept (of the LLM's own, in order)")
+    p.add_argument("--char-noise", type=float, nargs="+", default=[0.0],
+                   help="chars: read the held-out spellings at each of these edit rates (0 = clean)")
     p.add_argument("--limit", type=int, default=45)
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--threads", type=int, default=1)
@@ -170,7 +244,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, help="write the results here too")
     t = p.add_argument_group("training a reader (text only)")
     t.add_argument("--train-manifest", type=Path, help="train a fresh LoRA on these rows' transcripts")
-    t.add_argument("--train-arm", choices=(*ARMS[1:], "mix"), default="blanks")
+    t.add_argument("--train-arm", choices=(*ARMS[1:], "mix"), default="blanks",
+                   help="the path the reader learns: one arm, or mix (stretched and blanks)")
+    t.add_argument("--train-char-noise", type=float, default=0.0,
+                   help="chars: edit each training spelling at a rate drawn from [0, this] (a reader that corrects)")
     t.add_argument("--train-steps", type=int, default=300)
     t.add_argument("--eval-every", type=int, default=100)
     t.add_argument("--batch-size", type=int, default=8)
@@ -182,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    pieces = piece_tokenizer(args.student, args.merges) if "pieces" in (*args.arms, args.train_arm) else None
 
     shape_from = load_adapter(args.adapter[0] if args.adapter else DEMO_ADAPTER_DIR)
     cfg = shape_from.config
@@ -193,20 +271,34 @@ def main(argv: list[str] | None = None) -> int:
         print(f"text_readout: no transcription rows in {args.manifest}", file=sys.stderr)
         return 2
     counts = [audio_positions(cfg, len(load_audio_file(r.audio).samples), args.stack_factor) for r in rows]
-    print(json.dumps({"rows": len(rows), "audio_tokens_mean": sum(counts) / len(counts),
-                      "text_tokens_mean": sum(len(tok.encode(r.text, add_special_tokens=False)) for r in rows) / len(rows)}),
-          file=sys.stderr, flush=True)
+    stats = {"rows": len(rows), "audio_tokens_mean": sum(counts) / len(counts),
+             "text_tokens_mean": sum(len(tok.encode(r.text, add_special_tokens=False)) for r in rows) / len(rows)}
+    if pieces is not None:
+        stats["pieces_mean"] = sum(len(pieces.encode(r.text, add_special_tokens=False).ids) for r in rows) / len(rows)
+    print(json.dumps(stats), file=sys.stderr, flush=True)
     results: list[dict[str, object]] = []
 
+    # what each read feeds: (column, arm, held-out inputs); chars once per noise level, spelled per row with a fixed seed
+    reads: list[tuple[str, str, list[str]]] = []
+    for arm in args.arms:
+        if arm != "chars":
+            reads.append((arm, arm, [r.text for r in rows]))
+            continue
+        for rate in args.char_noise:
+            spelled = [spell(r.text, rate, random.Random(args.seed * 100003 + i)) for i, r in enumerate(rows)]
+            measured = cer([normalize_chars(r.text) for r in rows], spelled)
+            reads.append((f"chars (CER {measured:.2f})" if rate > 0 else "chars", arm, spelled))
+    columns = [c for c, _, _ in reads]
+
     def read_all(model: torch.nn.Module, label: str, prompt_text: str) -> None:
-        for arm in args.arms:
+        for column, arm, inputs in reads:
             t0, hyps = time.perf_counter(), []
-            for r, n in zip(rows, counts, strict=True):
+            for laid, n in zip(inputs, counts, strict=True):
                 with torch.no_grad():
-                    embeds, _ = read_vectors(model, tok, cfg.prompt, prompt_text, r.text, n, arm)
+                    embeds, _ = read_vectors(model, tok, cfg.prompt, prompt_text, laid, n, arm, pieces=pieces)
                 ids = greedy_from_embeds(model, embeds, max_new_tokens=args.max_tokens, eos_ids=eos)
                 hyps.append(tok.decode([i for i in ids if i not in eos], skip_special_tokens=True).strip())
-            res = {"model": label, "arm": arm, "wer": wer([r.text for r in rows], hyps), "rows": len(rows),
+            res = {"model": label, "arm": column, "wer": wer([r.text for r in rows], hyps), "rows": len(rows),
                    "seconds": round(time.perf_counter() - t0, 1),
                    "examples": [{"ref": r.text, "hyp": h} for r, h in list(zip(rows, hyps, strict=True))[: args.show]]}
             results.append(res)
@@ -217,9 +309,10 @@ def main(argv: list[str] | None = None) -> int:
 
     labels = ["base LLM (no LoRA)"]
     read_all(fresh_base(), labels[0], shape_from.transcribe_prompt)
-    for a in args.adapter:
+    for i, a in enumerate(args.adapter):
         labels.append(f"LoRA of {a}")
-        read_all(PeftModel.from_pretrained(fresh_base(), str(a)).eval(), labels[-1], load_adapter(a).transcribe_prompt)
+        prompt_text = (shape_from if i == 0 else load_adapter(a)).transcribe_prompt
+        read_all(PeftModel.from_pretrained(fresh_base(), str(a)).eval(), labels[-1], prompt_text)
     if args.train_manifest is not None:
         train_rows = [r for r in read_manifest_absolute(args.train_manifest) if r.task == "transcribe"]
         held = {r.text for r in rows}
@@ -242,14 +335,14 @@ def main(argv: list[str] | None = None) -> int:
             labels.append(f"text-trained LoRA ({args.train_arm}), step {step}")
             read_all(model, labels[-1], shape_from.transcribe_prompt)
 
-        train_reader(model, tok, cfg.prompt, shape_from.transcribe_prompt, texts, ratios, args, eot, on_eval)
+        train_reader(model, tok, cfg.prompt, shape_from.transcribe_prompt, texts, ratios, args, eot, on_eval, pieces)
         if args.save_reader is not None:
             save_reader(model, args, cfg)
 
-    print(f"\n| reader | {' | '.join(args.arms)} |")
-    print("|---|" + "---|" * len(args.arms))
+    print(f"\n| reader | {' | '.join(columns)} |")
+    print("|---|" + "---|" * len(columns))
     for label in labels:
-        cells = [next(f"{r['wer']:.3f}" for r in results if r["model"] == label and r["arm"] == a) for a in args.arms]
+        cells = [next(f"{r['wer']:.3f}" for r in results if r["model"] == label and r["arm"] == a) for a in columns]
         print(f"| {label} | {' | '.join(cells)} |")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

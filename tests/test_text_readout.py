@@ -65,3 +65,22 @@ def test_cli_reads_held_out_rows_and_trains_a_reader_on_the_others(world: dict[s
     assert config.training["text_reader"]["steps"] == 30 and load_adapter(reader).lora_rank == 16
     lora = load_file(str(reader / "adapter_model.safetensors"))
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in lora.items())  # trained: B left PEFT's zero start
+
+
+def test_pieces_are_the_llms_own_tokens_cut_finer(world: dict[str, Path]) -> None:  # noqa: F811
+    from transformers import AutoTokenizer
+
+    from bench.text_readout import piece_tokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(world["student"]))
+    texts = ["How do I navigate through a pegboard?", "The weather is nice today.", "Call Dr. O'Brien at 7:45 tomorrow!"]
+    counts = {}
+    for merges in (0, 256, 1024, 10**6):
+        cut = piece_tokenizer(world["student"], merges)
+        ids = [cut.encode(t, add_special_tokens=False).ids for t in texts]
+        assert [tok.decode(i) for i in ids] == texts  # the LLM's tokenizer reads the pieces back to the same text
+        assert all(0 <= i < len(tok) for seq in ids for i in seq)
+        counts[merges] = sum(map(len, ids))
+    assert counts[10**6] == sum(len(tok.encode(t, add_special_tokens=False)) for t in texts)  # all merges: the LLM's own cut
+    assert counts[0] == sum(len(t.encode()) for t in texts)  # no merges: one piece per byte
+    assert counts[0] > counts[256] > counts[1024] > counts[10**6]

@@ -554,6 +554,24 @@ class Trainer:
         return result
 
     @torch.no_grad()
+    def char_logits(self, examples: list[Example]) -> list[torch.Tensor]:
+        """Per clip, the character head's (slots, 1 + len(CHARS)) logits over its valid slots: what
+        the run spells (``bench/char_readout.py`` reads them). Needs a run with ``char_ctc_weight``."""
+        if self.char_layer is None:
+            raise ConfigError("the run has no character head (char_ctc_weight 0)")
+        was_training = self.student.training
+        self.student.eval()
+        bs = max(1, self.config.batch_size // self.config.grad_accum)
+        out: list[torch.Tensor] = []
+        memo: dict[int, torch.Tensor] = {}
+        for start in range(0, len(examples), bs):
+            idx = list(range(start, min(start + bs, len(examples))))
+            terms = self._losses(idx, examples, memo, keep_logits=True)
+            out += [terms["_char_logits"][b, : int(n)].float().cpu() for b, n in enumerate(terms["_char_lengths"].tolist())]
+        self.student.train(was_training)
+        return out
+
+    @torch.no_grad()
     def greedy_wer(self) -> float:
         """WER of the full student's greedy transcripts on up to ``wer_examples`` held-out transcribe rows."""
         from adapters.training.evaluate import wer as corpus_wer

@@ -1,0 +1,108 @@
+"""The character bottleneck: a run's character head spells held-out clips (``Trainer.char_logits``,
+the very logits its evaluation scores), ``bench.char_readout`` turns the spelling into the LLM's own
+character-token vectors, and a reader trained on text alone (``bench.text_readout --train-arm
+chars``, through ``spell``'s edits) transcribes them."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_training import _config, world  # noqa: F401  (the tiny student/teacher/espeak-ng world, session-scoped)
+
+from adapters.training.ctc import CHARS, decode_chars, greedy_ctc, normalize_chars
+from adapters.training.evaluate import cer
+from adapters.training.trainer import ConfigError, Trainer
+from bench.char_readout import char_vectors
+from bench.char_readout import main as char_main
+from bench.text_readout import spell
+from bench.text_readout import main as text_main
+
+
+def test_char_vectors_mix_the_character_tokens_and_blanks_write_nothing() -> None:
+    table = torch.randn(len(CHARS), 6)
+    logits = torch.full((3, len(CHARS) + 1), -30.0)
+    logits[0, 0] = 30.0  # a sure blank
+    logits[1, 1 + CHARS.index("a")] = 30.0  # a sure "a"
+    logits[2, 1 + CHARS.index("b")] = 0.0  # torn: "b" or blank, half each
+    logits[2, 0] = 0.0
+    hard = char_vectors(logits, table, "hard")
+    assert torch.equal(hard[0], torch.zeros(6)) and torch.equal(hard[1], table[CHARS.index("a")])
+    soft = char_vectors(logits, table, "soft")
+    torch.testing.assert_close(soft[0], torch.zeros(6), rtol=0, atol=1e-6)
+    torch.testing.assert_close(soft[1], table[CHARS.index("a")], rtol=0, atol=1e-5)
+    torch.testing.assert_close(soft[2], 0.5 * table[CHARS.index("b")], rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="unknown mode"):
+        char_vectors(logits, table, "argmax")
+
+
+def test_spell_edits_about_the_share_it_is_asked_for() -> None:
+    texts = ["The quick brown fox jumps over the lazy dog.", "What is the capital of France?",
+             "I'd like to book a table for two at seven tonight."] * 20
+    assert [spell(t, 0.0, random.Random(0)) for t in texts] == [normalize_chars(t) for t in texts]
+    for rate in (0.1, 0.3):
+        spelled = [spell(t, rate, random.Random(i)) for i, t in enumerate(texts)]
+        assert all(set(s) <= set(CHARS) for s in spelled)
+        measured = cer([normalize_chars(t) for t in texts], spelled)
+        assert abs(measured - rate) < 0.35 * rate, (rate, measured)
+
+
+def test_char_logits_are_what_the_evaluation_scores(world: dict[str, Path]) -> None:  # noqa: F811
+    t = Trainer(_config(world, "char_logits", char_ctc_weight=1.0, char_ctc_layer=1, eval_manifest=world["manifest"],
+                        eval_examples=4))
+    for step in range(2):
+        t.train_step(step)
+    logits = t.char_logits(t.eval_examples)
+    assert t.student.training  # left as it was found
+    assert [x.shape for x in logits] == [(e.num_audio_tokens * 2, len(CHARS) + 1) for e in t.eval_examples]
+    hyps = [decode_chars(h) for h in greedy_ctc(torch.nn.utils.rnn.pad_sequence(logits, batch_first=True),
+                                                torch.tensor([x.shape[0] for x in logits]), blank=0)]
+    refs = [decode_chars(e.transcript_chars) for e in t.eval_examples]
+    assert cer(refs, hyps) == pytest.approx(t.evaluate()["eval_char_cer"], abs=1e-9)
+    with pytest.raises(ConfigError, match="no character head"):
+        Trainer(_config(world, "no_char_head")).char_logits(t.eval_examples)
+
+
+def test_cli_spells_held_out_clips_and_a_text_trained_reader_transcribes_them(  # noqa: F811
+        world: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.oracle_readout import main as oracle_main
+
+    cfg = _config(world, "char_cli")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("lora_rank: 4\nlora_alpha: 8\nlr: 3.0e-3\nwarmup_steps: 0\nlog_every: 1\nsave_every: 0\n"
+                      "eval_every: 0\nchar_ctc_weight: 1.0\nchar_ctc_layer: 1\nprogress: false\nseed: 3\n")
+    run = ["--config", str(recipe), "--student", str(cfg.student), "--teacher", str(cfg.teacher),
+           "--manifest", str(cfg.manifest), "--eval-manifest", str(cfg.manifest), "--batch-size", "2",
+           "--teacher-cache", str(cfg.teacher_cache), "--work-dir", str(tmp_path / "work"), "--threads", "1", "--steps", "2"]
+    assert oracle_main(run) == 0
+    capsys.readouterr()
+
+    # a reader of spellings, trained on text alone; it reads the held-out spellings clean and edited
+    reader, results = tmp_path / "reader", tmp_path / "text.json"
+    assert text_main(["--student", str(cfg.student), "--manifest", str(cfg.manifest), "--train-manifest", str(cfg.manifest),
+                      "--limit", "1", "--arms", "chars", "pieces", "--char-noise", "0", "0.3", "--train-arm", "chars",
+                      "--train-char-noise", "0.2", "--train-steps", "10", "--eval-every", "10", "--batch-size", "2",
+                      "--lr", "1e-2", "--max-tokens", "4", "--threads", "1", "--json", str(results),
+                      "--save-reader", str(reader)]) == 0
+    out = capsys.readouterr()
+    columns = [r["arm"] for r in json.loads(results.read_text()) if r["model"].startswith("text-trained")]
+    assert columns[0] == "chars" and columns[1].startswith("chars (CER ") and columns[2:] == ["pieces"]
+    losses = [json.loads(line)["loss"] for line in out.err.splitlines() if line.startswith('{"step"')]
+    assert losses[-1] < losses[0]  # the reader learns to write the transcript from its spelling
+
+    # the run's checkpoint spells the held-out clips; the reader transcribes them
+    final = tmp_path / "char.json"
+    assert char_main(["--reader", str(reader), "--oracle", "--limit", "3", "--max-tokens", "4", "--json", str(final), *run]) == 0
+    printed = capsys.readouterr()
+    got = json.loads(final.read_text())
+    assert got["step"] == 2 and got["clips"] == 3 and 0.0 <= got["char_cer"]
+    assert got["checkpoint"].endswith("ckpt-0000002.pt")
+    assert {"soft", "hard"} <= set(got) and all(got[m]["wer"] >= 0 for m in ("soft", "hard"))
+    assert got["soft"]["examples"][0]["ref"] and "| ckpt-0000002.pt | 2 |" in printed.out
+    # other settings than the checkpoint's: refused with the reason, not read with the wrong model
+    assert char_main(["--reader", str(reader), "--oracle", *run, "--char-ctc-layer", "0"]) == 2
+    assert "different settings" in capsys.readouterr().err
