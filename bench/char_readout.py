@@ -1,15 +1,19 @@
 """Speech to text through a character bottleneck: a run's character head, read by a text-trained LoRA.
 
-``bench/text_readout.py`` found that a LoRA trained on text alone reads a transcript *spelled* at
-the character head's rate (the LLM's own single-character tokens, blanks as zero vectors) after a
-few hundred lines, and reads it through edits. The runs' character CTC head (``char_ctc_weight``,
-RMSNorm + Linear on an early block) learns to spell unseen speakers within a CPU's budget, while
-the LM-head CTC over 49k sub-words and the next-token loss do not. This joins the two on held-out
-clips: the run's checkpoint spells each clip (its character posteriors, ``CHAR_SLOTS`` per audio
-token), the posteriors become vectors in the LLM's input space (``soft``: the probability-weighted
-mix of the character tokens' embeddings, the blank adding nothing; ``hard``: the best character's
-embedding, or zero for a blank), and the reader transcribes them greedily. WER against the
-transcript says what a character bottleneck would give today, with no next-token training on audio.
+The runs' character CTC head (``char_ctc_weight``, RMSNorm + Linear on an early block) learns to
+spell unseen speakers within a CPU's budget, while the LM-head CTC over 49k sub-words and the
+next-token loss do not. This joins it to a reader of spellings (``bench/text_readout.py
+--train-arm chars --save-reader``: a LoRA trained on text alone, spelled in the LLM's own
+single-character tokens) on held-out clips: the run's checkpoint spells each clip (its character
+posteriors, ``CHAR_SLOTS`` per audio token), the posteriors become vectors in the LLM's input space
+(``soft``: the probability-weighted mix of the character tokens' embeddings, the blank adding
+nothing; ``hard``: the best character's embedding, or zero for a blank), and the reader transcribes
+them greedily. WER against the transcript says what a character bottleneck gives with that reader,
+with no next-token training on audio; the clips' character error rate beside it says how much of
+the loss is the spelling and how much the reading (stop 26, ``bench/OPEN_VOCAB_LOG.md``: CER 0.295
+from the teacher-state oracle, WER 1.11 through a 960-line reader that reads clean spellings at 1.16).
+A run whose head spells in pieces (``char_ctc_merges``) is read the same way, its vectors the pieces'
+own token embeddings, by a reader trained with ``--train-arm pieces`` and the same ``--merges``.
 
 Pass the run's own flags (its ``--config`` and overrides, ``--work-dir``) so its checkpoint loads
 (the fingerprint is checked), and ``--oracle`` for a ``bench/oracle_readout.py`` run:
@@ -29,14 +33,15 @@ from pathlib import Path
 
 import torch
 
-from adapters.training.ctc import CHAR_SLOTS, decode_chars, greedy_ctc
+from adapters.training.ctc import CHAR_SLOTS, greedy_ctc
 
 MODES = ("soft", "hard")
 
 
 def char_vectors(logits: torch.Tensor, table: torch.Tensor, mode: str) -> torch.Tensor:
-    """(S, 1 + len(CHARS)) character-head logits of one clip -> (S, d) input vectors from ``table``
-    (len(CHARS), d), the character tokens' embeddings. Id 0 is the blank and writes a zero vector."""
+    """(S, 1 + units) character-head logits of one clip -> (S, d) input vectors from ``table``
+    (units, d), the units' own token embeddings (characters, or pieces). Id 0 is the blank and
+    writes a zero vector."""
     probs = torch.softmax(logits.float(), dim=-1)
     if mode == "hard":
         probs = torch.nn.functional.one_hot(probs.argmax(-1), probs.shape[-1]).to(probs.dtype)
@@ -89,10 +94,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"char_readout: {e}", file=sys.stderr)
         return 2
     refs = [trainer.tokenizer.decode(e.transcript_ids).strip() for e in examples]
-    spelled = [decode_chars(h) for h in greedy_ctc(torch.nn.utils.rnn.pad_sequence(logits, batch_first=True),
+    units = trainer.units
+    spelled = [units.decode(h) for h in greedy_ctc(torch.nn.utils.rnn.pad_sequence(logits, batch_first=True),
                                                    torch.tensor([x.shape[0] for x in logits]), blank=0)]
-    char_cer = cer([decode_chars(e.transcript_chars) for e in examples], spelled)
-    print(json.dumps({"checkpoint": str(ckpt), "step": step, "clips": len(examples), "char_cer": round(char_cer, 4)}),
+    char_cer = cer([units.decode(e.transcript_chars) for e in examples], spelled)
+    print(json.dumps({"checkpoint": str(ckpt), "step": step, "units": units.name, "clips": len(examples),
+                      "char_cer": round(char_cer, 4)}),
           file=sys.stderr, flush=True)
     del trainer
 
@@ -103,9 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     tok = AutoTokenizer.from_pretrained(str(args.student))
     eos = {end_of_turn_id(tok)} | ({tok.eos_token_id} if tok.eos_token_id is not None else set())
     with torch.no_grad():
-        table = reader.get_input_embeddings()(char_token_ids(tok))
+        table = reader.get_input_embeddings()(char_token_ids(tok) if units.token_ids is None else torch.tensor(units.token_ids))
     results: dict[str, object] = {"checkpoint": str(ckpt), "step": step, "clips": len(examples), "char_cer": char_cer,
-                                  "char_slots": CHAR_SLOTS, "reader": str(args.reader)}
+                                  "units": units.name, "char_slots": CHAR_SLOTS, "reader": str(args.reader)}
     wers: dict[str, float] = {}
     for mode in args.modes:
         t0, hyps = time.perf_counter(), []

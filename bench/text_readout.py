@@ -19,9 +19,10 @@ would; L = the transcript's token count):
   slots: what a character CTC posterior would hand the LLM as soft embeddings. ``--char-noise``
   reads it again with that share of the characters edited (substituted, dropped or inserted),
   which says what character error rate the audio side must reach for a given WER;
-- ``pieces``: the transcript cut by the LLM's own BPE with only its first ``--merges`` merges
-  (every piece is still one of the LLM's tokens; ~1.7x as many as the full cut at 1,024), spread
-  with blanks over the n positions: what a CTC head over a small sub-word inventory would hand it.
+- ``pieces``: the transcript, normalised as the character head spells it, cut by the LLM's own
+  BPE with only its first ``--merges`` merges (every piece is still one of the LLM's tokens; ~1.7x
+  as many as the full cut at 1,024), spread with blanks over the n positions: what a CTC head over
+  that small sub-word inventory (``char_ctc_merges``) would hand it.
 
 Greedy decoding with the prompt the adapter transcribes with, WER against the transcript.
 ``--stack-factor`` counts the audio positions as an audio layer stacking that many 50 Hz frames would.
@@ -51,7 +52,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from adapters.training.ctc import CHAR_SLOTS, CHARS
+from adapters.training.ctc import CHAR_SLOTS, CHARS, normalize_chars, piece_tokenizer
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -68,8 +69,6 @@ def spell(text: str, rate: float, gen: random.Random) -> str:
     """The transcript as the character head spells it (``CHARS``, lower case), with about ``rate``
     of the characters edited: each, with probability ``rate``, substituted, dropped or followed by
     an inserted one (equally likely), which makes the character error rate ~``rate``."""
-    from adapters.training.ctc import normalize_chars
-
     out: list[str] = []
     for c in normalize_chars(text):
         if gen.random() >= rate:
@@ -104,18 +103,6 @@ def audio_positions(config: AuraConfig, num_samples: int, stack_factor: int | No
     return layer.num_tokens(config.features.num_frames(num_samples))
 
 
-def piece_tokenizer(student: Path, merges: int) -> Tokenizer:
-    """The LLM's own byte-level BPE keeping only its first ``merges`` merges: it cuts text into more,
-    shorter pieces, each still one of the LLM's tokens (same ids), and decodes back to the same text."""
-    from tokenizers import Tokenizer
-
-    spec = json.loads((student / "tokenizer.json").read_text())
-    if spec.get("model", {}).get("type") != "BPE":
-        raise ValueError(f"{student}: pieces need a BPE tokenizer.json")
-    spec["model"]["merges"] = spec["model"]["merges"][:merges]
-    return Tokenizer.from_str(json.dumps(spec))
-
-
 def read_vectors(model: torch.nn.Module, tok: PreTrainedTokenizerBase, layout: PromptLayout, prompt_text: str,
                  text: str, n: int, arm: str, answer: list[int] | None = None,
                  pieces: Tokenizer | None = None) -> tuple[torch.Tensor, int]:
@@ -127,7 +114,8 @@ def read_vectors(model: torch.nn.Module, tok: PreTrainedTokenizerBase, layout: P
     if arm == "pieces":
         if pieces is None:
             raise ValueError("the pieces arm needs a piece tokenizer")
-        vecs = lay_out(embed(torch.tensor(pieces.encode(text, add_special_tokens=False).ids)), n, "blanks")
+        cut = pieces.encode(normalize_chars(text) or " ", add_special_tokens=False).ids
+        vecs = lay_out(embed(torch.tensor(cut)), n, "blanks")
     elif arm == "chars":
         vecs = lay_out(embed(char_token_ids(tok)[torch.tensor([CHARS.index(c) for c in text or " "])]),
                        CHAR_SLOTS * n, "blanks")
@@ -222,7 +210,6 @@ def main(argv: list[str] | None = None) -> int:
     from adapters.base_model import read_base_model
     from adapters.prompt import end_of_turn_id
     from adapters.training.data import read_manifest_absolute
-    from adapters.training.ctc import normalize_chars
     from adapters.training.evaluate import cer, wer
     from adapters.training.student import greedy_from_embeds
 
@@ -274,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     stats = {"rows": len(rows), "audio_tokens_mean": sum(counts) / len(counts),
              "text_tokens_mean": sum(len(tok.encode(r.text, add_special_tokens=False)) for r in rows) / len(rows)}
     if pieces is not None:
-        stats["pieces_mean"] = sum(len(pieces.encode(r.text, add_special_tokens=False).ids) for r in rows) / len(rows)
+        stats["pieces_mean"] = sum(len(pieces.encode(normalize_chars(r.text), add_special_tokens=False).ids) for r in rows) / len(rows)
     print(json.dumps(stats), file=sys.stderr, flush=True)
     results: list[dict[str, object]] = []
 

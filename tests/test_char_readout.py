@@ -106,3 +106,60 @@ def test_cli_spells_held_out_clips_and_a_text_trained_reader_transcribes_them(  
     # other settings than the checkpoint's: refused with the reason, not read with the wrong model
     assert char_main(["--reader", str(reader), "--oracle", *run, "--char-ctc-layer", "0"]) == 2
     assert "different settings" in capsys.readouterr().err
+
+
+def test_piece_units_are_the_llms_tokens_and_spell_back_the_normalised_transcript(world: dict[str, Path]) -> None:  # noqa: F811
+    from transformers import AutoTokenizer
+
+    from adapters.training.ctc import piece_units
+
+    tok = AutoTokenizer.from_pretrained(str(world["student"]))
+    units = piece_units(world["student"], 128)
+    assert units.name == "pieces128" and units.token_ids is not None and len(units.token_ids) == units.size
+    assert 128 < units.size <= 128 + 256 + 1  # one class per merge kept, plus the byte alphabet
+    for text in ["How do I navigate through a pegboard?", "It's 5 o'clock, Mr. Smith!"]:
+        classes = units.encode(text)
+        assert classes and all(1 <= k <= units.size for k in classes)  # 0 stays the blank
+        assert units.decode(classes) == normalize_chars(text)
+        # the classes are the LLM's own tokens: its tokenizer reads them as the normalised text
+        assert tok.decode([units.token_ids[k - 1] for k in classes]) == normalize_chars(text)
+        assert len(classes) > len(tok.encode(normalize_chars(text), add_special_tokens=False))  # a finer cut
+
+
+def test_a_run_can_spell_in_pieces(world: dict[str, Path]) -> None:  # noqa: F811
+    t = Trainer(_config(world, "pieces_run", char_ctc_weight=1.0, char_ctc_layer=1, char_ctc_merges=128,
+                        eval_manifest=world["manifest"], eval_examples=4, lr=1e-2))
+    assert t.units.name == "pieces128" and t.student.char_head is not None and t.student.char_head.classes == t.units.size + 1
+    assert [e.transcript_chars for e in t.examples[:2]] == [t.units.encode(e.text) for e in t.setup.rows[:2]]
+    first = t.evaluate()
+    assert first is not None and 0.0 <= first["eval_char_cer"]
+    losses = [t.train_step(s)["char_ctc"] for s in range(12)]
+    assert all(torch.isfinite(torch.tensor(losses))) and sum(losses[-3:]) < 0.8 * sum(losses[:3]), losses
+    logits = t.char_logits(t.eval_examples)
+    assert logits[0].shape[1] == t.units.size + 1
+    with pytest.raises(ConfigError, match="needs char_ctc_weight"):
+        Trainer(_config(world, "pieces_no_head", char_ctc_merges=128))
+
+
+def test_cli_reads_a_pieces_run_with_a_pieces_reader(world: dict[str, Path], tmp_path: Path,  # noqa: F811
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.oracle_readout import main as oracle_main
+
+    cfg = _config(world, "pieces_cli")
+    run = ["--student", str(cfg.student), "--teacher", str(cfg.teacher), "--manifest", str(cfg.manifest),
+           "--eval-manifest", str(cfg.manifest), "--batch-size", "2", "--lora-rank", "4", "--lora-alpha", "8",
+           "--char-ctc-weight", "1.0", "--char-ctc-layer", "1", "--char-ctc-merges", "64", "--save-every", "0",
+           "--eval-every", "0", "--no-progress", "--teacher-cache", str(cfg.teacher_cache),
+           "--work-dir", str(tmp_path / "work"), "--threads", "1", "--steps", "2"]
+    assert oracle_main(run) == 0
+    reader = tmp_path / "reader"
+    assert text_main(["--student", str(cfg.student), "--manifest", str(cfg.manifest), "--train-manifest", str(cfg.manifest),
+                      "--limit", "1", "--arms", "pieces", "--merges", "64", "--train-arm", "pieces", "--train-steps", "2",
+                      "--eval-every", "2", "--batch-size", "2", "--max-tokens", "4", "--threads", "1",
+                      "--save-reader", str(reader)]) == 0
+    capsys.readouterr()
+    final = tmp_path / "pieces.json"
+    assert char_main(["--reader", str(reader), "--oracle", "--limit", "2", "--max-tokens", "4", "--modes", "hard",
+                      "--json", str(final), *run]) == 0
+    got = json.loads(final.read_text())
+    assert got["units"] == "pieces64" and got["clips"] == 2 and "hard" in got and "soft" not in got

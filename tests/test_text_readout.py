@@ -70,7 +70,7 @@ def test_cli_reads_held_out_rows_and_trains_a_reader_on_the_others(world: dict[s
 def test_pieces_are_the_llms_own_tokens_cut_finer(world: dict[str, Path]) -> None:  # noqa: F811
     from transformers import AutoTokenizer
 
-    from bench.text_readout import piece_tokenizer
+    from adapters.training.ctc import piece_tokenizer
 
     tok = AutoTokenizer.from_pretrained(str(world["student"]))
     texts = ["How do I navigate through a pegboard?", "The weather is nice today.", "Call Dr. O'Brien at 7:45 tomorrow!"]

@@ -21,7 +21,8 @@ from adapters.audio_layer import MAX_ENCODER_LAYERS
 
 # settings added after runs were started: at these values they leave a run's fingerprint as it was
 NEW_SETTING_DEFAULTS: dict[str, object] = {"audio_encoder_layers": 0, "audio_encoder_lr_scale": 0.1,
-                                            "char_ctc_weight": 0.0, "char_ctc_layer": 2, "spec_freq_warp": 0.0}
+                                            "char_ctc_weight": 0.0, "char_ctc_layer": 2, "spec_freq_warp": 0.0,
+                                            "char_ctc_merges": None}
 DistillLoss = Literal["cosine", "mse", "none"]
 Precision = Literal["fp32", "bf16"]
 
@@ -84,6 +85,10 @@ class TrainConfig(BaseModel):
         "training-only head (RMSNorm + Linear, dropped at export): a dense spelling signal for the early blocks, where "
         "linear probes found the words missing (0 = off).")
     char_ctc_layer: int = Field(2, ge=0, description="Block whose output feeds the character CTC head.")
+    char_ctc_merges: int | None = Field(
+        None, ge=0, le=100_000, description="What the character head spells in: None = characters; N = pieces of the "
+        "student's own BPE with only its first N merges (~N + 256 classes, each one of the LLM's tokens), a small "
+        "sub-word inventory the LLM reads as its own (bench/OPEN_VOCAB_LOG.md, stop 26).")
     ce_weight: float = Field(1.0, ge=0.0, description="Weight of the next-token loss on answer tokens.")
     text_kd_weight: float = Field(
         0.0, ge=0.0, description="KL from the base LLM reading the transcript as text (in place of the audio, LoRA off) "

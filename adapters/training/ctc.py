@@ -19,8 +19,17 @@ per audio token (25 Hz) leave room above the ~14 characters/s of speech.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 CHARS = " abcdefghijklmnopqrstuvwxyz'"  # id 0 is the blank; character k is id k + 1
 CHAR_SLOTS = 2  # characters per audio token: 12.5 Hz tokens -> 25 Hz
@@ -39,6 +48,57 @@ def normalize_chars(text: str) -> str:
 def decode_chars(ids: list[int]) -> str:
     """Best-path character ids (no blanks) back to text, spaces collapsed."""
     return " ".join("".join(CHARS[i - 1] for i in ids).split())
+
+
+@dataclass(frozen=True)
+class Units:
+    """What the character head spells in: ``size`` classes after the blank (id 0). ``encode`` turns a
+    transcript into class ids 1..size, ``decode`` class ids back to the normalised characters a
+    character error rate compares (so every unit set is scored alike); ``token_ids[k]`` is the
+    LLM token of class k + 1 where the units are the LLM's own tokens (pieces)."""
+
+    name: str
+    size: int
+    encode: Callable[[str], list[int]]
+    decode: Callable[[list[int]], str]
+    token_ids: tuple[int, ...] | None = None
+
+
+CHAR_UNITS = Units("chars", len(CHARS), encode_chars, decode_chars)
+
+
+def piece_tokenizer(student: Path, merges: int) -> Tokenizer:
+    """The LLM's own byte-level BPE keeping only its first ``merges`` merges: it cuts text into more,
+    shorter pieces, each still one of the LLM's tokens (same ids), and decodes back to the same text."""
+    from tokenizers import Tokenizer
+
+    spec = json.loads((Path(student) / "tokenizer.json").read_text())
+    if spec.get("model", {}).get("type") != "BPE":
+        raise ValueError(f"{student}: pieces need a BPE tokenizer.json")
+    spec["model"]["merges"] = spec["model"]["merges"][:merges]
+    return Tokenizer.from_str(json.dumps(spec))
+
+
+def piece_units(student: Path, merges: int) -> Units:
+    """The pieces of the LLM's BPE with its first ``merges`` merges as the head's units: every token
+    such a cut can produce (the byte alphabet plus one token per merge kept), over the normalised
+    transcript (lower case, ``CHARS`` only: what the audio carries). A small sub-word inventory: few
+    classes for the head to learn, and tokens the LLM reads as its own."""
+    cut = piece_tokenizer(student, merges)
+    spec = json.loads((Path(student) / "tokenizer.json").read_text())["model"]
+    vocab: dict[str, int] = spec["vocab"]
+    pairs = [m.split(" ") if isinstance(m, str) else m for m in spec["merges"][:merges]]
+    alphabet = {tok for tok in vocab if len(tok) == 1}  # the byte-level alphabet's single symbols
+    ids = tuple(sorted({vocab[t] for t in alphabet} | {vocab[a + b] for a, b in pairs if a + b in vocab}))
+    index = {t: k + 1 for k, t in enumerate(ids)}
+
+    def encode(text: str) -> list[int]:
+        return [index[t] for t in cut.encode(normalize_chars(text), add_special_tokens=False).ids]
+
+    def decode(classes: list[int]) -> str:
+        return normalize_chars(cut.decode([ids[k - 1] for k in classes]))
+
+    return Units(f"pieces{merges}", len(ids), encode, decode, ids)
 
 
 def ctc_loss(logits: torch.Tensor, lengths: torch.Tensor, targets: list[list[int]], blank: int) -> torch.Tensor:

@@ -22,7 +22,7 @@ from adapters.audio import load_audio_file
 from adapters.audio_layer import AudioLayerConfig
 from adapters.features import FeatureConfig, log_mel
 from adapters.prompt import PromptLayout, TextPart, Turn, build_prompt, end_of_turn_id, user_turn
-from adapters.training.ctc import encode_chars
+from adapters.training.ctc import CHAR_UNITS, Units
 
 
 class ManifestRow(BaseModel):
@@ -116,18 +116,19 @@ class Example:
     task: str
     transcript_ids: list[int]  # the spoken words' tokens (CTC target; for qa rows not the answer)
     text_prompt_ids: list[int] = field(default_factory=list)  # the same prompt with the transcript in place of the audio
-    transcript_chars: list[int] = field(default_factory=list)  # the spoken words as character ids (character CTC target)
+    transcript_chars: list[int] = field(default_factory=list)  # the spoken words in the character head's units (its CTC target)
 
 
 def build_example(
     index: int, row: ManifestRow, manifest_dir: Path, *, tokenizer: Any, layout: PromptLayout,
     features: FeatureConfig, audio_layer: AudioLayerConfig, transcribe_prompt: str, max_response_tokens: int,
     samples: torch.Tensor | None = None, keep_features: bool = True, end_of_turn: int | None = None,
-    text_prompt: bool = False,
+    text_prompt: bool = False, units: Units = CHAR_UNITS,
 ) -> Example:
     """One manifest row as an :class:`Example`. ``end_of_turn``: the answer's closing token (looked up
     from the chat template when None; callers building many examples pass it once). ``text_prompt``:
-    also build the prompt with the transcript in place of the audio (for text_kd)."""
+    also build the prompt with the transcript in place of the audio (for text_kd). ``units``: what the
+    character head's target spells the transcript in."""
     path = row.audio_path(manifest_dir)
     if samples is None:
         samples = torch.from_numpy(load_audio_file(path, sample_rate=features.sample_rate).samples.copy())
@@ -153,7 +154,7 @@ def build_example(
         features=feats[0, :, :n_frames].contiguous() if feats is not None else None, num_frames=n_frames, num_audio_tokens=n_tok,
         prompt_ids=prompt.token_ids, audio_start=prompt.audio_spans[0][0], target_ids=target, task=row.task,
         transcript_ids=tokenizer.encode(row.text, add_special_tokens=False), text_prompt_ids=text_ids,
-        transcript_chars=encode_chars(row.text),
+        transcript_chars=units.encode(row.text),
     )
 
 

@@ -34,20 +34,22 @@ class DistillHead(nn.Module):
 
 
 class CharHead(nn.Module):
-    """Characters from one block's audio-position states: RMSNorm + Linear to ``CHAR_SLOTS``
-    character distributions per audio token (blank + ``CHARS``), read out as one sequence at
-    ``CHAR_SLOTS`` times the token rate. A linear read-out on purpose: what it can spell, the
-    LoRA above can read; the capacity has to be in the states, not in the head."""
+    """Characters (or ``units``: pieces, ``adapters.training.ctc.Units``) from one block's
+    audio-position states: RMSNorm + Linear to ``CHAR_SLOTS`` distributions per audio token (blank +
+    ``units`` classes), read out as one sequence at ``CHAR_SLOTS`` times the token rate. A linear
+    read-out on purpose: what it can spell, the LoRA above can read; the capacity has to be in the
+    states, not in the head."""
 
-    def __init__(self, hidden: int) -> None:
+    def __init__(self, hidden: int, units: int = len(CHARS)) -> None:
         super().__init__()
+        self.classes = units + 1
         self.norm = nn.RMSNorm(hidden, eps=1e-6)
-        self.proj = nn.Linear(hidden, CHAR_SLOTS * (len(CHARS) + 1))
+        self.proj = nn.Linear(hidden, CHAR_SLOTS * self.classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, N, hidden) -> (B, N * CHAR_SLOTS, len(CHARS) + 1) logits."""
+        """(B, N, hidden) -> (B, N * CHAR_SLOTS, classes) logits."""
         b, n, _ = x.shape
-        return self.proj(self.norm(x)).reshape(b, n * CHAR_SLOTS, len(CHARS) + 1)
+        return self.proj(self.norm(x)).reshape(b, n * CHAR_SLOTS, self.classes)
 
 
 @dataclass
@@ -58,7 +60,7 @@ class StudentOutput:
     audio_mask: torch.Tensor  # (B, N) bool
     audio_tokens: torch.Tensor  # (B,) valid audio positions
     ctc_logits: torch.Tensor | None = None  # (B, N, V) LM-head logits at audio positions
-    char_logits: torch.Tensor | None = None  # (B, N * CHAR_SLOTS, len(CHARS) + 1) character head logits
+    char_logits: torch.Tensor | None = None  # (B, N * CHAR_SLOTS, 1 + units) character head logits
 
 
 def decoder_layers(causal_lm: Any) -> nn.ModuleList:

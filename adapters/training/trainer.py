@@ -32,7 +32,7 @@ from adapters.features import FeatureConfig
 from adapters.prompt import PromptLayout, end_of_turn_id
 from adapters.training.config import TrainConfig
 from adapters.training.data import Batch, Example, ManifestRow, build_example, collate, read_manifest, with_features, with_features_batch
-from adapters.training.ctc import CHAR_SLOTS, ctc_loss, decode_chars, greedy_ctc
+from adapters.training.ctc import CHAR_SLOTS, CHAR_UNITS, Units, ctc_loss, greedy_ctc, piece_units
 from adapters.training.losses import distill_loss, next_token_loss, text_kd_loss
 from adapters.training.spec_augment import SpecAugment, mask_seed
 from adapters.training.student import AuraStudent, CharHead, DistillHead
@@ -116,6 +116,10 @@ def check_config(config: TrainConfig) -> Setup:
         raise ConfigError(f"char_ctc_layer {config.char_ctc_layer} must be a student layer at or below max_layer")
     if config.max_layer is not None and config.text_kd_weight > 0:
         raise ConfigError("text_kd_weight needs the full student (its answer logits); it cannot run in a truncated stage (max_layer)")
+    if config.char_ctc_merges is not None and config.char_ctc_weight == 0:
+        raise ConfigError("char_ctc_merges sets what the character head spells in; it needs char_ctc_weight > 0")
+    if config.char_ctc_merges is not None and not (Path(config.student) / "tokenizer.json").is_file():
+        raise ConfigError(f"char_ctc_merges needs the student's BPE tokenizer.json, not found in {config.student}")
     if config.max_layer is not None and config.ctc_weight == 0 and config.char_ctc_weight == 0 and deepest is None:
         raise ConfigError("a truncated stage (max_layer) trains nothing without distillation, ctc_weight or char_ctc_weight > 0")
     if config.batch_size % config.grad_accum:
@@ -273,7 +277,8 @@ class Trainer:
                 self.stem_init = "random"
             audio.match_output_scale(embedding_rms(base))
         heads = {k: DistillHead(s.base.hidden_size, s.teacher.width) for k in s.layer_map} if self.distill else {}
-        char_head = CharHead(s.base.hidden_size) if c.char_ctc_weight > 0 else None
+        self.units: Units = CHAR_UNITS if c.char_ctc_merges is None else piece_units(c.student, c.char_ctc_merges)
+        char_head = CharHead(s.base.hidden_size, self.units.size) if c.char_ctc_weight > 0 else None
         self.student = AuraStudent(peft_model, audio, heads, char_head).to(self.device)
         self.student.train()
         self.rebuild_optimizer()
@@ -333,7 +338,7 @@ class Trainer:
         return [build_example(i, r, Path(manifest).parent, tokenizer=self.tokenizer, layout=s.layout, features=s.features,
                               audio_layer=self.student.audio_layer.config, transcribe_prompt=c.transcribe_prompt,
                               max_response_tokens=c.max_response_tokens, keep_features=keep, end_of_turn=self.end_of_turn,
-                              text_prompt=self.text_kd) for i, r in enumerate(it)]
+                              text_prompt=self.text_kd, units=self.units) for i, r in enumerate(it)]
 
     def teacher_cache(self) -> TeacherCache:
         c, s = self.config, self.setup
@@ -535,8 +540,8 @@ class Trainer:
                     ctc_hyps += [self.tokenizer.decode(h) for h in hyps]
                 if "_char_logits" in terms:
                     hyps = greedy_ctc(terms.pop("_char_logits"), terms.pop("_char_lengths"), blank=0)
-                    char_refs += [decode_chars(self.eval_examples[i].transcript_chars) for i in idx]
-                    char_hyps += [decode_chars(h) for h in hyps]
+                    char_refs += [self.units.decode(self.eval_examples[i].transcript_chars) for i in idx]
+                    char_hyps += [self.units.decode(h) for h in hyps]
                 for k, v in terms.items():
                     sums[k] = sums.get(k, 0.0) + float(v) * len(idx)
                 if "ce" in terms:
@@ -555,8 +560,8 @@ class Trainer:
 
     @torch.no_grad()
     def char_logits(self, examples: list[Example]) -> list[torch.Tensor]:
-        """Per clip, the character head's (slots, 1 + len(CHARS)) logits over its valid slots: what
-        the run spells (``bench/char_readout.py`` reads them). Needs a run with ``char_ctc_weight``."""
+        """Per clip, the character head's (slots, 1 + units) logits over its valid slots: what the run
+        spells, in ``self.units`` (``bench/char_readout.py`` reads them). Needs a run with ``char_ctc_weight``."""
         if self.char_layer is None:
             raise ConfigError("the run has no character head (char_ctc_weight 0)")
         was_training = self.student.training
@@ -736,7 +741,7 @@ class Trainer:
             "end_of_turn_id": self.end_of_turn,
             "config_fingerprint": c.fingerprint(),
             "stage": {"max_layer": c.max_layer, "ctc_weight": c.ctc_weight, "ctc_layer": self.ctc_layer,
-                      "char_ctc_weight": c.char_ctc_weight, "char_ctc_layer": self.char_layer,
+                      "char_ctc_weight": c.char_ctc_weight, "char_ctc_layer": self.char_layer, "char_ctc_units": self.units.name,
                       "ce_weight": c.ce_weight if self.use_ce else 0.0, "text_kd_weight": c.text_kd_weight if self.text_kd else 0.0,
                       "tasks": c.tasks,
                       "teacher_context_frames": c.teacher_context_frames, "init_from": str(c.init_from) if c.init_from else None},
