@@ -42,6 +42,7 @@ steps. That says whether *learning to read* a path at the audio rate is cheap (n
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import random
 import sys
@@ -124,8 +125,10 @@ def read_vectors(model: torch.nn.Module, tok: PreTrainedTokenizerBase, layout: P
     return splice(model, tok, layout, prompt_text, vecs, answer)
 
 
+@functools.cache
 def char_token_ids(tok: PreTrainedTokenizerBase) -> torch.Tensor:
-    """The LLM's own single-character token for each of ``CHARS`` (SmolLM2 and most byte-level BPEs have one)."""
+    """The LLM's own single-character token for each of ``CHARS`` (SmolLM2 and most byte-level BPEs have one).
+    Cached per tokenizer: every laid-out row asks for it."""
     ids = [tok.encode(c, add_special_tokens=False) for c in CHARS]
     if any(len(i) != 1 for i in ids):
         raise ValueError(f"the tokenizer spells some of {CHARS!r} with more than one token")

@@ -23,7 +23,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -67,16 +67,25 @@ class Units:
 CHAR_UNITS = Units("chars", len(CHARS), encode_chars, decode_chars)
 
 
+def _bpe_spec(student: Path) -> dict[str, Any]:
+    """The student's ``tokenizer.json``, checked to be a BPE."""
+    spec: dict[str, Any] = json.loads((Path(student) / "tokenizer.json").read_text())
+    if spec.get("model", {}).get("type") != "BPE":
+        raise ValueError(f"{student}: pieces need a BPE tokenizer.json")
+    return spec
+
+
+def _cut_with(spec: dict[str, Any], merges: int) -> Tokenizer:
+    from tokenizers import Tokenizer
+
+    kept = {**spec, "model": {**spec["model"], "merges": spec["model"]["merges"][:merges]}}
+    return Tokenizer.from_str(json.dumps(kept))
+
+
 def piece_tokenizer(student: Path, merges: int) -> Tokenizer:
     """The LLM's own byte-level BPE keeping only its first ``merges`` merges: it cuts text into more,
     shorter pieces, each still one of the LLM's tokens (same ids), and decodes back to the same text."""
-    from tokenizers import Tokenizer
-
-    spec = json.loads((Path(student) / "tokenizer.json").read_text())
-    if spec.get("model", {}).get("type") != "BPE":
-        raise ValueError(f"{student}: pieces need a BPE tokenizer.json")
-    spec["model"]["merges"] = spec["model"]["merges"][:merges]
-    return Tokenizer.from_str(json.dumps(spec))
+    return _cut_with(_bpe_spec(student), merges)
 
 
 def piece_units(student: Path, merges: int) -> Units:
@@ -84,10 +93,10 @@ def piece_units(student: Path, merges: int) -> Units:
     such a cut can produce (the byte alphabet plus one token per merge kept), over the normalised
     transcript (lower case, ``CHARS`` only: what the audio carries). A small sub-word inventory: few
     classes for the head to learn, and tokens the LLM reads as its own."""
-    cut = piece_tokenizer(student, merges)
-    spec = json.loads((Path(student) / "tokenizer.json").read_text())["model"]
-    vocab: dict[str, int] = spec["vocab"]
-    pairs = [m.split(" ") if isinstance(m, str) else m for m in spec["merges"][:merges]]
+    full = _bpe_spec(student)
+    cut = _cut_with(full, merges)
+    vocab: dict[str, int] = full["model"]["vocab"]
+    pairs = [m.split(" ") if isinstance(m, str) else m for m in full["model"]["merges"][:merges]]
     alphabet = {tok for tok in vocab if len(tok) == 1}  # the byte-level alphabet's single symbols
     ids = tuple(sorted({vocab[t] for t in alphabet} | {vocab[a + b] for a, b in pairs if a + b in vocab}))
     index = {t: k + 1 for k, t in enumerate(ids)}
