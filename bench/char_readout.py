@@ -7,8 +7,10 @@ next-token loss do not. This joins it to a reader of spellings (``bench/text_rea
 single-character tokens) on held-out clips: the run's checkpoint spells each clip (its character
 posteriors, ``CHAR_SLOTS`` per audio token), the posteriors become vectors in the LLM's input space
 (``soft``: the probability-weighted mix of the character tokens' embeddings, the blank adding
-nothing; ``hard``: the best character's embedding, or zero for a blank), and the reader transcribes
-them greedily. WER against the transcript says what a character bottleneck gives with that reader,
+nothing; ``hard``: the best character's embedding, or zero for a blank; ``collapsed``: the best
+path's units, repeats merged and blanks dropped, laid out again with blanks exactly as the reader
+was trained, over ``CHAR_SLOTS`` x n slots for characters and n for pieces), and the reader
+transcribes them greedily. WER against the transcript says what a character bottleneck gives with that reader,
 with no next-token training on audio; the clips' character error rate beside it says how much of
 the loss is the spelling and how much the reading (stop 26, ``bench/OPEN_VOCAB_LOG.md``: CER 0.295
 from the teacher-state oracle, WER 1.11 through a 960-line reader that reads clean spellings at 1.16).
@@ -35,13 +37,22 @@ import torch
 
 from adapters.training.ctc import CHAR_SLOTS, greedy_ctc
 
-MODES = ("soft", "hard")
+MODES = ("soft", "hard", "collapsed")
 
 
-def char_vectors(logits: torch.Tensor, table: torch.Tensor, mode: str) -> torch.Tensor:
-    """(S, 1 + units) character-head logits of one clip -> (S, d) input vectors from ``table``
-    (units, d), the units' own token embeddings (characters, or pieces). Id 0 is the blank and
-    writes a zero vector."""
+def char_vectors(logits: torch.Tensor, table: torch.Tensor, mode: str, slots: int | None = None) -> torch.Tensor:
+    """(S, 1 + units) character-head logits of one clip -> input vectors from ``table`` (units, d),
+    the units' own token embeddings (characters, or pieces). Id 0 is the blank and writes a zero
+    vector. ``soft`` and ``hard`` give one vector per head position (S); ``collapsed`` gives
+    ``slots``: the best path (``greedy_ctc``) spread with blanks as ``text_readout.lay_out`` spreads a
+    reader's training rows, since a head's path repeats a unit over frames and a reader never saw that."""
+    if mode == "collapsed":
+        from bench.text_readout import lay_out
+
+        if slots is None:
+            raise ValueError("collapsed vectors need the reader's slot count")
+        ids = greedy_ctc(logits[None], torch.tensor([logits.shape[0]]), blank=0)[0]
+        return lay_out(table[torch.tensor(ids, dtype=torch.long) - 1], slots, "blanks")
     probs = torch.softmax(logits.float(), dim=-1)
     if mode == "hard":
         probs = torch.nn.functional.one_hot(probs.argmax(-1), probs.shape[-1]).to(probs.dtype)
@@ -61,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     from adapters.training.student import greedy_from_embeds
     from adapters.training.trainer import ConfigError, Trainer
     from bench.oracle_readout import install
-    from bench.text_readout import char_token_ids, splice
+    from bench.text_readout import splice, unit_slots, unit_token_ids
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 epilog="Every `aura train` flag works here too: give the run's own, so its checkpoint loads.")
@@ -110,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     tok = AutoTokenizer.from_pretrained(str(args.student))
     eos = {end_of_turn_id(tok)} | ({tok.eos_token_id} if tok.eos_token_id is not None else set())
     with torch.no_grad():
-        table = reader.get_input_embeddings()(char_token_ids(tok) if units.token_ids is None else torch.tensor(units.token_ids))
+        table = reader.get_input_embeddings()(unit_token_ids(units, tok))
     results: dict[str, object] = {"checkpoint": str(ckpt), "step": step, "clips": len(examples), "char_cer": char_cer,
                                   "units": units.name, "char_slots": CHAR_SLOTS, "reader": str(args.reader)}
     wers: dict[str, float] = {}
@@ -119,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         for lg in logits:
             with torch.no_grad():
                 embeds, _ = splice(reader, tok, reader_adapter.config.prompt, reader_adapter.transcribe_prompt,
-                                   char_vectors(lg, table, mode))
+                                   char_vectors(lg, table, mode, unit_slots(units, lg.shape[0] // CHAR_SLOTS)))
             ids = greedy_from_embeds(reader, embeds, max_new_tokens=args.max_tokens, eos_ids=eos)
             hyps.append(tok.decode([i for i in ids if i not in eos], skip_special_tokens=True).strip())
         wers[mode] = wer(refs, hyps)

@@ -53,10 +53,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from adapters.training.ctc import CHAR_SLOTS, CHARS, normalize_chars, piece_tokenizer
+from adapters.training.ctc import CHAR_SLOTS, CHAR_UNITS, CHARS, Units, normalize_chars, piece_units
 
 if TYPE_CHECKING:
-    from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerBase
 
     from adapters.adapter import AuraConfig
@@ -64,6 +63,7 @@ if TYPE_CHECKING:
 
 ARMS = ("text", "stretched", "blanks", "chars", "pieces")
 TOKEN_ARMS = ARMS[1:3]  # the sub-word paths the "mix" training arm draws from
+UNIT_ARMS = ARMS[3:]  # laid out in a CTC head's units (lay_units)
 
 
 def spell(text: str, rate: float, gen: random.Random) -> str:
@@ -106,23 +106,41 @@ def audio_positions(config: AuraConfig, num_samples: int, stack_factor: int | No
 
 def read_vectors(model: torch.nn.Module, tok: PreTrainedTokenizerBase, layout: PromptLayout, prompt_text: str,
                  text: str, n: int, arm: str, answer: list[int] | None = None,
-                 pieces: Tokenizer | None = None) -> tuple[torch.Tensor, int]:
+                 units: Units | None = None) -> tuple[torch.Tensor, int]:
     """Prompt embeddings with ``text`` laid out by ``arm`` over ``n`` audio positions (and the
-    ``answer`` ids appended); returns them and the prompt's length. For ``chars``, ``text`` is
-    already spelled (``spell``) and spreads over ``CHAR_SLOTS * n`` slots; ``pieces`` cuts it with
-    ``pieces`` (``piece_tokenizer``)."""
+    ``answer`` ids appended); returns them and the prompt's length. The ``chars`` and ``pieces``
+    arms lay ``units`` out (``lay_units``); for ``chars``, ``text`` is already spelled (``spell``)."""
     embed = model.get_input_embeddings()
-    if arm == "pieces":
-        if pieces is None:
-            raise ValueError("the pieces arm needs a piece tokenizer")
-        cut = pieces.encode(normalize_chars(text) or " ", add_special_tokens=False).ids
-        vecs = lay_out(embed(torch.tensor(cut)), n, "blanks")
-    elif arm == "chars":
-        vecs = lay_out(embed(char_token_ids(tok)[torch.tensor([CHARS.index(c) for c in text or " "])]),
-                       CHAR_SLOTS * n, "blanks")
+    if arm in UNIT_ARMS:
+        if units is None:
+            raise ValueError(f"the {arm} arm needs its units")
+        vecs = lay_units(embed, tok, units, text, n)
     else:
         vecs = lay_out(embed(torch.tensor(tok.encode(text, add_special_tokens=False))), n, arm)
     return splice(model, tok, layout, prompt_text, vecs, answer)
+
+
+def unit_slots(units: Units, n: int) -> int:
+    """The slots a clip of ``n`` audio tokens gives ``units``: the character head's ``CHAR_SLOTS``
+    per audio token for a spelling (a 25 Hz alphabet needs them), one per audio token for pieces."""
+    return CHAR_SLOTS * n if units.token_ids is None else n
+
+
+def unit_token_ids(units: Units, tok: PreTrainedTokenizerBase) -> torch.Tensor:
+    """The LLM token of each unit (class k + 1 -> row k): its own single-character tokens for a
+    spelling, the pieces' own ids for pieces."""
+    return char_token_ids(tok) if units.token_ids is None else torch.tensor(units.token_ids)
+
+
+def lay_units(embed: torch.nn.Module, tok: PreTrainedTokenizerBase, units: Units, text: str, n: int) -> torch.Tensor:
+    """``text`` in ``units``, each as its LLM token's embedding, spread with blanks over
+    ``unit_slots(units, n)``: what a CTC head over those units hands the LLM on its best path.
+    A text with no units is all blanks."""
+    ids = units.encode(text)
+    slots = unit_slots(units, n)
+    if not ids:
+        return torch.zeros(slots, embed.weight.shape[1])
+    return lay_out(embed(unit_token_ids(units, tok)[torch.tensor(ids) - 1]), slots, "blanks")
 
 
 @functools.cache
@@ -151,7 +169,7 @@ def splice(model: torch.nn.Module, tok: PreTrainedTokenizerBase, layout: PromptL
 
 def train_reader(model: torch.nn.Module, tok: PreTrainedTokenizerBase, layout: PromptLayout, prompt_text: str,
                  texts: list[str], ratios: list[float], args: argparse.Namespace, eot: int,
-                 on_eval: Callable[[int], None], pieces: Tokenizer | None = None) -> None:
+                 on_eval: Callable[[int], None], units: dict[str, Units]) -> None:
     """Train ``model``'s LoRA to transcribe ``texts`` laid out by ``args.train_arm`` at the audio rate."""
     gen = random.Random(args.seed)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -166,7 +184,7 @@ def train_reader(model: torch.nn.Module, tok: PreTrainedTokenizerBase, layout: P
             n = max(len(target), round(len(target) * gen.choice(ratios)))
             arm = gen.choice(TOKEN_ARMS) if args.train_arm == "mix" else args.train_arm
             laid = spell(text, gen.uniform(0.0, args.train_char_noise), gen) if arm == "chars" else text
-            embeds, plen = read_vectors(model, tok, layout, prompt_text, laid, n, arm, target + [eot], pieces)
+            embeds, plen = read_vectors(model, tok, layout, prompt_text, laid, n, arm, target + [eot], units.get(arm))
             seqs.append(embeds)
             labels.append(torch.tensor([-100] * plen + target + [eot]))
         width = max(e.shape[0] for e in seqs)
@@ -249,7 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    pieces = piece_tokenizer(args.student, args.merges) if "pieces" in (*args.arms, args.train_arm) else None
+    units = {"chars": CHAR_UNITS}  # each unit arm's units
+    if "pieces" in (*args.arms, args.train_arm):
+        units["pieces"] = piece_units(args.student, args.merges)
 
     shape_from = load_adapter(args.adapter[0] if args.adapter else DEMO_ADAPTER_DIR)
     cfg = shape_from.config
@@ -263,8 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     counts = [audio_positions(cfg, len(load_audio_file(r.audio).samples), args.stack_factor) for r in rows]
     stats = {"rows": len(rows), "audio_tokens_mean": sum(counts) / len(counts),
              "text_tokens_mean": sum(len(tok.encode(r.text, add_special_tokens=False)) for r in rows) / len(rows)}
-    if pieces is not None:
-        stats["pieces_mean"] = sum(len(pieces.encode(normalize_chars(r.text), add_special_tokens=False).ids) for r in rows) / len(rows)
+    if "pieces" in units:
+        stats["pieces_mean"] = sum(len(units["pieces"].encode(r.text)) for r in rows) / len(rows)
     print(json.dumps(stats), file=sys.stderr, flush=True)
     results: list[dict[str, object]] = []
 
@@ -285,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
             t0, hyps = time.perf_counter(), []
             for laid, n in zip(inputs, counts, strict=True):
                 with torch.no_grad():
-                    embeds, _ = read_vectors(model, tok, cfg.prompt, prompt_text, laid, n, arm, pieces=pieces)
+                    embeds, _ = read_vectors(model, tok, cfg.prompt, prompt_text, laid, n, arm, units=units.get(arm))
                 ids = greedy_from_embeds(model, embeds, max_new_tokens=args.max_tokens, eos_ids=eos)
                 hyps.append(tok.decode([i for i in ids if i not in eos], skip_special_tokens=True).strip())
             res = {"model": label, "arm": column, "wer": wer([r.text for r in rows], hyps), "rows": len(rows),
@@ -325,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
             labels.append(f"text-trained LoRA ({args.train_arm}), step {step}")
             read_all(model, labels[-1], shape_from.transcribe_prompt)
 
-        train_reader(model, tok, cfg.prompt, shape_from.transcribe_prompt, texts, ratios, args, eot, on_eval, pieces)
+        train_reader(model, tok, cfg.prompt, shape_from.transcribe_prompt, texts, ratios, args, eot, on_eval, units)
         if args.save_reader is not None:
             save_reader(model, args, cfg)
 

@@ -14,12 +14,12 @@ import torch
 
 from test_training import _config, world  # noqa: F401  (the tiny student/teacher/espeak-ng world, session-scoped)
 
-from adapters.training.ctc import CHARS, decode_chars, greedy_ctc, normalize_chars
+from adapters.training.ctc import CHAR_SLOTS, CHAR_UNITS, CHARS, Units, decode_chars, greedy_ctc, normalize_chars
 from adapters.training.evaluate import cer
 from adapters.training.trainer import ConfigError, Trainer
 from bench.char_readout import char_vectors
 from bench.char_readout import main as char_main
-from bench.text_readout import spell
+from bench.text_readout import lay_out, spell, unit_slots
 from bench.text_readout import main as text_main
 
 
@@ -38,6 +38,27 @@ def test_char_vectors_mix_the_character_tokens_and_blanks_write_nothing() -> Non
     torch.testing.assert_close(soft[2], 0.5 * table[CHARS.index("b")], rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="unknown mode"):
         char_vectors(logits, table, "argmax")
+
+
+def test_collapsed_vectors_are_the_best_path_laid_out_as_a_reader_was_trained() -> None:
+    table = torch.randn(len(CHARS), 5)
+    path = "aa_b__bc_"  # best path over 9 head positions: a a blank b blank blank b c blank -> "abbc"
+    logits = torch.full((len(path), len(CHARS) + 1), -30.0)
+    for i, c in enumerate(path):
+        logits[i, 0 if c == "_" else 1 + CHARS.index(c)] = 30.0
+    want = [table[CHARS.index(c)] for c in "abbc"]
+    for slots in (9, 4, 6):  # a spelling reader (every head slot), a pieces reader (fewer), uneven spreads
+        out = char_vectors(logits, table, "collapsed", slots)
+        assert out.shape == (slots, 5)
+        written = [v for v in out if v.abs().sum() > 0]
+        assert len(written) == 4 and all(torch.equal(w, t) for w, t in zip(written, want))
+        assert torch.equal(out, lay_out(torch.stack(want), slots, "blanks"))
+    spread = char_vectors(logits, table, "collapsed", 9)  # spread (slots 0, 2, 4, 6), not packed at the front
+    assert [i for i, v in enumerate(spread) if v.abs().sum() > 0] == [0, 2, 4, 6]
+    with pytest.raises(ValueError, match="slot count"):
+        char_vectors(logits, table, "collapsed")
+    assert unit_slots(CHAR_UNITS, 9) == 9 * CHAR_SLOTS
+    assert unit_slots(Units("pieces8", 300, list, str, token_ids=(1,) * 300), 9) == 9
 
 
 def test_spell_edits_about_the_share_it_is_asked_for() -> None:

@@ -82,12 +82,6 @@ def _cut_with(spec: dict[str, Any], merges: int) -> Tokenizer:
     return Tokenizer.from_str(json.dumps(kept))
 
 
-def piece_tokenizer(student: Path, merges: int) -> Tokenizer:
-    """The LLM's own byte-level BPE keeping only its first ``merges`` merges: it cuts text into more,
-    shorter pieces, each still one of the LLM's tokens (same ids), and decodes back to the same text."""
-    return _cut_with(_bpe_spec(student), merges)
-
-
 def piece_units(student: Path, merges: int) -> Units:
     """The pieces of the LLM's BPE with its first ``merges`` merges as the head's units: every token
     such a cut can produce (the byte alphabet plus one token per merge kept), over the normalised
