@@ -22,7 +22,8 @@ would; L = the transcript's token count):
 - ``pieces``: the transcript, normalised as the character head spells it, cut by the LLM's own
   BPE with only its first ``--merges`` merges (every piece is still one of the LLM's tokens; ~1.7x
   as many as the full cut at 1,024), spread with blanks over the n positions: what a CTC head over
-  that small sub-word inventory (``char_ctc_merges``) would hand it.
+  that small sub-word inventory (``char_ctc_merges``) would hand it. ``--char-noise`` edits its
+  characters before the cut, as for ``chars``.
 
 Greedy decoding with the prompt the adapter transcribes with, WER against the transcript.
 ``--stack-factor`` counts the audio positions as an audio layer stacking that many 50 Hz frames would.
@@ -183,7 +184,7 @@ def train_reader(model: torch.nn.Module, tok: PreTrainedTokenizerBase, layout: P
             target = tok.encode(text, add_special_tokens=False)
             n = max(len(target), round(len(target) * gen.choice(ratios)))
             arm = gen.choice(TOKEN_ARMS) if args.train_arm == "mix" else args.train_arm
-            laid = spell(text, gen.uniform(0.0, args.train_char_noise), gen) if arm == "chars" else text
+            laid = spell(text, gen.uniform(0.0, args.train_char_noise), gen) if arm in UNIT_ARMS else text
             embeds, plen = read_vectors(model, tok, layout, prompt_text, laid, n, arm, target + [eot], units.get(arm))
             seqs.append(embeds)
             labels.append(torch.tensor([-100] * plen + target + [eot]))
@@ -244,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stack-factor", type=int, default=None, help="count audio positions as a layer stacking this many frames")
     p.add_argument("--merges", type=int, default=1024, help="pieces: the BPE merges kept (of the LLM's own, in order)")
     p.add_argument("--char-noise", type=float, nargs="+", default=[0.0],
-                   help="chars: read the held-out spellings at each of these edit rates (0 = clean)")
+                   help="chars, pieces: read the held-out transcripts with each of these shares of their characters "
+                        "edited (0 = clean), as a head that misspells would hand them")
     p.add_argument("--limit", type=int, default=45)
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--threads", type=int, default=1)
@@ -255,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--train-arm", choices=(*ARMS[1:], "mix"), default="blanks",
                    help="the path the reader learns: one arm, or mix (stretched and blanks)")
     t.add_argument("--train-char-noise", type=float, default=0.0,
-                   help="chars: edit each training spelling at a rate drawn from [0, this] (a reader that corrects)")
+                   help="chars, pieces: edit each training transcript's characters at a rate drawn from [0, this] "
+                        "before it is laid out (a reader that corrects a head's misspellings)")
     t.add_argument("--train-steps", type=int, default=300)
     t.add_argument("--eval-every", type=int, default=100)
     t.add_argument("--batch-size", type=int, default=8)
@@ -291,13 +294,13 @@ def main(argv: list[str] | None = None) -> int:
     # what each read feeds: (column, arm, held-out inputs); chars once per noise level, spelled per row with a fixed seed
     reads: list[tuple[str, str, list[str]]] = []
     for arm in args.arms:
-        if arm != "chars":
+        if arm not in UNIT_ARMS:
             reads.append((arm, arm, [r.text for r in rows]))
             continue
         for rate in args.char_noise:
             spelled = [spell(r.text, rate, random.Random(args.seed * 100003 + i)) for i, r in enumerate(rows)]
             measured = cer([normalize_chars(r.text) for r in rows], spelled)
-            reads.append((f"chars (CER {measured:.2f})" if rate > 0 else "chars", arm, spelled))
+            reads.append((f"{arm} (CER {measured:.2f})" if rate > 0 else arm, arm, spelled))
     columns = [c for c, _, _ in reads]
 
     def read_all(model: torch.nn.Module, label: str, prompt_text: str) -> None:
