@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from adapters.training.ctc import CHAR_SLOTS, greedy_ctc
+from bench.text_readout import lay_out, splice, unit_slots, unit_token_ids
 
 MODES = ("soft", "hard", "collapsed")
 
@@ -47,8 +48,6 @@ def char_vectors(logits: torch.Tensor, table: torch.Tensor, mode: str, slots: in
     ``slots``: the best path (``greedy_ctc``) spread with blanks as ``text_readout.lay_out`` spreads a
     reader's training rows, since a head's path repeats a unit over frames and a reader never saw that."""
     if mode == "collapsed":
-        from bench.text_readout import lay_out
-
         if slots is None:
             raise ValueError("collapsed vectors need the reader's slot count")
         ids = greedy_ctc(logits[None], torch.tensor([logits.shape[0]]), blank=0)[0]
@@ -72,7 +71,6 @@ def main(argv: list[str] | None = None) -> int:
     from adapters.training.student import greedy_from_embeds
     from adapters.training.trainer import ConfigError, Trainer
     from bench.oracle_readout import install
-    from bench.text_readout import splice, unit_slots, unit_token_ids
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 epilog="Every `aura train` flag works here too: give the run's own, so its checkpoint loads.")
