@@ -55,6 +55,9 @@ def test_collapsed_vectors_are_the_best_path_laid_out_as_a_reader_was_trained() 
         assert torch.equal(out, lay_out(torch.stack(want), slots, "blanks"))
     spread = char_vectors(logits, table, "collapsed", 9)  # spread (slots 0, 2, 4, 6), not packed at the front
     assert [i for i, v in enumerate(spread) if v.abs().sum() > 0] == [0, 2, 4, 6]
+    silent = torch.full((6, len(CHARS) + 1), -30.0)
+    silent[:, 0] = 30.0  # a head that heard nothing: all blank
+    assert torch.equal(char_vectors(silent, table, "collapsed", 3), torch.zeros(3, 5))
     with pytest.raises(ValueError, match="slot count"):
         char_vectors(logits, table, "collapsed")
     assert unit_slots(CHAR_UNITS, 9) == 9 * CHAR_SLOTS
