@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=45, help="held-out clips read (the run's eval rows, every task: each has a transcript)")
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--show", type=int, default=3, help="example transcripts printed per mode")
-    p.add_argument("--json", type=Path, help="write the results here too")
+    p.add_argument("--json", type=Path, help="write the results here too, with every clip's spelling and transcript")
     add_config_flags(p)
     args = p.parse_args(argv)
     if args.work_dir is None:
@@ -124,18 +124,20 @@ def main(argv: list[str] | None = None) -> int:
                                   "units": units.name, "char_slots": CHAR_SLOTS, "reader": str(args.reader)}
     wers: dict[str, float] = {}
     for mode in args.modes:
-        t0, hyps = time.perf_counter(), []
+        t0, hyps, unended = time.perf_counter(), [], 0
         for lg in logits:
             with torch.no_grad():
                 embeds, _ = splice(reader, tok, reader_adapter.config.prompt, reader_adapter.transcribe_prompt,
                                    char_vectors(lg, table, mode, unit_slots(units, lg.shape[0] // CHAR_SLOTS)))
             ids = greedy_from_embeds(reader, embeds, max_new_tokens=args.max_tokens, eos_ids=eos)
             hyps.append(tok.decode([i for i in ids if i not in eos], skip_special_tokens=True).strip())
+            unended += not any(i in eos for i in ids)  # ran to --max-tokens: usually a loop
         wers[mode] = wer(refs, hyps)
-        res = {"mode": mode, "wer": wers[mode], "seconds": round(time.perf_counter() - t0, 1),
-               "examples": [{"ref": r, "spelled": s, "hyp": h} for r, s, h in list(zip(refs, spelled, hyps))[: args.show]]}
-        results[mode] = res
+        rows = [{"ref": r, "spelled": s, "hyp": h} for r, s, h in zip(refs, spelled, hyps, strict=True)]
+        res = {"mode": mode, "wer": wers[mode], "unended": unended, "seconds": round(time.perf_counter() - t0, 1),
+               "examples": rows[: args.show]}
         print(json.dumps(res), file=sys.stderr, flush=True)
+        results[mode] = {**res, "rows": rows}
     print(f"\n| checkpoint | step | char CER | {' | '.join(f'{m} WER' for m in args.modes)} |")
     print("|---|---|---|" + "---|" * len(args.modes))
     cells = " | ".join(f"{wers[m]:.3f}" for m in args.modes)

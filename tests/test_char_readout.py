@@ -128,6 +128,8 @@ def test_cli_spells_held_out_clips_and_a_text_trained_reader_transcribes_them(  
     assert got["checkpoint"].endswith("ckpt-0000002.pt")
     assert all(got[m]["wer"] >= 0 for m in ("soft", "hard", "collapsed"))
     assert got["soft"]["examples"][0]["ref"] and "| ckpt-0000002.pt | 2 |" in printed.out
+    rows = got["hard"]["rows"]  # every clip, and how many reads ran to --max-tokens without ending
+    assert len(rows) == 3 and rows[0] == got["hard"]["examples"][0] and 0 <= got["hard"]["unended"] <= 3
     # other settings than the checkpoint's: refused with the reason, not read with the wrong model
     assert char_main(["--reader", str(reader), "--oracle", *run, "--char-ctc-layer", "0"]) == 2
     assert "different settings" in capsys.readouterr().err
