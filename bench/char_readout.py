@@ -17,6 +17,9 @@ from the teacher-state oracle, WER 1.11 through a 960-line reader that reads cle
 A run whose head spells in pieces (``char_ctc_merges``) is read the same way, its vectors the pieces'
 own token embeddings, by a reader trained with ``--train-arm pieces`` and the same ``--merges``.
 
+A reader whose training manifest (its provenance names the path) holds any of the held-out sentences is
+refused before anything is read: the number would be on text the reader learned.
+
 Pass the run's own flags (its ``--config`` and overrides, ``--work-dir``) so its checkpoint loads
 (the fingerprint is checked), and ``--oracle`` for a ``bench/oracle_readout.py`` run:
 
@@ -35,8 +38,8 @@ from pathlib import Path
 
 import torch
 
-from adapters.training.ctc import CHAR_SLOTS, greedy_ctc
-from bench.text_readout import lay_out, splice, unit_slots, unit_token_ids
+from adapters.training.ctc import CHAR_SLOTS, greedy_ctc, normalize_chars
+from bench.text_readout import lay_out, reader_training_texts, splice, unit_slots, unit_token_ids
 
 MODES = ("soft", "hard", "collapsed")
 
@@ -64,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from adapters.adapter import load_adapter
+    from adapters.adapter import load_adapter, read_aura_config
     from adapters.prompt import end_of_turn_id
     from adapters.training.config import add_config_flags, config_from_flags
     from adapters.training.evaluate import cer, wer
@@ -103,6 +106,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"char_readout: {e}", file=sys.stderr)
         return 2
     refs = [trainer.tokenizer.decode(e.transcript_ids).strip() for e in examples]
+    seen = reader_training_texts(read_aura_config(args.reader))
+    if seen is None:
+        print("char_readout: the reader does not name its training manifest's path; cannot check that it never saw "
+              "these sentences", file=sys.stderr)
+    elif overlap := [r for r in refs if normalize_chars(r) in seen]:
+        print(f"char_readout: the reader was trained on {len(overlap)} of these {len(refs)} held-out sentences "
+              f"(e.g. {overlap[0]!r}); read clips whose sentences its --train-manifest does not hold", file=sys.stderr)
+        return 2
     units = trainer.units
     spelled = [units.decode(h) for h in greedy_ctc(torch.nn.utils.rnn.pad_sequence(logits, batch_first=True),
                                                    torch.tensor([x.shape[0] for x in logits]), blank=0)]

@@ -219,8 +219,20 @@ def save_reader(model: torch.nn.Module, args: argparse.Namespace, shape: AuraCon
                        seed=args.seed)
     config = read_aura_config(out).model_copy(update={"training": {
         "text_reader": {"arm": args.train_arm, "steps": args.train_steps, "manifest": args.train_manifest.name,
+                        "manifest_path": str(args.train_manifest.resolve()),
                         "stack_factor": layer.stack_factor if args.stack_factor is None else args.stack_factor}}})
     return save_adapter(out, config=config, audio_layer=load_adapter(out).audio_layer, peft_model=model)
+
+
+def reader_training_texts(config: AuraConfig) -> set[str] | None:
+    """The normalised transcripts of a saved reader's training manifest (``save_reader``'s provenance), so a
+    read can refuse sentences the reader learned from; None for a reader that does not name the manifest's path."""
+    from adapters.training.data import read_manifest_absolute
+
+    path = config.training.get("text_reader", {}).get("manifest_path")
+    if not path or not Path(path).is_file():
+        return None
+    return {normalize_chars(r.text) for r in read_manifest_absolute(path) if r.task == "transcribe"}
 
 
 def main(argv: list[str] | None = None) -> int:

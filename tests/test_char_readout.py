@@ -64,6 +64,15 @@ def test_collapsed_vectors_are_the_best_path_laid_out_as_a_reader_was_trained() 
     assert unit_slots(Units("pieces8", 300, list, str, token_ids=(1,) * 300), 9) == 9
 
 
+def _other_sentences(manifest: Path, out: Path) -> Path:
+    """The manifest's clips under sentences none of its own rows has: a reader's training text, which
+    ``char_readout`` refuses to share with the held-out clips it reads."""
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    out.write_text("".join(json.dumps({**r, "audio": str((manifest.parent / r["audio"]).resolve()),
+                                       "text": f"{r['text']} said the voice"}) + "\n" for r in rows))
+    return out
+
+
 def test_spell_edits_about_the_share_it_is_asked_for() -> None:
     texts = ["The quick brown fox jumps over the lazy dog.", "What is the capital of France?",
              "I'd like to book a table for two at seven tonight."] * 20
@@ -107,7 +116,8 @@ def test_cli_spells_held_out_clips_and_a_text_trained_reader_transcribes_them(  
 
     # a reader of spellings, trained on text alone; it reads the held-out spellings clean and edited
     reader, results = tmp_path / "reader", tmp_path / "text.json"
-    assert text_main(["--student", str(cfg.student), "--manifest", str(cfg.manifest), "--train-manifest", str(cfg.manifest),
+    texts = _other_sentences(cfg.manifest, tmp_path / "reader_text.jsonl")
+    assert text_main(["--student", str(cfg.student), "--manifest", str(cfg.manifest), "--train-manifest", str(texts),
                       "--limit", "1", "--arms", "chars", "pieces", "--char-noise", "0", "0.3", "--train-arm", "chars",
                       "--train-char-noise", "0.2", "--train-steps", "10", "--eval-every", "10", "--batch-size", "2",
                       "--lr", "1e-2", "--max-tokens", "4", "--threads", "1", "--json", str(results),
@@ -180,7 +190,8 @@ def test_cli_reads_a_pieces_run_with_a_pieces_reader(world: dict[str, Path], tmp
            "--work-dir", str(tmp_path / "work"), "--threads", "1", "--steps", "2"]
     assert oracle_main(run) == 0
     reader = tmp_path / "reader"
-    assert text_main(["--student", str(cfg.student), "--manifest", str(cfg.manifest), "--train-manifest", str(cfg.manifest),
+    texts = _other_sentences(cfg.manifest, tmp_path / "reader_text.jsonl")
+    assert text_main(["--student", str(cfg.student), "--manifest", str(cfg.manifest), "--train-manifest", str(texts),
                       "--limit", "1", "--arms", "pieces", "--merges", "64", "--train-arm", "pieces", "--train-steps", "2",
                       "--train-char-noise", "0.3",
                       "--eval-every", "2", "--batch-size", "2", "--max-tokens", "4", "--threads", "1",
@@ -191,3 +202,12 @@ def test_cli_reads_a_pieces_run_with_a_pieces_reader(world: dict[str, Path], tmp
                       "collapsed", "--json", str(final), *run]) == 0
     got = json.loads(final.read_text())
     assert got["units"] == "pieces64" and got["clips"] == 2 and {"hard", "collapsed"} <= set(got) and "soft" not in got
+    # a reader whose training manifest holds the sentences it would be scored on is refused, before any reading
+    cfg_file = reader / "aura_config.json"
+    saved = json.loads(cfg_file.read_text())
+    assert saved["training"]["text_reader"]["manifest_path"] == str(texts.resolve())
+    saved["training"]["text_reader"]["manifest_path"] = str(cfg.manifest.resolve())
+    cfg_file.write_text(json.dumps(saved))
+    capsys.readouterr()
+    assert char_main(["--reader", str(reader), "--oracle", "--limit", "2", *run]) == 2
+    assert "trained on 1 of these 2 held-out sentences (e.g. 'The little dog ran home.')" in capsys.readouterr().err  # the QA row's is not a reader's text
