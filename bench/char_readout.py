@@ -101,18 +101,17 @@ def main(argv: list[str] | None = None) -> int:
         examples = trainer.eval_examples[: args.limit]
         if not examples:
             raise ConfigError("the run has no held-out rows (--eval-manifest)")
-        logits = trainer.char_logits(examples)  # 1. the run spells each held-out clip
+        refs = [trainer.tokenizer.decode(e.transcript_ids).strip() for e in examples]
+        seen = reader_training_texts(read_aura_config(args.reader))
+        if seen is None:
+            print("char_readout: the reader does not name its training manifest's path; cannot check that it never "
+                  "saw these sentences", file=sys.stderr)
+        elif overlap := [r for r in refs if normalize_chars(r) in seen]:
+            raise ConfigError(f"the reader was trained on {len(overlap)} of these {len(refs)} held-out sentences "
+                              f"(e.g. {overlap[0]!r}); read clips whose sentences its --train-manifest does not hold")
+        logits = trainer.char_logits(examples)  # 1. the run spells each held-out clip (after the check: it is the slow part)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"char_readout: {e}", file=sys.stderr)
-        return 2
-    refs = [trainer.tokenizer.decode(e.transcript_ids).strip() for e in examples]
-    seen = reader_training_texts(read_aura_config(args.reader))
-    if seen is None:
-        print("char_readout: the reader does not name its training manifest's path; cannot check that it never saw "
-              "these sentences", file=sys.stderr)
-    elif overlap := [r for r in refs if normalize_chars(r) in seen]:
-        print(f"char_readout: the reader was trained on {len(overlap)} of these {len(refs)} held-out sentences "
-              f"(e.g. {overlap[0]!r}); read clips whose sentences its --train-manifest does not hold", file=sys.stderr)
         return 2
     units = trainer.units
     spelled = [units.decode(h) for h in greedy_ctc(torch.nn.utils.rnn.pad_sequence(logits, batch_first=True),

@@ -210,4 +210,5 @@ def test_cli_reads_a_pieces_run_with_a_pieces_reader(world: dict[str, Path], tmp
     cfg_file.write_text(json.dumps(saved))
     capsys.readouterr()
     assert char_main(["--reader", str(reader), "--oracle", "--limit", "2", *run]) == 2
-    assert "trained on 1 of these 2 held-out sentences (e.g. 'The little dog ran home.')" in capsys.readouterr().err  # the QA row's is not a reader's text
+    err = capsys.readouterr().err
+    assert "trained on 1 of these 2 held-out sentences (e.g. 'The little dog ran home.')" in err  # the QA row's is not a reader's text
