@@ -21,6 +21,9 @@ exec > >(tee -a "$OUT/device.log") 2>&1
 # encoder-only teacher (~10 kB listing the decoder it was not given) and its loading bars would
 # push the training log out of it. Errors still print.
 export TRANSFORMERS_VERBOSITY=${TRANSFORMERS_VERBOSITY:-error} HF_HUB_DISABLE_PROGRESS_BARS=1
+# batch 256 ran out of the H100's 80 GB at its first backward (2026-11-27: 74 GiB held, 10 GiB of it
+# reserved but unallocated); expandable segments keep fragmentation from costing a lease
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 say() { echo "[$(date -u +%T)] $*"; }
 say "start; $(( DEADLINE - $(date +%s) )) s to the deadline"
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')" || true
@@ -31,6 +34,10 @@ if [[ -z "${NO_WHEELS:-}" ]]; then
 else
   export PYTHONPATH=$PWD
 fi
+# Fail in seconds, not after the unpacking, when a module the run imports is neither in the device's image nor
+# among the payload's wheels (2026-11-27: gguf, which the LLM conversion needs, was missing and cost a call)
+"$PY" -c "import gguf, pydantic, soundfile, av, peft, transformers" \
+  || { say "a module is missing: add its wheel to the payload (bench/GPU_PLAN.md, step 1)"; exit 3; }
 say "unpacking the corpus"
 "$PY" -m bench.gpu_payload unpack --payload "$P" --out "$W"
 say "converting the LLM"
