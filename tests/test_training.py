@@ -22,8 +22,8 @@ from adapters.base_model import read_base_model
 from adapters.features import log_mel
 from adapters.prompt import build_prompt, user_turn
 from adapters.training.config import TrainConfig, load_train_config
-from adapters.training.data import row_prompt_text
-from adapters.training.trainer import ConfigError, Trainer, default_layer_map
+from adapters.training.data import ManifestRow, read_manifest, row_prompt_text
+from adapters.training.trainer import BEST_FILE, ConfigError, Trainer, default_layer_map, split_validation
 from adapters.validate import validate_adapter
 
 CLIPS = [
@@ -214,6 +214,66 @@ def test_pretrained_audio_blocks_learn_at_their_own_rate(world: dict[str, Path])
     assert "proj.weight" in moved[0.0] and "conv1.weight" in moved[0.0]
     assert not any(k.startswith("blocks.") for k in moved[0.0]), moved[0.0]
     assert "blocks.0.fc1.weight" in moved[1.0]
+
+
+def test_validation_holds_back_whole_sentences(world: dict[str, Path]) -> None:
+    rows = read_manifest(world["manifest"], check_audio=False)
+    # a question's transcription row speaks the same sentence as its qa row: both leave training together
+    rows.append(ManifestRow(audio=rows[1].audio, task="transcribe", text=rows[1].text))
+    drawn = set()
+    for seed in range(8):
+        train, val = split_validation(rows, 2, seed)
+        assert len({r.text for r in val}) == 2 and not {r.text for r in val} & {r.text for r in train}
+        assert len(train) + len(val) == len(rows)
+        assert split_validation(rows, 2, seed) == (train, val)  # a pure function of the seed
+        drawn |= {r.text for r in val}
+        if rows[1].text in {r.text for r in val}:
+            assert sum(r.text == rows[1].text for r in val) == 2
+    assert len(drawn) > 2  # seeds draw different sentences
+    assert split_validation(rows, 0, 0) == (rows, [])
+    with pytest.raises(ConfigError, match="val_sentences=4: the manifest has 4 distinct sentences; hold back fewer"):
+        Trainer(_config(world, "val_all", val_sentences=4))
+
+
+def test_export_takes_the_best_validated_step_and_a_resume_keeps_the_record(world: dict[str, Path]) -> None:
+    trainer = Trainer(_config(world, "val_pick", val_sentences=1, steps=6, eval_every=2, save_every=2, lr=5e-3))
+    assert len(trainer.val_examples) == 1 and len(trainer.examples) == 3
+    trainer.train()
+    ev = trainer.final_evaluation(6)
+    assert ev is not None and "val_ce" in ev and not any(k.startswith("eval_") for k in ev)  # no eval_manifest here
+    vals = {h["step"]: h["val_ce"] for h in trainer.history if "val_ce" in h}
+    assert sorted(vals) == [2, 4, 6]
+    best = min(vals, key=lambda k: vals[k])
+    assert trainer.best == {"step": best, "metric": "val_ce", "value": vals[best]}
+    assert [h["val_best"] for h in trainer.history if "val_ce" in h][[2, 4, 6].index(best)] is True
+
+    resumed = Trainer(_config(world, "val_pick", val_sentences=1, steps=6, eval_every=2, save_every=2, lr=5e-3))
+    resumed.load_checkpoint(resumed.checkpoints()[-1])
+    assert resumed.best == trainer.best
+
+    # the weights drift after the best step (as an over-fitting run's do): the export still takes the best step's
+    with torch.no_grad():
+        for p in trainer.student.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    assert trainer.validate()["val_ce"] != pytest.approx(vals[best], abs=1e-4)
+    out = trainer.export(ev)
+    assert trainer.validate()["val_ce"] == pytest.approx(vals[best], abs=1e-5)
+    saved = torch.load(trainer.work_dir / BEST_FILE, weights_only=False)["trainable"]
+    exported = load_adapter(out).audio_layer.state_dict()
+    audio = {k.removeprefix("audio_layer."): v for k, v in saved.items() if k.startswith("audio_layer.")}
+    assert audio and all(torch.equal(exported[k].float(), v.float()) for k, v in audio.items())
+    t = load_adapter(out).config.training
+    assert t["selected"] == {"step": best, "metric": "val_ce", "value": vals[best], "val_sentences": 1, "val_rows": 1,
+                             "last_step": 6}
+    assert t["losses"]["eval"]["step"] == best and t["data"]["rows"] == 3
+
+
+def test_without_validation_the_last_step_is_exported(world: dict[str, Path]) -> None:
+    trainer = Trainer(_config(world, "val_none", steps=2, eval_every=1))
+    result = trainer.run()
+    assert trainer.best is None and not (trainer.work_dir / BEST_FILE).exists()
+    assert load_adapter(result.output).config.training["selected"] is None
 
 
 def test_layer_map_out_of_range_fails_early(world: dict[str, Path]) -> None:

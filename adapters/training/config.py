@@ -22,7 +22,7 @@ from adapters.audio_layer import MAX_ENCODER_LAYERS
 # settings added after runs were started: at these values they leave a run's fingerprint as it was
 NEW_SETTING_DEFAULTS: dict[str, object] = {"audio_encoder_layers": 0, "audio_encoder_lr_scale": 0.1,
                                             "char_ctc_weight": 0.0, "char_ctc_layer": 2, "spec_freq_warp": 0.0,
-                                            "char_ctc_merges": None}
+                                            "char_ctc_merges": None, "val_sentences": 0}
 DistillLoss = Literal["cosine", "mse", "none"]
 Precision = Literal["fp32", "bf16"]
 
@@ -133,6 +133,11 @@ class TrainConfig(BaseModel):
     log_every: PositiveInt = 10
     eval_every: int = Field(100, ge=0, description="0 disables periodic evaluation.")
     eval_examples: PositiveInt = 32
+    val_sentences: int = Field(0, ge=0, description="Distinct training sentences held back from training, with every row "
+                               "that speaks them, to choose the exported step: the adapter is the evaluated step with the "
+                               "lowest validation next-token loss (the total loss in a stage without it), not the last. "
+                               "0 = export the last step. The held-out set (eval_manifest) never chooses: it is what the "
+                               "adapter is measured on.")
     wer_every: int = Field(0, ge=0, description="Held-out WER every N steps (greedy decoding, or best-path CTC in a "
                            "truncated stage); 0 = only eval losses.")
     wer_examples: PositiveInt = 24

@@ -67,6 +67,9 @@ class DDPTrainer(Trainer):
     def evaluate(self, *, wer: bool = False) -> dict[str, float] | None:
         return super().evaluate(wer=wer) if self.rank == 0 else None
 
+    def validate(self) -> dict[str, float] | None:
+        return super().validate() if self.rank == 0 else None
+
     def export(self, final_eval: dict[str, float] | None = None) -> Path:
         return super().export(final_eval) if self.rank == 0 else self.config.output
 

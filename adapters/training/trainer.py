@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import math
+import random
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -42,6 +43,7 @@ from adapters.training.teacher import (
 
 log = logging.getLogger(__name__)
 CHECKPOINT_GLOB = "ckpt-*.pt"
+BEST_FILE = "best.pt"  # the trainable weights of the step with the lowest validation loss (val_sentences)
 # corpora up to this many rows keep their log-mels in memory; larger ones recompute them per batch
 # from the clips (bounded memory; the clips are what the prefetch thread reads ahead)
 FEATURES_IN_MEMORY_MAX_ROWS = 2000
@@ -79,6 +81,20 @@ class Setup:
     layout: PromptLayout
     rows: list[ManifestRow]
     eval_rows: list[ManifestRow] = field(default_factory=list)
+    val_rows: list[ManifestRow] = field(default_factory=list)
+
+
+def split_validation(rows: list[ManifestRow], n_sentences: int, seed: int) -> tuple[list[ManifestRow], list[ManifestRow]]:
+    """(training rows, validation rows): ``n_sentences`` distinct sentences, drawn with ``seed``, leave training with
+    every row that speaks them (a question's qa row and its transcription row go together), so validation measures
+    sentences the run never trained on, as the held-out set does, while the held-out set itself never chooses."""
+    if n_sentences == 0:
+        return rows, []
+    texts = sorted({r.text for r in rows})
+    if n_sentences >= len(texts):
+        raise ConfigError(f"val_sentences={n_sentences}: the manifest has {len(texts)} distinct sentences; hold back fewer")
+    held = set(random.Random(f"{seed}:val").sample(texts, n_sentences))
+    return [r for r in rows if r.text not in held], [r for r in rows if r.text in held]
 
 
 def check_config(config: TrainConfig) -> Setup:
@@ -174,7 +190,8 @@ def check_config(config: TrainConfig) -> Setup:
     eval_rows = [r for r in eval_rows if r.task in config.tasks and (r.task != "qa" or r.response is not None)]
     if skipped:
         log.warning("%s: %d qa rows have no response yet and are left out of evaluation", config.eval_manifest, skipped)
-    return Setup(base, teacher, dict(sorted(layer_map.items())), audio_cfg, features, layout, rows, eval_rows)
+    rows, val_rows = split_validation(rows, config.val_sentences, config.seed)
+    return Setup(base, teacher, dict(sorted(layer_map.items())), audio_cfg, features, layout, rows, eval_rows, val_rows)
 
 
 def ctc_layer_of(config: TrainConfig, deepest_distilled: int | None) -> int | None:
@@ -292,6 +309,8 @@ class Trainer:
 
         self.examples = self._examples(s.rows, c.manifest)
         self.eval_examples = self._examples(s.eval_rows[: c.eval_examples], c.eval_manifest) if s.eval_rows else []
+        self.val_examples = self._examples(s.val_rows, c.manifest) if s.val_rows else []
+        self.best: dict[str, Any] | None = None  # {"step", "metric", "value"} of the weights in BEST_FILE
         self.teacher_layers = [s.layer_map[k] for k in sorted(s.layer_map)]
         self.ctc_layer = ctc_layer_of(c, max(s.layer_map) if self.distill and s.layer_map else None) if c.ctc_weight > 0 else None
         self.char_layer = c.char_ctc_layer if c.char_ctc_weight > 0 else None
@@ -299,6 +318,7 @@ class Trainer:
         # corpus starts training at once instead of after hours of teacher passes
         self.targets: dict[int, torch.Tensor] = {}
         self.eval_targets: dict[int, torch.Tensor] = {}
+        self.val_targets: dict[int, torch.Tensor] = {}
         self.order = DataOrder(len(self.examples), c.batch_size, c.seed)
         self.target_stats = self._target_stats() if self.distill and c.distill_targets == "centered" else None
         self.elapsed_s = 0.0
@@ -559,6 +579,49 @@ class Trainer:
         return result
 
     @torch.no_grad()
+    def validate(self) -> dict[str, float] | None:
+        """Mean loss terms on the held-back training sentences (``val_sentences``), as ``val_<term>``; None without."""
+        if not self.val_examples:
+            return None
+        self.student.eval()
+        bs = max(1, self.config.batch_size // self.config.grad_accum)
+        n = len(self.val_examples)
+        sums: dict[str, float] = {}
+        for start in range(0, n, bs):
+            idx = list(range(start, min(start + bs, n)))
+            for k, v in self._losses(idx, self.val_examples, self.val_targets).items():
+                sums[k] = sums.get(k, 0.0) + float(v) * len(idx)
+        self.student.train()
+        return {f"val_{k}": v / n for k, v in sums.items()}
+
+    def keep_if_best(self, step: int, val: dict[str, float]) -> bool:
+        """Write this step's trainable weights to ``BEST_FILE`` when its validation loss is the lowest yet (temp file
+        and rename, as checkpoints); the record travels in every checkpoint, so a resumed run keeps choosing."""
+        metric = "val_ce" if "val_ce" in val else "val_loss"
+        if self.best is not None and val[metric] >= self.best["value"]:
+            return False
+        path = self.work_dir / BEST_FILE
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save({"step": step, "fingerprint": self.run_fingerprint(), "trainable": self.student.trainable_state()}, tmp)
+        tmp.replace(path)
+        self.best = {"step": step, "metric": metric, "value": val[metric]}
+        return True
+
+    def _load_best(self) -> dict[str, Any] | None:
+        """Put the best validated step's weights in the student (before an export); None when nothing chose one."""
+        path = self.work_dir / BEST_FILE
+        if not self.config.val_sentences or self.best is None or not path.is_file():
+            return None
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        if state["fingerprint"] != self.run_fingerprint() or state["step"] != self.best["step"]:
+            raise ConfigError(f"{path} does not belong to this run's record (step {self.best['step']}); remove it and resume")
+        params = dict(self.student.named_parameters())
+        with torch.no_grad():
+            for name, value in state["trainable"].items():
+                params[name].copy_(value)
+        return self.best
+
+    @torch.no_grad()
     def char_logits(self, examples: list[Example]) -> list[torch.Tensor]:
         """Per clip, the character head's (slots, 1 + units) logits over its valid slots: what the run
         spells, in ``self.units`` (``bench/char_readout.py`` reads them). Needs a run with ``char_ctc_weight``."""
@@ -603,7 +666,7 @@ class Trainer:
         tmp = path.with_name(path.name + ".tmp")
         torch.save({"step": step, "fingerprint": self.run_fingerprint(), "trainable": self.student.trainable_state(),
                     "optimizer": self.optimizer.state_dict(), "history": self.history,
-                    "rng": torch.get_rng_state(), "elapsed_s": self._elapsed()}, tmp)
+                    "rng": torch.get_rng_state(), "elapsed_s": self._elapsed(), "best": self.best}, tmp)
         tmp.replace(path)
         for old in self.checkpoints()[: -self.config.keep_checkpoints]:
             old.unlink(missing_ok=True)
@@ -633,6 +696,7 @@ class Trainer:
         self.history = list(state["history"])
         torch.set_rng_state(state["rng"])
         self.elapsed_s = float(state.get("elapsed_s", 0.0))
+        self.best = state.get("best")
         return int(state["step"])
 
     def _elapsed(self) -> float:
@@ -701,7 +765,11 @@ class Trainer:
         want_wer = bool(c.wer_every) and (step + 1) % c.wer_every == 0
         if ((c.eval_every and (step + 1) % c.eval_every == 0) or want_wer) and step + 1 < c.steps:
             t_eval = time.perf_counter()
-            ev = self.evaluate(wer=want_wer)
+            ev = self.evaluate(wer=want_wer) or {}
+            val = self.validate()
+            if val:
+                ev.update(val)
+                ev["val_best"] = self.keep_if_best(step + 1, val)
             if ev:
                 ev["step"] = step + 1
                 ev["elapsed_s"] = round(self._elapsed(), 1)
@@ -723,7 +791,16 @@ class Trainer:
         return {k: last[k] for k in LOSS_TERMS if k in last}
 
     def export(self, final_eval: dict[str, float] | None = None) -> Path:
+        """Write the adapter: the last step's weights, or with ``val_sentences`` the best validated step's (loaded into
+        the student here; export ends a run). ``losses.eval`` is then that step's evaluation record."""
         c, s = self.config, self.setup
+        best = self._load_best()
+        selected = None
+        if best is not None:
+            final_eval = next((h for h in reversed(self.history) if h.get("step") == best["step"] and best["metric"] in h),
+                              final_eval)
+            selected = {**best, "val_sentences": c.val_sentences, "val_rows": len(self.val_examples),
+                        "last_step": self._last_train_record().get("step", 0)}
         provenance = {
             "kind": "aura_distillation",
             "data": {"manifest": str(c.manifest), "sha256": sha256_file(c.manifest), "rows": len(self.examples),
@@ -746,6 +823,7 @@ class Trainer:
                       "tasks": c.tasks,
                       "teacher_context_frames": c.teacher_context_frames, "init_from": str(c.init_from) if c.init_from else None},
             "elapsed_s": round(self._elapsed(), 1),
+            "selected": selected,
         }
         aura = AuraConfig(base_model=base_model_ref(s.base), features=s.features, audio_layer=self.student.audio_layer.config,
                           prompt=s.layout, trained=True, training=provenance)
@@ -762,14 +840,18 @@ class Trainer:
     def final_evaluation(self, last: int) -> dict[str, float] | None:
         """Evaluate the weights of step ``last`` (with WER when the run measures it) and record it in the
         history and ``train_log.jsonl``, so a run's learning curve ends at its last step; None without held-out rows."""
-        ev = self.evaluate(wer=bool(self.config.wer_every))
+        ev = self.evaluate(wer=bool(self.config.wer_every)) or {}
+        val = self.validate()
+        if val:
+            ev.update(val)
+            ev["val_best"] = self.keep_if_best(last, val)
         if ev:
             ev["step"] = last
             ev["elapsed_s"] = round(self._elapsed(), 1)
             self.history.append(ev)
             with open(self.work_dir / "train_log.jsonl", "a") as f:
                 f.write(json.dumps(ev) + "\n")
-        return ev
+        return ev or None
 
     def run(self) -> TrainResult:
         last = self.train()
