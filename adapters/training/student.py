@@ -90,6 +90,13 @@ class AuraStudent(nn.Module):
     def trainable_state(self) -> dict[str, torch.Tensor]:
         return {n: p.detach().clone() for n, p in self.named_parameters() if p.requires_grad}
 
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy a ``trainable_state`` back in place (a checkpoint's, or the best validated step's)."""
+        params = dict(self.named_parameters())
+        with torch.no_grad():
+            for name, value in state.items():
+                params[name].copy_(value)
+
     def embed(self, input_ids: torch.Tensor, features: torch.Tensor, frame_lengths: torch.Tensor,
               audio_starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Token embeddings with the audio vectors written over each example's audio span.

@@ -615,10 +615,7 @@ class Trainer:
         state = torch.load(path, map_location=self.device, weights_only=False)
         if state["fingerprint"] != self.run_fingerprint() or state["step"] != self.best["step"]:
             raise ConfigError(f"{path} does not belong to this run's record (step {self.best['step']}); remove it and resume")
-        params = dict(self.student.named_parameters())
-        with torch.no_grad():
-            for name, value in state["trainable"].items():
-                params[name].copy_(value)
+        self.student.load_trainable_state(state["trainable"])
         return self.best
 
     @torch.no_grad()
@@ -688,10 +685,7 @@ class Trainer:
         state = torch.load(path, map_location=self.device, weights_only=False)
         if state["fingerprint"] != self.run_fingerprint():
             raise ConfigError(f"{path} was written by a run with different settings; use another work_dir or resume: false")
-        params = dict(self.student.named_parameters())
-        with torch.no_grad():
-            for name, value in state["trainable"].items():
-                params[name].copy_(value)
+        self.student.load_trainable_state(state["trainable"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.history = list(state["history"])
         torch.set_rng_state(state["rng"])
