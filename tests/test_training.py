@@ -268,6 +268,10 @@ def test_export_takes_the_best_validated_step_and_a_resume_keeps_the_record(worl
                              "last_step": 6}
     assert t["losses"]["eval"]["step"] == best and t["data"]["rows"] == 3
 
+    # a record that does not match best.pt (killed between the two writes) exports the last step, not a failure
+    resumed.best = {**resumed.best, "step": 99}
+    assert load_adapter(resumed.export()).config.training["selected"] is None
+
 
 def test_without_validation_the_last_step_is_exported(world: dict[str, Path]) -> None:
     trainer = Trainer(_config(world, "val_none", steps=2, eval_every=1))

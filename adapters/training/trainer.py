@@ -614,7 +614,11 @@ class Trainer:
             return None
         state = torch.load(path, map_location=self.device, weights_only=False)
         if state["fingerprint"] != self.run_fingerprint() or state["step"] != self.best["step"]:
-            raise ConfigError(f"{path} does not belong to this run's record (step {self.best['step']}); remove it and resume")
+            # e.g. killed after writing a better step but before the checkpoint that records it: that step's weights
+            # are not the ones on record, so the export must not fail at the end of a lease; it takes the last step
+            log.warning("%s holds step %s, the run's record says step %s: exporting the last step instead",
+                        path, state["step"], self.best["step"])
+            return None
         self.student.load_trainable_state(state["trainable"])
         return self.best
 
