@@ -763,19 +763,11 @@ class Trainer:
         want_wer = bool(c.wer_every) and (step + 1) % c.wer_every == 0
         if ((c.eval_every and (step + 1) % c.eval_every == 0) or want_wer) and step + 1 < c.steps:
             t_eval = time.perf_counter()
-            ev = self.evaluate(wer=want_wer) or {}
-            val = self.validate()
-            if val:
-                ev.update(val)
-                ev["val_best"] = self.keep_if_best(step + 1, val)
+            ev = self._step_evaluation(step + 1, wer=want_wer)
             if ev:
-                ev["step"] = step + 1
-                ev["elapsed_s"] = round(self._elapsed(), 1)
                 ev["eval_s"] = round(time.perf_counter() - t_eval, 1)
-                self.history.append(ev)
+                self._record(ev)
                 bar.write(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in ev.items()), file=sys.stderr)
-                with open(log_file, "a") as f:
-                    f.write(json.dumps(ev) + "\n")
         if c.save_every and (step + 1) % c.save_every == 0 and step + 1 < end:
             self.save_checkpoint(step + 1)
 
@@ -835,21 +827,33 @@ class Trainer:
         self.load_checkpoint(ckpts[-1])
         return self.export()
 
-    def final_evaluation(self, last: int) -> dict[str, float] | None:
-        """Evaluate the weights of step ``last`` (with WER when the run measures it) and record it in the
-        history and ``train_log.jsonl``, so a run's learning curve ends at its last step; None without held-out rows."""
-        ev = self.evaluate(wer=bool(self.config.wer_every)) or {}
+    def _step_evaluation(self, step: int, *, wer: bool) -> dict[str, float] | None:
+        """Held-out losses and the validation losses of the weights of ``step``, which become the best step when their
+        validation loss is the lowest yet; None with neither held-out nor validation rows."""
+        ev = self.evaluate(wer=wer) or {}
         val = self.validate()
         if val:
             ev.update(val)
-            ev["val_best"] = self.keep_if_best(last, val)
+            ev["val_best"] = self.keep_if_best(step, val)
+        if not ev:
+            return None
+        ev.update(step=step, elapsed_s=round(self._elapsed(), 1))
+        return ev
+
+    def _record(self, ev: dict[str, float]) -> None:
+        """An evaluation record into the history and ``train_log.jsonl``."""
+        self.history.append(ev)
+        with open(self.work_dir / "train_log.jsonl", "a") as f:
+            f.write(json.dumps(ev) + "\n")
+
+    def final_evaluation(self, last: int) -> dict[str, float] | None:
+        """Evaluate the weights of step ``last`` (with WER when the run measures it) and record it, so a run's learning
+        curve ends at its last step (and that step can be the best validated one); None without held-out or
+        validation rows."""
+        ev = self._step_evaluation(last, wer=bool(self.config.wer_every))
         if ev:
-            ev["step"] = last
-            ev["elapsed_s"] = round(self._elapsed(), 1)
-            self.history.append(ev)
-            with open(self.work_dir / "train_log.jsonl", "a") as f:
-                f.write(json.dumps(ev) + "\n")
-        return ev or None
+            self._record(ev)
+        return ev
 
     def run(self) -> TrainResult:
         last = self.train()
