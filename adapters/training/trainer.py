@@ -528,54 +528,15 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, *, wer: bool = False) -> dict[str, float] | None:
-        """Held-out losses; with ``wer`` also the WER of transcribe rows (best-path CTC in a
+        """Held-out losses as ``eval_<term>``; with ``wer`` also the WER of transcribe rows (best-path CTC in a
         truncated stage, greedy decoding of the full student otherwise)."""
-        from adapters.training.evaluate import cer
-        from adapters.training.evaluate import wer as corpus_wer
-
         if not self.eval_examples:
             return None
-        self.student.eval()
-        sums: dict[str, float] = {}
-        n = len(self.eval_examples)
-        bs = max(1, self.config.batch_size // self.config.grad_accum)
-        refs: list[str] = []
-        ctc_hyps: list[str] = []
-        char_refs: list[str] = []
-        char_hyps: list[str] = []
-        # one task per batch, so the next-token loss is also reported per task: transcripts and the
-        # LLM's own answers differ by ~1 nat even when the audio is understood, and a mixed number
-        # cannot tell a better transcriber from a different task mix
-        by_task: dict[str, list[int]] = {}
-        for i, e in enumerate(self.eval_examples):
-            by_task.setdefault(e.task, []).append(i)
-        task_ce: dict[str, float] = {}
-        for task, members in sorted(by_task.items()):
-            for start in range(0, len(members), bs):
-                idx = members[start : start + bs]
-                terms = self._losses(idx, self.eval_examples, self.eval_targets, keep_logits=True)
-                if "_ctc_logits" in terms:
-                    hyps = greedy_ctc(terms.pop("_ctc_logits"), terms.pop("_ctc_lengths"), self.blank_id)
-                    refs += [self.tokenizer.decode(self.eval_examples[i].transcript_ids) for i in idx]
-                    ctc_hyps += [self.tokenizer.decode(h) for h in hyps]
-                if "_char_logits" in terms:
-                    hyps = greedy_ctc(terms.pop("_char_logits"), terms.pop("_char_lengths"), blank=0)
-                    char_refs += [self.units.decode(self.eval_examples[i].transcript_chars) for i in idx]
-                    char_hyps += [self.units.decode(h) for h in hyps]
-                for k, v in terms.items():
-                    sums[k] = sums.get(k, 0.0) + float(v) * len(idx)
-                if "ce" in terms:
-                    task_ce[task] = task_ce.get(task, 0.0) + float(terms["ce"]) * len(idx) / len(members)
-        result = {f"eval_{k}": v / n for k, v in sums.items()}
-        if len(task_ce) > 1:
-            result.update({f"eval_ce_{task}": v for task, v in task_ce.items()})
-        if ctc_hyps:
-            result["eval_ctc_wer"] = corpus_wer(refs, ctc_hyps)
-        if char_hyps:
-            result["eval_char_cer"] = cer(char_refs, char_hyps)
+        result = self._mean_losses(self.eval_examples, self.eval_targets, "eval")
         if wer and self.config.max_layer is None:
+            self.student.eval()
             result["eval_wer"] = self.greedy_wer()
-        self.student.train()
+            self.student.train()
         return result
 
     @torch.no_grad()
@@ -583,16 +544,54 @@ class Trainer:
         """Mean loss terms on the held-back training sentences (``val_sentences``), as ``val_<term>``; None without."""
         if not self.val_examples:
             return None
+        return self._mean_losses(self.val_examples, self.val_targets, "val")
+
+    @torch.no_grad()
+    def _mean_losses(self, examples: list[Example], targets: dict[int, torch.Tensor], prefix: str) -> dict[str, float]:
+        """Mean loss terms over ``examples`` as ``<prefix>_<term>``, with the CTC heads' WER/CER where the stage has
+        them. One task per batch, so the next-token loss is also reported per task: transcripts and the LLM's own
+        answers differ by ~1 nat even when the audio is understood, and a mixed number cannot tell a better
+        transcriber from a different task mix."""
+        from adapters.training.evaluate import cer
+        from adapters.training.evaluate import wer as corpus_wer
+
         self.student.eval()
-        bs = max(1, self.config.batch_size // self.config.grad_accum)
-        n = len(self.val_examples)
         sums: dict[str, float] = {}
-        for start in range(0, n, bs):
-            idx = list(range(start, min(start + bs, n)))
-            for k, v in self._losses(idx, self.val_examples, self.val_targets).items():
-                sums[k] = sums.get(k, 0.0) + float(v) * len(idx)
+        n = len(examples)
+        bs = max(1, self.config.batch_size // self.config.grad_accum)
+        refs: list[str] = []
+        ctc_hyps: list[str] = []
+        char_refs: list[str] = []
+        char_hyps: list[str] = []
+        by_task: dict[str, list[int]] = {}
+        for i, e in enumerate(examples):
+            by_task.setdefault(e.task, []).append(i)
+        task_ce: dict[str, float] = {}
+        for task, members in sorted(by_task.items()):
+            for start in range(0, len(members), bs):
+                idx = members[start : start + bs]
+                terms = self._losses(idx, examples, targets, keep_logits=True)
+                if "_ctc_logits" in terms:
+                    hyps = greedy_ctc(terms.pop("_ctc_logits"), terms.pop("_ctc_lengths"), self.blank_id)
+                    refs += [self.tokenizer.decode(examples[i].transcript_ids) for i in idx]
+                    ctc_hyps += [self.tokenizer.decode(h) for h in hyps]
+                if "_char_logits" in terms:
+                    hyps = greedy_ctc(terms.pop("_char_logits"), terms.pop("_char_lengths"), blank=0)
+                    char_refs += [self.units.decode(examples[i].transcript_chars) for i in idx]
+                    char_hyps += [self.units.decode(h) for h in hyps]
+                for k, v in terms.items():
+                    sums[k] = sums.get(k, 0.0) + float(v) * len(idx)
+                if "ce" in terms:
+                    task_ce[task] = task_ce.get(task, 0.0) + float(terms["ce"]) * len(idx) / len(members)
+        result = {f"{prefix}_{k}": v / n for k, v in sums.items()}
+        if len(task_ce) > 1:
+            result.update({f"{prefix}_ce_{task}": v for task, v in task_ce.items()})
+        if ctc_hyps:
+            result[f"{prefix}_ctc_wer"] = corpus_wer(refs, ctc_hyps)
+        if char_hyps:
+            result[f"{prefix}_char_cer"] = cer(char_refs, char_hyps)
         self.student.train()
-        return {f"val_{k}": v / n for k, v in sums.items()}
+        return result
 
     def keep_if_best(self, step: int, val: dict[str, float]) -> bool:
         """Write this step's trainable weights to ``BEST_FILE`` when its validation loss is the lowest yet (temp file
