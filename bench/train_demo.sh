@@ -38,9 +38,12 @@ train() { if [[ -n "${TORCHRUN:-}" ]]; then $TORCHRUN -m adapters.training.ddp "
 if has corpus; then
   # LLM-written everyday lines (vLLM) + encyclopedia trigram lines, espeak-ng accents x variants, Piper and
   # flite/Festival voices (the ones the teacher hears), augmentation; held-out in voices of held-out-only speakers
-  "$PY" -m server.cli data demo --out "$C" --train "$TRAIN_LINES" --heldout "$HELDOUT" --llm-prompts "$LLM_PROMPTS" \
+  # HELDOUT_FROM=<an earlier build's heldout.jsonl> keeps its held-out lines and clips, so a bigger corpus is measured
+  # on the same clips as the one before it (corpus v7 = v6's held-out, 30,000 training lines; bench/GPU_PLAN.md)
+  held=(--heldout "$HELDOUT"); [[ -n "${HELDOUT_FROM:-}" ]] && held=(--heldout-from "$HELDOUT_FROM")
+  "$PY" -m server.cli data demo --out "$C" --train "$TRAIN_LINES" "${held[@]}" --llm-prompts "$LLM_PROMPTS" \
     --neural-share "${NEURAL_SHARE:-0.4}" --system-share "${SYSTEM_SHARE:-0.5}" --heldout-voices "${HELDOUT_VOICES:-system}" \
-    --no-responses
+    --workers "${WORKERS:-2}" --no-responses
 fi
 if has responses; then
   # an answer row for every everyday line and QA_WIKI encyclopedia lines, then the base LLM's own answers.
