@@ -38,6 +38,13 @@ class BaseModelInfo(BaseModel):
     linear_modules: tuple[str, ...]
     # name -> (out_features, in_features) for one layer; the shapes LoRA A/B must fit.
     linear_shapes: dict[str, tuple[int, int]]
+    # name -> the full module name in layer 0 (q_proj -> model.layers.0.self_attn.q_proj): what a per-layer
+    # LoRA rank (PEFT's rank_pattern) names
+    linear_names: dict[str, str] = {}
+
+    def module_name(self, layer: int, module: str) -> str:
+        """The full name of ``module`` in block ``layer``, as PEFT and vLLM match rank_pattern keys against it."""
+        return self.linear_names[module].replace(".layers.0.", f".layers.{layer}.", 1)
 
 
 def _weight_files(path: Path) -> list[Path]:
@@ -54,6 +61,7 @@ def _read(path_str: str, mtime: float) -> BaseModelInfo:
     h = hashlib.sha256()
     h.update(json.dumps({k: config.get(k) for k in _CONFIG_KEYS}, sort_keys=True).encode())
     linear: dict[str, tuple[int, int]] = {}
+    names: dict[str, str] = {}
     embed_key = None
     handles = []
     for file in _weight_files(path):
@@ -65,6 +73,7 @@ def _read(path_str: str, mtime: float) -> BaseModelInfo:
             m = _LINEAR_NAME.search(key)
             if m and len(shape) == 2 and ".layers.0." in key:
                 linear[m.group(1)] = (int(shape[0]), int(shape[1]))
+                names[m.group(1)] = key.removesuffix(".weight")
             if key.endswith("embed_tokens.weight"):
                 embed_key = (f, key)
     if embed_key is not None:
@@ -82,6 +91,7 @@ def _read(path_str: str, mtime: float) -> BaseModelInfo:
         fingerprint="sha256:" + h.hexdigest()[:32],
         linear_modules=tuple(sorted(linear)),
         linear_shapes=linear,
+        linear_names=names,
     )
 
 

@@ -32,7 +32,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from adapters.adapter import LORA_CONFIG, LORA_WEIGHTS, MAX_LORA_CONFIG_BYTES, read_json_file
+from adapters.adapter import LORA_CONFIG, LORA_WEIGHTS, MAX_LORA_CONFIG_BYTES, pattern_value, read_json_file
 
 log = logging.getLogger(__name__)
 
@@ -70,14 +70,15 @@ def lora_digest(adapter_dir: Path) -> str:
     return _sha256_files([adapter_dir / LORA_CONFIG, adapter_dir / LORA_WEIGHTS], adapter_dir)
 
 
-def lora_scale(lora_config: dict[str, object]) -> float:
-    """PEFT's scaling: alpha / r, or alpha / sqrt(r) for rsLoRA; per-module patterns are refused."""
-    if lora_config.get("rank_pattern") or lora_config.get("alpha_pattern"):
-        raise MergeError("rank_pattern / alpha_pattern adapters cannot be merged; train with one rank and alpha")
+def lora_scale(lora_config: dict[str, object], module: str) -> float:
+    """PEFT's scaling of ``module`` (its full name, e.g. model.layers.0.self_attn.q_proj): alpha / r, or
+    alpha / sqrt(r) for rsLoRA, with r and alpha from ``rank_pattern`` / ``alpha_pattern`` where a key names it."""
     if lora_config.get("use_dora"):
         raise MergeError("DoRA adapters cannot be merged; train plain LoRA")
-    r = lora_config["r"]
-    alpha = lora_config.get("lora_alpha", r)
+    ranks, alphas = lora_config.get("rank_pattern") or {}, lora_config.get("alpha_pattern") or {}
+    assert isinstance(ranks, dict) and isinstance(alphas, dict)  # validate_adapter checked both
+    r = pattern_value(ranks, module) or lora_config["r"]
+    alpha = pattern_value(alphas, module) or lora_config.get("lora_alpha", r)
     assert isinstance(r, int) and isinstance(alpha, (int, float))  # validate_adapter checked both
     return float(alpha) / (math.sqrt(r) if lora_config.get("use_rslora") else r)
 
@@ -90,7 +91,6 @@ def merge_lora(base_dir: Path, adapter_dir: Path, out_dir: Path) -> Path:
     config = read_json_file(adapter_dir / LORA_CONFIG, max_bytes=MAX_LORA_CONFIG_BYTES)
     if not isinstance(config, dict):
         raise MergeError(f"{LORA_CONFIG} is not a JSON object")
-    scale = lora_scale(config)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     with safe_open(str(adapter_dir / LORA_WEIGHTS), framework="pt") as f:
         for key in f.keys():
@@ -112,7 +112,7 @@ def merge_lora(base_dir: Path, adapter_dir: Path, out_dir: Path) -> Path:
         delta = ab["B"] @ ab["A"]
         if delta.shape != w.shape:
             raise MergeError(f"{LORA_WEIGHTS}: B @ A for '{key}' is {list(delta.shape)}, the base weight {list(w.shape)}")
-        tensors[key] = (w.float() + scale * delta).contiguous()
+        tensors[key] = (w.float() + lora_scale(config, key.removesuffix(".weight")) * delta).contiguous()
     out_dir.mkdir(parents=True)
     save_file(tensors, str(out_dir / MERGED_WEIGHTS), metadata={"format": "pt"})
     for extra in base_dir.iterdir():

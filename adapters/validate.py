@@ -15,8 +15,10 @@ from safetensors import SafetensorError, safe_open
 
 from adapters.adapter import (
     AUDIO_WEIGHTS, AURA_CONFIG, CHECKSUMMED, FORMAT_VERSION, LORA_CONFIG, LORA_WEIGHTS, MAX_CONFIG_BYTES,
-    MAX_LORA_CONFIG_BYTES, AdapterFileError, AuraConfig, audio_layer_shapes, read_json_file, sha256_file,
+    MAX_LORA_CONFIG_BYTES, MAX_PATTERN_KEYS, PATTERN_KEY, AdapterFileError, AuraConfig, audio_layer_shapes,
+    pattern_value, read_json_file, sha256_file,
 )
+from adapters.bounded_json import JSONValue
 from adapters.base_model import BaseModelInfo
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
@@ -47,6 +49,34 @@ def safetensors_header(path: Path, file: str) -> dict[str, tuple[tuple[int, ...]
             return {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
         raise _fail("unreadable_weights", file, f"not a readable safetensors file ({e}); re-export it with safetensors") from e
+
+
+def _pattern(lora: dict[str, JSONValue], field: str, *, integer: bool) -> dict[str, float]:
+    """A PEFT ``rank_pattern`` / ``alpha_pattern``: at most MAX_PATTERN_KEYS module-name keys (engines read each key
+    as a regular expression, so a key with any other character could make every load backtrack for minutes) to
+    positive numbers (ranks: integers)."""
+    pattern = lora.get(field) or {}
+    if not isinstance(pattern, dict):
+        raise _fail("bad_lora_config", LORA_CONFIG, f"'{field}' must map module names to numbers")
+    if len(pattern) > MAX_PATTERN_KEYS:
+        raise _fail("bad_lora_config", LORA_CONFIG, f"'{field}' has {len(pattern)} keys; at most {MAX_PATTERN_KEYS}")
+    out: dict[str, float] = {}
+    for key, value in pattern.items():
+        if not PATTERN_KEY.match(key):
+            raise _fail("bad_lora_config", LORA_CONFIG, f"'{field}' key {key[:80]!r} must be a module name "
+                        "(letters, digits, '_' and '.', at most 256 characters); regular expressions are not accepted")
+        kind = "integer" if integer else "number"
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)) \
+                or value <= 0:
+            raise _fail("bad_lora_config", LORA_CONFIG, f"'{field}' value for {key[:80]!r} must be a positive {kind}, got {value!r:.40}")
+        out[key] = value
+    return out
+
+
+def _module_name(weight_key: str) -> str:
+    """``base_model.model.<module>.lora_A[.default].weight`` -> ``<module>``, the name PEFT matches patterns against."""
+    name = weight_key.removeprefix("base_model.model.")
+    return re.sub(r"\.lora_[AB](?:\.default)?\.weight$", "", name)
 
 
 def validate_adapter(
@@ -122,12 +152,15 @@ def validate_adapter(
     rank = lora.get("r")
     if not isinstance(rank, int) or rank <= 0:
         raise _fail("bad_lora_config", LORA_CONFIG, f"'r' must be a positive integer, got {rank!r}")
-    if max_lora_rank is not None and rank > max_lora_rank:
-        raise _fail("rank_too_large", LORA_CONFIG,
-                    f"LoRA rank {rank} exceeds this server's max_lora_rank {max_lora_rank}; retrain with a smaller rank or raise --max-lora-rank")
     alpha = lora.get("lora_alpha", rank)
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
         raise _fail("bad_lora_config", LORA_CONFIG, f"'lora_alpha' must be a positive number, got {alpha!r}")
+    rank_pattern = _pattern(lora, "rank_pattern", integer=True)
+    _pattern(lora, "alpha_pattern", integer=False)
+    top = max([rank, *rank_pattern.values()])
+    if max_lora_rank is not None and top > max_lora_rank:
+        raise _fail("rank_too_large", LORA_CONFIG,
+                    f"LoRA rank {top} exceeds this server's max_lora_rank {max_lora_rank}; retrain with a smaller rank or raise --max-lora-rank")
     if lora.get("bias", "none") not in ("none", None):
         raise _fail("bad_lora_config", LORA_CONFIG,
                     f"bias={lora.get('bias')!r} is not supported by the engine; train with bias='none'")
@@ -172,8 +205,9 @@ def validate_adapter(
             raise _fail("bad_lora_weights", LORA_WEIGHTS, f"'{key}' has dtype {dtype}; LoRA weights must be float32/float16/bfloat16")
         if len(shape) != 2:
             raise _fail("bad_lora_weights", LORA_WEIGHTS, f"'{key}' has shape {list(shape)}; LoRA weights are 2-D")
-        if (ab == "A" and shape[0] != rank) or (ab == "B" and shape[1] != rank):
-            raise _fail("bad_lora_weights", LORA_WEIGHTS, f"'{key}' has shape {list(shape)}, which does not match rank {rank}")
+        want = pattern_value(rank_pattern, _module_name(key)) or rank
+        if (ab == "A" and shape[0] != want) or (ab == "B" and shape[1] != want):
+            raise _fail("bad_lora_weights", LORA_WEIGHTS, f"'{key}' has shape {list(shape)}, which does not match rank {want}")
         if base is not None and module in base.linear_shapes:
             out_f, in_f = base.linear_shapes[module]
             if (ab == "A" and shape[1] != in_f) or (ab == "B" and shape[0] != out_f):

@@ -184,7 +184,8 @@ class AdapterInfo(BaseModel):
     version: int
     lora_id: int
     status: Literal["serving", "draining", "unloaded"]
-    rank: int
+    rank: int = Field(description="LoRA rank; the largest, when the adapter gives some blocks another (rank_pattern). "
+                      "What --max-lora-rank must cover.")
     alpha: float
     target_modules: list[str]
     base_model: str

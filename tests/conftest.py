@@ -7,12 +7,14 @@ Starting vLLM costs ~25 s, so every test that needs a server shares this one.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
 
+from adapter_helpers import edit_json
 from audio_helpers import speak
 from launch import ServerProc, start_server, stop_server  # noqa: F401 (re-exported for tests)
 from tiny_models import make_tiny_llama, save_smollm2_tokenizer
@@ -34,17 +36,21 @@ class Tiny:
 
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Tiny:
-    from adapters.adapter import init_adapter
+    from adapters.adapter import LORA_CONFIG, init_adapter
 
     root = tmp_path_factory.mktemp("tiny")
     tok = save_smollm2_tokenizer(root / "tokenizer")
     llm = make_tiny_llama(root / "llm", tok)
     adapters = {}
-    # beta's audio layer has a causal transformer block after the stem, so every parity, batching and
-    # realtime test also covers that path
-    for i, (name, blocks) in enumerate((("alpha", 0), ("beta", 1)), start=1):
+    # beta's audio layer has a causal transformer block after the stem, and its LoRA a per-block rank (rank 16 in
+    # block 0, 8 in block 1: PEFT's rank_pattern), so every parity, batching and realtime test also covers both paths
+    for i, (name, blocks, ranks) in enumerate((("alpha", 0, None), ("beta", 1, {0: 16})), start=1):
         adapters[name] = init_adapter(llm, root / name, rank=8, seed=i, lora_init_std=0.05, conv_channels=64,
-                                      encoder_layers=blocks, encoder_heads=4)
+                                      encoder_layers=blocks, encoder_heads=4, rank_layers=ranks)
+    # block 0 at scale 48 / 16 = 3 where the rest is 16 / 8 = 2: an engine that read the rank but not alpha_pattern
+    # (or neither) would give other tokens than PEFT's reference engine
+    pattern = json.loads((adapters["beta"] / LORA_CONFIG).read_text())["alpha_pattern"]
+    edit_json(adapters["beta"], LORA_CONFIG, alpha_pattern=dict.fromkeys(pattern, 48.0))
     return Tiny(root, llm, adapters)
 
 

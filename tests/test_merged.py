@@ -54,6 +54,20 @@ def test_merged_weights_equal_peft_merge_and_unload(tiny, tmp_path):
     assert not [p for p in (tmp_path / "merged").iterdir() if p.name.startswith(".")]  # no temp leftovers
 
 
+def test_merge_scales_each_module_as_peft_does(tiny, tmp_path):
+    """beta gives block 0 another rank and scale (rank_pattern / alpha_pattern): the merge takes each module's own."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from adapters.merge import MERGED_WEIGHTS, merged_model_dir
+
+    ours = load_file(str(merged_model_dir(tiny.llm, tiny.adapters["beta"], tmp_path / "merged") / MERGED_WEIGHTS))
+    model = AutoModelForCausalLM.from_pretrained(str(tiny.llm), torch_dtype=torch.float32)
+    theirs = PeftModel.from_pretrained(model, str(tiny.adapters["beta"])).merge_and_unload().state_dict()
+    for k, v in ours.items():
+        torch.testing.assert_close(v, theirs[k], rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("clip", ["capital", "spider", "sky", "water"])
 def test_merged_engine_gives_the_lora_engines_tokens(server, merged_server, speech, clip):
     lora = post_audio(server.url, speech[clip], adapter="alpha", max_tokens=MAX_TOKENS, return_token_ids=True)

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from audio_helpers import speak
 from tiny_models import make_tiny_llama, save_smollm2_tokenizer
 
-from adapters.adapter import init_adapter, load_adapter
+from adapters.adapter import LORA_WEIGHTS, init_adapter, load_adapter
 from adapters.audio import load_audio_file
 from adapters.base_model import read_base_model
 from adapters.features import log_mel
@@ -116,19 +117,26 @@ def test_checkpoint_resume_matches_uninterrupted_run(world: dict[str, Path]) -> 
     assert straight.train_step(6)["loss"] == pytest.approx(resumed.train_step(6)["loss"], abs=1e-6)
 
 
-@pytest.mark.parametrize("blocks", [0, 1])
-def test_export_validates_and_reference_engine_reproduces_trainer_tokens(world: dict[str, Path], blocks: int) -> None:
+@pytest.mark.parametrize(("blocks", "ranks"), [(0, None), (1, None), (0, {0: 8})], ids=["stem", "block", "rank_layers"])
+def test_export_validates_and_reference_engine_reproduces_trainer_tokens(world: dict[str, Path], blocks: int,
+                                                                         ranks: dict[int, int] | None) -> None:
     from transformers import AutoTokenizer
 
     from server.engine.base import GenerationRequest, LoraHandle, SamplingOptions
     from server.engine.reference import ReferenceEngine
 
-    trainer = Trainer(_config(world, f"export{blocks}", steps=6, lr=5e-3, audio_encoder_layers=blocks))
+    trainer = Trainer(_config(world, f"export{blocks}{bool(ranks)}", steps=6, lr=5e-3, audio_encoder_layers=blocks,
+                              lora_rank_layers=ranks))
     result = trainer.run()
     out = result.output
     config = validate_adapter(out, base=read_base_model(world["student"]), max_lora_rank=16)
     assert config.trained is True
     assert config.audio_layer.encoder_layers == blocks
+    if ranks:  # block 0 at rank 8 over lora_rank 4, at the same scale: PEFT's rank_pattern / alpha_pattern
+        assert load_adapter(out).lora_rank == 8
+        with safe_open(str(out / LORA_WEIGHTS), framework="pt") as f:
+            got = {k: f.get_slice(k).get_shape()[0] for k in f.keys() if "lora_A" in k}
+        assert got and all(r == (8 if ".layers.0." in k else 4) for k, r in got.items()), got
     t = config.training
     assert t["steps"] == 6 and t["layer_map"] and t["teacher"]["fingerprint"].startswith("sha256:")
     assert "ce" in t["losses"]["final"] and "distill" in t["losses"]["final"]
@@ -285,6 +293,11 @@ def test_layer_map_out_of_range_fails_early(world: dict[str, Path]) -> None:
         Trainer(_config(world, "bad1", layer_map={7: 0}))
     with pytest.raises(ConfigError, match="teacher layer 5 is out of range"):
         Trainer(_config(world, "bad2", layer_map="1:5"))
+
+
+def test_lora_rank_layers_out_of_range_fails_early(world: dict[str, Path]) -> None:
+    with pytest.raises(ConfigError, match="lora_rank_layers: blocks \\[7\\] are out of range"):
+        Trainer(_config(world, "badranks", lora_rank_layers={7: 8}))
 
 
 def test_hidden_size_mismatch_fails_early(world: dict[str, Path], tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from adapter_helpers import DELETE, copy_adapter, edit_json, rehash
-from adapters.adapter import AUDIO_WEIGHTS, AURA_CONFIG, LORA_CONFIG, LORA_WEIGHTS
+from adapters.adapter import AUDIO_WEIGHTS, AURA_CONFIG, LORA_CONFIG, LORA_WEIGHTS, load_adapter
 from adapters.base_model import read_base_model
 from adapters.validate import AdapterValidationError, validate_adapter
 
@@ -34,6 +34,8 @@ def _first(tensors: dict, part: str) -> str:
 def _rename(tensors: dict, old: str, new: str) -> None:
     tensors[new] = tensors.pop(old)
 
+
+Q0 = "model.layers.0.self_attn.q_proj"
 
 # (rule id, how to break it, expected code, file the error must name)
 BREAKERS = {
@@ -74,6 +76,15 @@ BREAKERS = {
     "dora": (lambda a: edit_json(a, LORA_CONFIG, use_dora=True), "bad_lora_config", LORA_CONFIG),
     "modules_to_save": (lambda a: edit_json(a, LORA_CONFIG, modules_to_save=["lm_head"]), "bad_lora_config",
                         LORA_CONFIG),
+    # PEFT's per-module rank / alpha: keys are read as regular expressions by engines, so only module names pass
+    "rank_pattern_regex": (lambda a: edit_json(a, LORA_CONFIG, rank_pattern={"(a+)+$": 8}), "bad_lora_config",
+                           LORA_CONFIG),
+    "rank_pattern_value": (lambda a: edit_json(a, LORA_CONFIG, rank_pattern={Q0: 0}), "bad_lora_config", LORA_CONFIG),
+    "rank_pattern_keys": (lambda a: edit_json(a, LORA_CONFIG, rank_pattern={f"m{i}": 8 for i in range(4097)}),
+                          "bad_lora_config", LORA_CONFIG),
+    "alpha_pattern_value": (lambda a: edit_json(a, LORA_CONFIG, alpha_pattern={Q0: -1.0}), "bad_lora_config",
+                            LORA_CONFIG),
+    "rank_pattern_shape": (lambda a: edit_json(a, LORA_CONFIG, rank_pattern={Q0: 4}), "bad_lora_weights", LORA_WEIGHTS),
     "no_targets": (lambda a: edit_json(a, LORA_CONFIG, target_modules=[]), "bad_lora_config", LORA_CONFIG),
     "unknown_target": (lambda a: edit_json(a, LORA_CONFIG, target_modules=["q_proj", "qkv_fused"]),
                        "unknown_target_modules", LORA_CONFIG),
@@ -114,6 +125,23 @@ def base(tiny):
 def test_a_good_adapter_passes(tiny, base):
     config = validate_adapter(tiny.adapters["alpha"], base=base, max_lora_rank=64)
     assert config.base_model.fingerprint == base.fingerprint
+
+
+def test_a_per_block_rank_is_validated_module_by_module(tiny, base):
+    """beta gives block 0 rank 16 (rank_pattern) over r = 8: each module's weights must have its own rank, and the
+    server's max_lora_rank must cover the largest, not just r."""
+    validate_adapter(tiny.adapters["beta"], base=base, max_lora_rank=16)
+    assert load_adapter(tiny.adapters["beta"]).lora_rank == 16
+    with pytest.raises(AdapterValidationError) as info:
+        validate_adapter(tiny.adapters["beta"], base=base, max_lora_rank=12)
+    assert info.value.code == "rank_too_large" and "16" in info.value.message
+
+
+def test_a_pattern_key_that_is_a_regular_expression_is_refused_unread(tiny, base, tmp_path):
+    adapter = copy_adapter(tiny.adapters["alpha"], tmp_path / "redos")
+    edit_json(adapter, LORA_CONFIG, rank_pattern={"(" * 20 + "a+" + ")+" * 20 + "$": 8})
+    with pytest.raises(AdapterValidationError, match="module name"):
+        validate_adapter(adapter, base=base, max_lora_rank=64)
 
 
 @pytest.mark.parametrize("rule", sorted(BREAKERS))
@@ -160,7 +188,7 @@ def test_cli_validate_and_inspect_exit_codes(tiny, tmp_path):
 def test_save_adapter_replaces_whole_or_not_at_all(tiny, base, tmp_path):
     """A save over an existing adapter publishes the new folder in one rename; a save that fails
     half-way leaves the old adapter as it was and no hidden leftovers beside it."""
-    from adapters.adapter import load_adapter, save_adapter
+    from adapters.adapter import save_adapter
 
     alpha, beta = load_adapter(tiny.adapters["alpha"]), load_adapter(tiny.adapters["beta"])
     out = tmp_path / "out"

@@ -22,7 +22,8 @@ from adapters.audio_layer import MAX_ENCODER_LAYERS
 # settings added after runs were started: at these values they leave a run's fingerprint as it was
 NEW_SETTING_DEFAULTS: dict[str, object] = {"audio_encoder_layers": 0, "audio_encoder_lr_scale": 0.1,
                                             "char_ctc_weight": 0.0, "char_ctc_layer": 2, "spec_freq_warp": 0.0,
-                                            "char_ctc_merges": None, "val_sentences": 0}
+                                            "char_ctc_merges": None, "val_sentences": 0,
+                                            "lora_rank_layers": None}
 DistillLoss = Literal["cosine", "mse", "none"]
 Precision = Literal["fp32", "bf16"]
 
@@ -47,6 +48,12 @@ class TrainConfig(BaseModel):
     lora_alpha: float = 16.0
     lora_targets: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGETS))
     lora_layers: list[int] | None = Field(None, description="Student layers that get LoRA; None = all.")
+    lora_rank_layers: dict[int, PositiveInt] | None = Field(
+        None, description="Block -> LoRA rank for those blocks (the others: lora_rank), e.g. '0:128,1:128,2:128': more "
+        "capacity where the student must become an acoustic encoder (the distilled blocks, the character head's), little "
+        "in the read-out above. Their alpha is lora_alpha x sqrt(rank / lora_rank), so their updates start as large as "
+        "the other blocks' (rsLoRA's rule). Served through PEFT's rank_pattern / alpha_pattern; the server's "
+        "--max-lora-rank must cover the largest.")
 
     # --- audio layer
     stack_factor: int = Field(4, ge=1, le=32)
@@ -146,7 +153,7 @@ class TrainConfig(BaseModel):
     resume: bool = Field(True, description="Continue from the newest checkpoint in work_dir if there is one.")
     progress: bool = Field(True, description="tqdm progress bar on stderr.")
 
-    @field_validator("layer_map", mode="before")
+    @field_validator("layer_map", "lora_rank_layers", mode="before")
     @classmethod
     def _parse_layer_map(cls, value: Any) -> Any:
         """Accept {s: t}, [[s, t], ...] or "s:t,s:t" (the CLI form)."""

@@ -144,6 +144,14 @@ def check_config(config: TrainConfig) -> Setup:
         bad = [i for i in config.lora_layers if not 0 <= i < base.num_hidden_layers]
         if bad:
             raise ConfigError(f"lora_layers {bad} are out of range (the student has layers 0..{base.num_hidden_layers - 1})")
+    if config.lora_rank_layers:
+        bad = [i for i in config.lora_rank_layers if not 0 <= i < base.num_hidden_layers]
+        if bad:
+            raise ConfigError(f"lora_rank_layers: blocks {bad} are out of range (the student has layers 0..{base.num_hidden_layers - 1})")
+        if config.lora_layers is not None and (skipped := sorted(set(config.lora_rank_layers) - set(config.lora_layers))):
+            raise ConfigError(f"lora_rank_layers: blocks {skipped} get no LoRA (lora_layers leaves them out)")
+        if config.init_from is not None:
+            raise ConfigError("lora_rank_layers shapes a fresh LoRA; with init_from the adapter's own ranks are kept")
     missing = [t for t in config.lora_targets if t not in base.linear_modules]
     if missing:
         raise ConfigError(f"lora_targets {missing} are not linear modules of the student (it has {list(base.linear_modules)})")
@@ -282,7 +290,8 @@ class Trainer:
             audio = load_adapter(c.init_from).audio_layer.float().requires_grad_(True).train()
         else:
             lora_cfg = new_lora_config(s.base, rank=c.lora_rank, alpha=c.lora_alpha,
-                                       target_modules=tuple(c.lora_targets), layers=c.lora_layers)
+                                       target_modules=tuple(c.lora_targets), layers=c.lora_layers,
+                                       rank_layers=c.lora_rank_layers)
             peft_model = get_peft_model(base, lora_cfg)
             audio = AudioEmbedding(s.audio_cfg)
             conv1, conv2 = self.teacher_encoder.conv1, self.teacher_encoder.conv2
@@ -802,7 +811,8 @@ class Trainer:
             "layer_map": {str(k): v for k, v in s.layer_map.items()},
             "distill_loss": c.distill_loss if self.distill else "none", "distill_weight": c.distill_weight if self.distill else 0.0,
             "distill_targets": c.distill_targets if self.distill else "raw",
-            "lora": {"rank": c.lora_rank, "alpha": c.lora_alpha, "targets": c.lora_targets, "layers": c.lora_layers},
+            "lora": {"rank": c.lora_rank, "alpha": c.lora_alpha, "targets": c.lora_targets, "layers": c.lora_layers,
+                     "rank_layers": c.lora_rank_layers},
             "stem_init": getattr(self, "stem_init", "init_from"), "transcribe_prompt": c.transcribe_prompt,
             "end_of_turn_id": self.end_of_turn,
             "config_fingerprint": c.fingerprint(),
