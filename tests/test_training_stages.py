@@ -234,6 +234,29 @@ def test_teacher_layers_are_each_blocks_own_output_on_every_call(world: dict[str
         assert float(rel) > 0.05, "two teacher layers gave the same target"
 
 
+def test_teacher_lookahead_limits_what_a_frame_sees(world: dict[str, Path]) -> None:
+    """bench/probe_lookahead.py's masks: k = 0 is causal, k lets a frame see k frames ahead and no further, and no
+    mask is Whisper as trained. Checked on the blocks' output at frame i when only frames after i + k change."""
+    enc = load_teacher_encoder(world["teacher"])
+    torch.manual_seed(0)
+    x = torch.randn(1, FeatureConfig().n_mels, 200)
+    y = torch.randn(1, x.shape[1], x.shape[2])
+    i, k = 40, 3  # encoder frame 40; the stem looks one encoder frame (3 mel frames) around each frame
+    # mel frames from this one on reach only encoder frames > i + k + 1 through the stem
+    cut = 2 * (i + k + 1) + 2
+    z = torch.cat([x[..., :cut], y[..., cut:]], dim=-1)
+    with torch.no_grad():
+        full = [encoder_states(enc, v, [1])[1] for v in (x, z)]
+        look = [encoder_states(enc, v, [1], lookahead=k)[1] for v in (x, z)]
+        wide = [encoder_states(enc, v, [1], lookahead=k + 2)[1] for v in (x, z)]
+        unmasked = encoder_states(enc, x, [1], lookahead=10_000)[1]
+    torch.testing.assert_close(unmasked, full[0], rtol=0, atol=1e-6)  # a mask that allows all = none
+    # (the test teacher is random, so far frames move frame i by ~5e-4, a hundred times float32's noise here, 5e-7)
+    assert float((full[0][0, i] - full[1][0, i]).abs().max()) > 5e-5  # unmasked, frame i hears the change
+    torch.testing.assert_close(look[0][0, : i + 1], look[1][0, : i + 1], rtol=0, atol=2e-6)  # k ahead: it does not
+    assert float((wide[0][0, i] - wide[1][0, i]).abs().max()) > 5e-5  # two frames more, and it does
+
+
 def test_truncated_stage_resumes_exactly(world: dict[str, Path]) -> None:
     """A stage-1 run stopped after 3 steps and resumed equals one that ran 6 steps straight
     (lazy, cached teacher targets and the cumulative clock included)."""

@@ -77,7 +77,15 @@ def pool_frames(hidden: torch.Tensor, valid: int, group: int) -> torch.Tensor:
     return x.reshape(n, group, -1).sum(1) / counts[:, None]
 
 
-def encoder_states(encoder: Any, features: torch.Tensor, layers: list[int]) -> dict[int, torch.Tensor]:
+def lookahead_mask(frames: int, lookahead: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(1, 1, T, T) additive attention mask: frame i sees frames 0 .. i + lookahead (0 = causal)."""
+    i = torch.arange(frames, device=device)
+    allowed = i[None, :] <= i[:, None] + lookahead
+    return torch.zeros(frames, frames, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
+
+
+def encoder_states(encoder: Any, features: torch.Tensor, layers: list[int],
+                   lookahead: int | None = None) -> dict[int, torch.Tensor]:
     """Outputs of Whisper encoder blocks ``layers`` (0-based) for (B, n_mels, T) log-mel input of any length.
 
     Whisper's own forward insists on 30 s inputs only because it adds its whole position table;
@@ -87,6 +95,10 @@ def encoder_states(encoder: Any, features: torch.Tensor, layers: list[int]) -> d
     inputs used to be run) made every block but the last report the same tensor, so three of four
     distillation targets were identical. The last block's output gets the final LayerNorm, as in
     Whisper's ``last_hidden_state`` (what its decoder reads).
+
+    ``lookahead``: None runs the blocks as Whisper was trained (every frame sees the whole input); k >= 0 lets
+    frame i see only frames up to i + k, which measures what a streaming (causal, k = 0) audio layer of Whisper's
+    blocks keeps of them (``bench/probe_lookahead.py``).
     """
     F = torch.nn.functional
     x = F.gelu(encoder.conv1(features))
@@ -98,8 +110,9 @@ def encoder_states(encoder: Any, features: torch.Tensor, layers: list[int]) -> d
     wanted = set(layers)
     last = len(encoder.layers) - 1
     out: dict[int, torch.Tensor] = {}
+    mask = None if lookahead is None else lookahead_mask(x.shape[1], lookahead, x.dtype, x.device)
     for i, block in enumerate(encoder.layers[: max(wanted) + 1]):
-        x = block(x, None)
+        x = block(x, mask)
         x = x[0] if isinstance(x, tuple) else x
         if i in wanted:
             out[i] = encoder.layer_norm(x) if i == last else x
