@@ -331,6 +331,7 @@ def init_adapter(
     lora_init_std: float = 0.0,
     base_name: str | None = None,
     rank_layers: dict[int, int] | None = None,
+    encoder_lookahead: int = 0,
 ) -> Path:
     """Create a fresh (untrained) adapter for ``base_model``.
 
@@ -353,7 +354,8 @@ def init_adapter(
                 if "lora_B" in n:
                     p.copy_(torch.randn(p.shape, generator=gen) * lora_init_std)
     layer_cfg = AudioLayerConfig(n_mels=features.n_mels, conv_channels=conv_channels, stack_factor=stack_factor,
-                                 hidden_size=base.hidden_size, encoder_layers=encoder_layers, encoder_heads=encoder_heads)
+                                 hidden_size=base.hidden_size, encoder_layers=encoder_layers, encoder_heads=encoder_heads,
+                                 encoder_lookahead=encoder_lookahead)
     layer = AudioEmbedding(layer_cfg)
     layer.match_output_scale(embedding_rms(model))
     config = AuraConfig(

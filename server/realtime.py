@@ -15,14 +15,16 @@ What is faithful to OpenAI and what is not:
   engine path as ``POST /v1/audio/chat``, so a realtime answer is token-identical to posting
   the same clip.
 
-Prefill while the user speaks: AuRA's audio vectors come from a local convolution and the LLM
-attends causally, so the KV cache of early audio never depends on later audio. Every
+Prefill while the user speaks: AuRA's audio vectors come from a local convolution and blocks that
+see at most ``encoder_lookahead`` frames ahead, and the LLM attends causally, so the KV cache of
+early audio never depends on audio more than a few frames later. Every
 ``realtime_prefill_interval_ms`` of new speech the session sends the prompt-so-far to the engine
 with one output token (``ChatService.prefill``); vLLM's prefix cache keeps those blocks, and at
 end of speech only the tail is computed. Whisper's log-mel clamp (max − 8 dB over the clip) is
 the one clip-global step: the final request always uses the exact offline features, so the
 answer is unchanged; warming only pays off for blocks whose vectors did not move, which is all
-of them unless a later sound is louder than every earlier one.
+of them but the last few positions (the lookahead's) unless a later sound is louder than every
+earlier one.
 """
 
 from __future__ import annotations

@@ -17,13 +17,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
 
 from adapters.adapter import DEFAULT_TARGETS
-from adapters.audio_layer import MAX_ENCODER_LAYERS
+from adapters.audio_layer import MAX_ENCODER_LAYERS, MAX_LOOKAHEAD
 
 # settings added after runs were started: at these values they leave a run's fingerprint as it was
 NEW_SETTING_DEFAULTS: dict[str, object] = {"audio_encoder_layers": 0, "audio_encoder_lr_scale": 0.1,
                                             "char_ctc_weight": 0.0, "char_ctc_layer": 2, "spec_freq_warp": 0.0,
                                             "char_ctc_merges": None, "val_sentences": 0,
-                                            "lora_rank_layers": None}
+                                            "lora_rank_layers": None, "audio_encoder_lookahead": 0}
 DistillLoss = Literal["cosine", "mse", "none"]
 Precision = Literal["fp32", "bf16"]
 
@@ -61,6 +61,10 @@ class TrainConfig(BaseModel):
     audio_encoder_layers: int = Field(
         0, ge=0, le=MAX_ENCODER_LAYERS, description="Causal transformer blocks in the audio layer, initialised from the "
         "teacher's first blocks (needs conv_channels = the teacher's width). 0 = the conv stem alone.")
+    audio_encoder_lookahead: int = Field(
+        0, ge=0, le=MAX_LOOKAHEAD, description="Frames (20 ms each) those blocks may attend ahead; 0 = causal. Run "
+        "causally, Whisper's blocks keep little of what they hold (bench/probe_lookahead.py); a realtime turn waits "
+        "this long past the speech for its last vectors.")
     audio_encoder_lr_scale: float = Field(
         0.1, ge=0.0, le=1.0, description="Those blocks learn at lr x this (0 freezes them): at the LoRA's learning rate "
         "the pretrained blocks were wrecked within 100 steps (distillation stuck at 0.98 where the stem alone reached 0.76).")

@@ -158,6 +158,9 @@ def check_config(config: TrainConfig) -> Setup:
 
     features = FeatureConfig(n_mels=teacher.n_mels)
     layout = PromptLayout()
+    if config.audio_encoder_lookahead and (not config.audio_encoder_layers or config.init_from is not None):
+        raise ConfigError("audio_encoder_lookahead sets how far a fresh audio layer's blocks see ahead: it needs "
+                          "audio_encoder_layers > 0, and with init_from the adapter's audio layer keeps its own")
     if config.audio_encoder_layers:
         if config.audio_encoder_layers > teacher.num_layers:
             raise ConfigError(f"audio_encoder_layers={config.audio_encoder_layers} but the teacher has only "
@@ -168,7 +171,8 @@ def check_config(config: TrainConfig) -> Setup:
     audio_cfg = AudioLayerConfig(n_mels=features.n_mels, conv_channels=config.conv_channels or teacher.width,
                                  stack_factor=config.stack_factor, hidden_size=base.hidden_size,
                                  encoder_layers=config.audio_encoder_layers, encoder_heads=teacher.heads,
-                                 encoder_ffn_dim=teacher.ffn_dim if config.audio_encoder_layers else None)
+                                 encoder_ffn_dim=teacher.ffn_dim if config.audio_encoder_layers else None,
+                                 encoder_lookahead=config.audio_encoder_lookahead)
     if config.init_from is not None:
         init = AuraConfig.model_validate_json((Path(config.init_from) / "aura_config.json").read_text())
         if init.audio_layer.hidden_size != base.hidden_size or init.base_model.hidden_size != base.hidden_size:
