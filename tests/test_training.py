@@ -117,21 +117,23 @@ def test_checkpoint_resume_matches_uninterrupted_run(world: dict[str, Path]) -> 
     assert straight.train_step(6)["loss"] == pytest.approx(resumed.train_step(6)["loss"], abs=1e-6)
 
 
-@pytest.mark.parametrize(("blocks", "ranks"), [(0, None), (1, None), (0, {0: 8})], ids=["stem", "block", "rank_layers"])
+@pytest.mark.parametrize(("blocks", "lookahead", "ranks"), [(0, 0, None), (1, 0, None), (1, 2, None), (0, 0, {0: 8})],
+                         ids=["stem", "block", "block_lookahead", "rank_layers"])
 def test_export_validates_and_reference_engine_reproduces_trainer_tokens(world: dict[str, Path], blocks: int,
+                                                                         lookahead: int,
                                                                          ranks: dict[int, int] | None) -> None:
     from transformers import AutoTokenizer
 
     from server.engine.base import GenerationRequest, LoraHandle, SamplingOptions
     from server.engine.reference import ReferenceEngine
 
-    trainer = Trainer(_config(world, f"export{blocks}{bool(ranks)}", steps=6, lr=5e-3, audio_encoder_layers=blocks,
-                              lora_rank_layers=ranks))
+    trainer = Trainer(_config(world, f"export{blocks}{lookahead}{bool(ranks)}", steps=6, lr=5e-3,
+                              audio_encoder_layers=blocks, audio_encoder_lookahead=lookahead, lora_rank_layers=ranks))
     result = trainer.run()
     out = result.output
     config = validate_adapter(out, base=read_base_model(world["student"]), max_lora_rank=16)
     assert config.trained is True
-    assert config.audio_layer.encoder_layers == blocks
+    assert config.audio_layer.encoder_layers == blocks and config.audio_layer.encoder_lookahead == lookahead
     if ranks:  # block 0 at rank 8 over lora_rank 4, at the same scale: PEFT's rank_pattern / alpha_pattern
         assert load_adapter(out).lora_rank == 8
         with safe_open(str(out / LORA_WEIGHTS), framework="pt") as f:
@@ -176,6 +178,7 @@ def test_audio_layer_blocks_start_as_the_teachers_first_block_seen_causally(worl
     """audio_encoder_layers copies the teacher's stem and first blocks; a causal block's output at
     frame i is then exactly the teacher's block on the audio up to frame i (its last position)."""
     from adapters.audio_layer import sinusoids
+    from adapters.training.teacher import lookahead_mask
 
     trainer = Trainer(_config(world, "blocks", audio_encoder_layers=1))
     audio, teacher = trainer.student.audio_layer, trainer.teacher_encoder
@@ -189,7 +192,7 @@ def test_audio_layer_blocks_start_as_the_teachers_first_block_seen_causally(worl
         positions = teacher.embed_positions.weight[:frames]
         torch.testing.assert_close(sinusoids(frames, positions.shape[1]), positions, rtol=0, atol=1e-4)
         x = stem[:, :frames] + positions
-        ours = audio.blocks[0](x)
+        ours = audio.blocks[0](x, torch.tensor([frames]))
         def teacher_block(upto: int) -> torch.Tensor:
             out = teacher.layers[0](x[:, :upto], None)
             return out[0] if isinstance(out, tuple) else out
@@ -198,6 +201,11 @@ def test_audio_layer_blocks_start_as_the_teachers_first_block_seen_causally(worl
         for end in (1, 17, frames // 2, frames):
             torch.testing.assert_close(ours[0, end - 1], teacher_block(end)[0, -1], rtol=1e-4, atol=1e-4)
         assert not torch.allclose(ours[0, 0], teacher_block(frames)[0, 0], atol=1e-3), "causal, not bidirectional"
+        # with lookahead, the block is the teacher's under bench/probe_lookahead.py's mask (what the probes measured)
+        look = Trainer(_config(world, "blocks_la", audio_encoder_layers=1, audio_encoder_lookahead=3)).student.audio_layer
+        out = teacher.layers[0](x, lookahead_mask(frames, 3, x.dtype, x.device))
+        torch.testing.assert_close(look.blocks[0](x, torch.tensor([frames])), out[0] if isinstance(out, tuple) else out,
+                                   rtol=1e-4, atol=1e-4)
     with pytest.raises(ConfigError, match="only 2 blocks"):
         Trainer(_config(world, "blocks3", audio_encoder_layers=3))
     with pytest.raises(ConfigError, match="teacher's width"):
@@ -293,6 +301,11 @@ def test_layer_map_out_of_range_fails_early(world: dict[str, Path]) -> None:
         Trainer(_config(world, "bad1", layer_map={7: 0}))
     with pytest.raises(ConfigError, match="teacher layer 5 is out of range"):
         Trainer(_config(world, "bad2", layer_map="1:5"))
+
+
+def test_lookahead_without_blocks_fails_early(world: dict[str, Path]) -> None:
+    with pytest.raises(ConfigError, match="audio_encoder_lookahead .* needs audio_encoder_layers > 0"):
+        Trainer(_config(world, "badlook", audio_encoder_lookahead=4))
 
 
 def test_lora_rank_layers_out_of_range_fails_early(world: dict[str, Path]) -> None:
