@@ -7,6 +7,7 @@ file and says how to fix it.
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -67,7 +68,7 @@ def _pattern(lora: dict[str, JSONValue], field: str, *, integer: bool) -> dict[s
                         "(letters, digits, '_' and '.', at most 256 characters); regular expressions are not accepted")
         kind = "integer" if integer else "number"
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)) \
-                or value <= 0:
+                or not math.isfinite(value) or value <= 0:
             raise _fail("bad_lora_config", LORA_CONFIG, f"'{field}' value for {key[:80]!r} must be a positive {kind}, got {value!r:.40}")
         out[key] = value
     return out
@@ -153,7 +154,7 @@ def validate_adapter(
     if not isinstance(rank, int) or rank <= 0:
         raise _fail("bad_lora_config", LORA_CONFIG, f"'r' must be a positive integer, got {rank!r}")
     alpha = lora.get("lora_alpha", rank)
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
         raise _fail("bad_lora_config", LORA_CONFIG, f"'lora_alpha' must be a positive number, got {alpha!r}")
     rank_pattern = _pattern(lora, "rank_pattern", integer=True)
     _pattern(lora, "alpha_pattern", integer=False)

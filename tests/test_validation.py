@@ -84,6 +84,8 @@ BREAKERS = {
                           "bad_lora_config", LORA_CONFIG),
     "alpha_pattern_value": (lambda a: edit_json(a, LORA_CONFIG, alpha_pattern={Q0: -1.0}), "bad_lora_config",
                             LORA_CONFIG),
+    "alpha_pattern_infinite": (lambda a: ((a / LORA_CONFIG).write_text((a / LORA_CONFIG).read_text().replace(
+        '"alpha_pattern": {}', f'"alpha_pattern": {{"{Q0}": Infinity}}')), rehash(a)), "bad_lora_config", LORA_CONFIG),
     "rank_pattern_shape": (lambda a: edit_json(a, LORA_CONFIG, rank_pattern={Q0: 4}), "bad_lora_weights", LORA_WEIGHTS),
     "no_targets": (lambda a: edit_json(a, LORA_CONFIG, target_modules=[]), "bad_lora_config", LORA_CONFIG),
     "unknown_target": (lambda a: edit_json(a, LORA_CONFIG, target_modules=["q_proj", "qkv_fused"]),
@@ -142,6 +144,9 @@ def test_a_pattern_key_that_is_a_regular_expression_is_refused_unread(tiny, base
     edit_json(adapter, LORA_CONFIG, rank_pattern={"(" * 20 + "a+" + ")+" * 20 + "$": 8})
     with pytest.raises(AdapterValidationError, match="module name"):
         validate_adapter(adapter, base=base, max_lora_rank=64)
+    BREAKERS["alpha_pattern_infinite"][0](copy_adapter(tiny.adapters["alpha"], tmp_path / "inf"))
+    with pytest.raises(AdapterValidationError, match="alpha_pattern' value .* must be a positive number, got inf"):
+        validate_adapter(tmp_path / "inf", base=base, max_lora_rank=64)
 
 
 @pytest.mark.parametrize("rule", sorted(BREAKERS))
