@@ -17,9 +17,10 @@ which pays off when early audio vectors do not depend on later audio. Causal blo
 the whole clip, and run causally they keep little of it: a linear probe reads Whisper tiny.en's
 block 3 at character CER 0.39 on unseen speakers, the same block causal at 0.62, worse than its
 block 0 unmasked (``bench/probe_lookahead.py``), and 40 ms of lookahead wins back much of it.
-So ``encoder_lookahead`` lets each frame attend k frames (k x 20 ms) ahead: a realtime turn then
-waits k frames past the speech for its last vectors, and its prefill re-sends the few positions
-whose vectors moved (the final request always uses the offline vectors, so answers are the same).
+So ``encoder_lookahead`` lets each frame attend k frames (k x 20 ms) ahead. No request waits for
+it: a clip's vectors are computed once the clip is whole (a realtime turn's at end of speech, as
+before); a realtime prefill while the user speaks re-sends the positions whose vectors moved, the
+last (blocks x k) frames' worth (the final request uses the offline vectors, so answers are the same).
 Keys past a clip's end are masked, so right padding stays invisible and batching cannot change
 an example's vectors either way.
 
@@ -39,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 MAX_ENCODER_LAYERS = 12
-MAX_LOOKAHEAD = 250  # 5 s: a realtime turn waits this long past the speech for its last vectors
+MAX_LOOKAHEAD = 250  # 5 s per block: realtime prefill re-sends the positions that far back, so keep it short
 # queries per attention call: bounds a long clip's attention scores to O(chunk x frames) memory
 ATTENTION_CHUNK = 512
 
