@@ -17,7 +17,7 @@ from safetensors import SafetensorError, safe_open
 from adapters.adapter import (
     AUDIO_WEIGHTS, AURA_CONFIG, CHECKSUMMED, FORMAT_VERSION, LORA_CONFIG, LORA_WEIGHTS, MAX_CONFIG_BYTES,
     MAX_LORA_CONFIG_BYTES, MAX_PATTERN_KEYS, PATTERN_KEY, AdapterFileError, AuraConfig, audio_layer_shapes,
-    pattern_value, read_json_file, sha256_file,
+    max_lora_rank_of, pattern_value, read_json_file, sha256_file,
 )
 from adapters.bounded_json import JSONValue
 from adapters.base_model import BaseModelInfo
@@ -158,7 +158,7 @@ def validate_adapter(
         raise _fail("bad_lora_config", LORA_CONFIG, f"'lora_alpha' must be a positive number, got {alpha!r}")
     rank_pattern = _pattern(lora, "rank_pattern", integer=True)
     _pattern(lora, "alpha_pattern", integer=False)
-    top = max([rank, *rank_pattern.values()])
+    top = max_lora_rank_of(lora)
     if max_lora_rank is not None and top > max_lora_rank:
         raise _fail("rank_too_large", LORA_CONFIG,
                     f"LoRA rank {top} exceeds this server's max_lora_rank {max_lora_rank}; retrain with a smaller rank or raise --max-lora-rank")
