@@ -332,6 +332,7 @@ def init_adapter(
     base_name: str | None = None,
     rank_layers: dict[int, int] | None = None,
     encoder_lookahead: int = 0,
+    encoder_stride: int = 1,
 ) -> Path:
     """Create a fresh (untrained) adapter for ``base_model``.
 
@@ -355,7 +356,7 @@ def init_adapter(
                     p.copy_(torch.randn(p.shape, generator=gen) * lora_init_std)
     layer_cfg = AudioLayerConfig(n_mels=features.n_mels, conv_channels=conv_channels, stack_factor=stack_factor,
                                  hidden_size=base.hidden_size, encoder_layers=encoder_layers, encoder_heads=encoder_heads,
-                                 encoder_lookahead=encoder_lookahead)
+                                 encoder_lookahead=encoder_lookahead, encoder_stride=encoder_stride)
     layer = AudioEmbedding(layer_cfg)
     layer.match_output_scale(embedding_rms(model))
     config = AuraConfig(

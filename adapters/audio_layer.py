@@ -24,6 +24,14 @@ last (blocks x k) frames' worth (the final request uses the offline vectors, so 
 Keys past a clip's end are masked, so right padding stays invisible and batching cannot change
 an example's vectors either way.
 
+Why ``encoder_stride``: a Whisper-width block costs ~3.5 MFLOPs per frame, and at the stem's 50 Hz two of them
+are 4.8% of a 3 s request's FLOPs but 9.2% of a 10 s one's and 13.5% of a 30 s one's (the LLM reads 12.5 tokens
+per second, the blocks 50 frames), past the issue's 5% budget. Averaging ``encoder_stride`` stem frames into one
+before the blocks divides their per-frame cost by the stride and their attention by its square; the stacking then
+takes ``stack_factor`` block frames, so a token spans ``encoder_stride x stack_factor`` stem frames
+(``frames_per_token``). The teacher's weights still initialise the blocks: a mean of neighbouring frames is
+a frame of the same kind, at half the rate.
+
 Batching must never change an example's output (a request's tokens may not depend on who it
 was batched with), so every stage masks what lies beyond each example's length exactly as the
 example alone would see zero padding.
@@ -41,6 +49,7 @@ from torch import nn
 
 MAX_ENCODER_LAYERS = 12
 MAX_LOOKAHEAD = 250  # 5 s per block: realtime prefill re-sends the positions that far back, so keep it short
+MAX_ENCODER_STRIDE = 8
 # queries per attention call: bounds a long clip's attention scores to O(chunk x frames) memory
 ATTENTION_CHUNK = 512
 
@@ -59,16 +68,28 @@ class AudioLayerConfig(BaseModel):
     encoder_ffn_dim: int | None = Field(None, ge=1, le=65536,
                                         description="Feed-forward width of those blocks; None = 4 x conv_channels (Whisper's).")
     encoder_lookahead: int = Field(0, ge=0, le=MAX_LOOKAHEAD,
-                                   description="Frames (20 ms each) a block's frame may attend ahead; 0 = causal.")
+                                   description="Block frames (20 ms x encoder_stride each) a block's frame may attend "
+                                               "ahead; 0 = causal.")
+    encoder_stride: int = Field(1, ge=1, le=MAX_ENCODER_STRIDE,
+                                description="Stem frames (20 ms) averaged into one before the blocks: 2 halves their "
+                                            "cost; stack_factor then stacks block frames. Needs encoder_layers > 0.")
 
     @property
     def ffn_dim(self) -> int:
         return self.encoder_ffn_dim or 4 * self.conv_channels
 
+    @property
+    def frames_per_token(self) -> int:
+        """Stem frames (20 ms, the teacher's frame rate) per audio token: the stride, then the stacking."""
+        return self.encoder_stride * self.stack_factor
+
     @model_validator(mode="after")
     def _heads_divide_width(self) -> "AudioLayerConfig":
         if self.encoder_layers and self.conv_channels % self.encoder_heads:
             raise ValueError(f"audio_layer.encoder_heads={self.encoder_heads} must divide conv_channels={self.conv_channels}")
+        if self.encoder_stride > 1 and not self.encoder_layers:
+            raise ValueError("audio_layer.encoder_stride pools frames for the blocks: it needs encoder_layers > 0 "
+                             "(without blocks, stack_factor sets the token rate)")
         return self
 
     def flops(self, num_frames: int) -> int:
@@ -81,24 +102,38 @@ class AudioLayerConfig(BaseModel):
         c, n_mels = self.conv_channels, self.n_mels
         t2 = (num_frames + 1) // 2
         total = 2 * num_frames * n_mels * c * 3 + 2 * t2 * c * c * 3
+        tb = -(-t2 // self.encoder_stride)  # block frames
         per_frame = 2 * (4 * c * c + 2 * c * self.ffn_dim)  # q, k, v, out + fc1, fc2
-        k = min(self.encoder_lookahead, max(t2 - 1, 0))
-        seen = t2 * (t2 + 1) // 2 + k * t2 - k * (k + 1) // 2  # keys of every query: 0 .. min(i + k, t2 - 1)
+        k = min(self.encoder_lookahead, max(tb - 1, 0))
+        seen = tb * (tb + 1) // 2 + k * tb - k * (k + 1) // 2  # keys of every query: 0 .. min(i + k, tb - 1)
         attention = 2 * 2 * c * seen  # scores + mixing
-        total += self.encoder_layers * (t2 * per_frame + attention)
+        total += self.encoder_layers * (tb * per_frame + attention)
         total += 2 * self.num_tokens(num_frames) * c * self.stack_factor * self.hidden_size
         return total
 
     def num_tokens(self, num_frames: int) -> int:
-        """Audio tokens for a clip of ``num_frames`` log-mel frames (conv stride 2, then stacking)."""
+        """Audio tokens for a clip of ``num_frames`` log-mel frames (conv stride 2, then the blocks' stride and
+        the stacking: one token per ``frames_per_token`` stem frames, the last one partial)."""
         if num_frames <= 0:
             return 0
         after_stem = (num_frames + 1) // 2
-        return -(-after_stem // self.stack_factor)
+        return -(-after_stem // self.frames_per_token)
 
 
 def _length_mask(lengths: torch.Tensor, size: int) -> torch.Tensor:
     return torch.arange(size, device=lengths.device)[None, :] < lengths[:, None]
+
+
+def mean_pool(x: torch.Tensor, lengths: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T, C) frames + (B,) valid counts -> (B, ceil(T / group), C) means over consecutive groups of each
+    clip's *valid* frames (a partial last group averages what it has; groups past a clip's end are zero) +
+    (B,) pooled counts. The student's stride and the teacher's targets pool the same way."""
+    b, t, c = x.shape
+    n = -(-t // group)
+    valid = _length_mask(lengths, n * group).to(x.dtype)
+    x = F.pad(x, (0, 0, 0, n * group - t)) * valid[..., None]
+    counts = valid.view(b, n, group).sum(-1).clamp(min=1)
+    return x.view(b, n, group, c).sum(2) / counts[..., None], -(-lengths // group)
 
 
 def sinusoids(length: int, channels: int) -> torch.Tensor:
@@ -174,18 +209,21 @@ class AudioEmbedding(nn.Module):
         stem_mask = _length_mask(stem_lengths, x.shape[-1])[:, None, :]
         x = x * stem_mask
         x = x.transpose(1, 2)  # (B, T2, C)
+        lengths = stem_lengths
         if len(self.blocks):
+            if self.config.encoder_stride > 1:
+                x, lengths = mean_pool(x, lengths, self.config.encoder_stride)
             x = x + sinusoids(x.shape[1], x.shape[2]).to(x.dtype).to(x.device)
             for block in self.blocks:
-                x = block(x, stem_lengths)
-            x = x * stem_mask.transpose(1, 2)  # padding is zero again, as a clip alone would stack it
+                x = block(x, lengths)
+            x = x * _length_mask(lengths, x.shape[1])[..., None]  # padding is zero again, as a clip alone would stack it
         k = self.config.stack_factor
         pad = (-x.shape[1]) % k
         if pad:
             x = F.pad(x, (0, 0, 0, pad))
         b, t, c = x.shape
         x = x.reshape(b, t // k, c * k)
-        token_lengths = -(-stem_lengths // k)
+        token_lengths = -(-lengths // k)
         x = self.proj(self.norm(x))
         return x, token_lengths
 

@@ -2,10 +2,13 @@
 
     python -m bench.audio_layer_cost [--adapter DIR] [--model DIR] [--seconds 3 10 30]
                                      [--response-tokens 32] [--encoder-layers 0 1 2]
+                                     [--encoder-stride 1 2 4] [--lookahead K]
 
 Defaults: the embedded demo adapter on the demo LLM. ``--encoder-layers`` prices the same adapter
-with that many causal Whisper-shaped blocks in its audio layer (what ``audio_encoder_layers``
-trains), so a recipe can be checked against the budget before it is trained.
+with that many Whisper-shaped blocks in its audio layer (what ``audio_encoder_layers`` trains),
+``--encoder-stride`` with its blocks on the mean of that many stem frames (``audio_encoder_stride``; the
+stacking shrinks to keep the adapter's tokens per second) and ``--lookahead`` with its blocks seeing K block
+frames ahead, so a recipe can be checked against the budget before it is trained.
 
 What is counted (2 FLOPs per multiply-add; norms, activations and softmax are left out on both
 sides): the audio layer's convolutions, blocks (causal attention included) and projection
@@ -58,6 +61,9 @@ def main() -> None:
     parser.add_argument("--response-tokens", type=int, default=32)
     parser.add_argument("--encoder-layers", type=int, nargs="+", default=None,
                         help="Price the audio layer with these many blocks instead of the adapter's own.")
+    parser.add_argument("--encoder-stride", type=int, nargs="+", default=None,
+                        help="... with its blocks on the mean of this many stem frames (the stacking divided by it).")
+    parser.add_argument("--lookahead", type=int, default=None, help="... with its blocks seeing this many frames ahead.")
     args = parser.parse_args()
 
     if args.model is None:
@@ -73,10 +79,16 @@ def main() -> None:
     lora_params = tensor_params(args.adapter / LORA_WEIGHTS)
     assert tensor_params(args.adapter / AUDIO_WEIGHTS) == audio_layer_params(config.audio_layer)
 
-    layers: list[AudioLayerConfig] = [config.audio_layer]
-    if args.encoder_layers is not None:
-        layers = [AudioLayerConfig.model_validate({**config.audio_layer.model_dump(), "encoder_layers": n})
-                  for n in args.encoder_layers]
+    own = config.audio_layer
+    layers: list[AudioLayerConfig] = []
+    for n in args.encoder_layers if args.encoder_layers is not None else [own.encoder_layers]:
+        for stride in args.encoder_stride if args.encoder_stride is not None else [own.encoder_stride]:
+            if stride > 1 and (not n or own.frames_per_token % stride):
+                continue  # a stride pools for blocks, and must keep the adapter's frames per token
+            layers.append(AudioLayerConfig.model_validate({
+                **own.model_dump(), "encoder_layers": n, "encoder_stride": stride,
+                "stack_factor": own.frames_per_token // stride,
+                "encoder_lookahead": (own.encoder_lookahead if args.lookahead is None else args.lookahead) if n else 0}))
     print(f"# {machine()}; base {base.architecture} {base_params / 1e6:.1f}M params, LoRA r={lora_rank} "
           f"{lora_params / 1e6:.2f}M; answer {args.response_tokens} tokens")
     print("| audio layer | params | share of params | " + " | ".join(f"{s:g} s: FLOPs share" for s in args.seconds) + " |")
@@ -91,11 +103,14 @@ def main() -> None:
             audio = layer.flops(frames)
             llm = llm_flops(base, lora_rank, lora_modules, len(prompt.token_ids), args.response_tokens)
             shares.append(audio / (audio + llm))
-            rows.append({"encoder_layers": layer.encoder_layers, "seconds": seconds, "audio_gflops": audio / 1e9,
+            rows.append({"encoder_layers": layer.encoder_layers, "encoder_stride": layer.encoder_stride,
+                         "encoder_lookahead": layer.encoder_lookahead, "seconds": seconds, "audio_gflops": audio / 1e9,
                          "llm_gflops": llm / 1e9, "prompt_tokens": len(prompt.token_ids), "share": shares[-1]})
         share_p = params / (params + base_params + lora_params)
-        print(f"| conv stem + {layer.encoder_layers} block(s) | {params / 1e6:.2f}M | {share_p:.1%} | "
-              + " | ".join(f"{s:.1%}" for s in shares) + " |")
+        blocks = f"conv stem + {layer.encoder_layers} block(s)"
+        if layer.encoder_layers:
+            blocks += f" at {20 * layer.encoder_stride} ms, {layer.encoder_lookahead} ahead"
+        print(f"| {blocks} | {params / 1e6:.2f}M | {share_p:.1%} | " + " | ".join(f"{s:.1%}" for s in shares) + " |")
     for row in rows:
         print(json.dumps(row))
 

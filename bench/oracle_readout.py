@@ -41,9 +41,9 @@ class TeacherReadout(nn.Module):
     """In the audio layer's place: (B, n_mels, T) log-mel + (B,) frames -> (B, N, hidden) + (B,) tokens.
 
     Each clip runs through the frozen teacher alone, on its own frames, so padding and batch-mates
-    change nothing; the token count is the audio layer's (stem stride 2, then ``stack_factor``), so
+    change nothing; the token count is the audio layer's (stem stride 2, then ``frames_per_token``), so
     the prompt layout and the loss positions are the student's. ``config`` is the replaced audio
-    layer's: the trainer reads its token layout (stack factor) from it."""
+    layer's: the trainer reads its token layout (frames per token) from it."""
 
     def __init__(self, encoder: nn.Module, layer: int, config: AudioLayerConfig, target_rms: float) -> None:
         super().__init__()
@@ -67,7 +67,7 @@ class TeacherReadout(nn.Module):
             for b, n in enumerate(frame_lengths.tolist()):
                 n = max(1, int(n))
                 hs = encoder_states(self.encoder, features[b : b + 1, :, :n], [self.layer])[self.layer][0]
-                out.append(pool_frames(hs, (n + 1) // 2, self.config.stack_factor))
+                out.append(pool_frames(hs, (n + 1) // 2, self.config.frames_per_token))
         return out
 
     def forward(self, features: torch.Tensor, frame_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

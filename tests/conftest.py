@@ -42,13 +42,13 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Tiny:
     tok = save_smollm2_tokenizer(root / "tokenizer")
     llm = make_tiny_llama(root / "llm", tok)
     adapters = {}
-    # beta's audio layer has a transformer block after the stem that sees 3 frames ahead, and its LoRA a per-block
-    # rank (16 in block 0, 8 in block 1: PEFT's rank_pattern), so every parity, batching and realtime test also
-    # covers those paths
+    # beta's audio layer has a transformer block after the stem that runs on pairs of stem frames (encoder_stride 2:
+    # eight stem frames per token where alpha has four) and sees 3 of them ahead, and its LoRA a per-block rank (16 in
+    # block 0, 8 in block 1: PEFT's rank_pattern), so every parity, batching and realtime test also covers those paths
     for i, (name, blocks, ranks) in enumerate((("alpha", 0, None), ("beta", 1, {0: 16})), start=1):
         adapters[name] = init_adapter(llm, root / name, rank=8, seed=i, lora_init_std=0.05, conv_channels=64,
                                       encoder_layers=blocks, encoder_heads=4, rank_layers=ranks,
-                                      encoder_lookahead=3 if blocks else 0)
+                                      encoder_lookahead=3 if blocks else 0, encoder_stride=2 if blocks else 1)
     # block 0 at scale 48 / 16 = 3 where the rest is 16 / 8 = 2: an engine that read the rank but not alpha_pattern
     # (or neither) would give other tokens than PEFT's reference engine
     pattern = json.loads((adapters["beta"] / LORA_CONFIG).read_text())["alpha_pattern"]

@@ -37,7 +37,7 @@ def test_readout_gives_each_clip_the_teachers_pooled_states_whatever_its_batch(w
             # independently: the teacher's last block on the clip's own frames, pooled by the stack factor
             n = e.num_frames
             hs = encoder_states(t.teacher_encoder, batch.features[i : i + 1, :, :n], [readout.layer])[readout.layer][0]
-            want = readout.proj(readout.norm(pool_frames(hs, (n + 1) // 2, audio_cfg.stack_factor)))
+            want = readout.proj(readout.norm(pool_frames(hs, (n + 1) // 2, audio_cfg.frames_per_token)))
             torch.testing.assert_close(alone[0], want, rtol=0, atol=1e-5)
 
 

@@ -117,23 +117,27 @@ def test_checkpoint_resume_matches_uninterrupted_run(world: dict[str, Path]) -> 
     assert straight.train_step(6)["loss"] == pytest.approx(resumed.train_step(6)["loss"], abs=1e-6)
 
 
-@pytest.mark.parametrize(("blocks", "lookahead", "ranks"), [(0, 0, None), (1, 0, None), (1, 2, None), (0, 0, {0: 8})],
-                         ids=["stem", "block", "block_lookahead", "rank_layers"])
+@pytest.mark.parametrize(("blocks", "lookahead", "stride", "ranks"),
+                         [(0, 0, 1, None), (1, 0, 1, None), (1, 2, 1, None), (1, 2, 2, None), (0, 0, 1, {0: 8})],
+                         ids=["stem", "block", "block_lookahead", "block_stride", "rank_layers"])
 def test_export_validates_and_reference_engine_reproduces_trainer_tokens(world: dict[str, Path], blocks: int,
-                                                                         lookahead: int,
+                                                                         lookahead: int, stride: int,
                                                                          ranks: dict[int, int] | None) -> None:
     from transformers import AutoTokenizer
 
     from server.engine.base import GenerationRequest, LoraHandle, SamplingOptions
     from server.engine.reference import ReferenceEngine
 
-    trainer = Trainer(_config(world, f"export{blocks}{lookahead}{bool(ranks)}", steps=6, lr=5e-3,
-                              audio_encoder_layers=blocks, audio_encoder_lookahead=lookahead, lora_rank_layers=ranks))
+    # at stride 2, stack_factor 2 keeps four stem frames per token, so the teacher's targets pool as before
+    trainer = Trainer(_config(world, f"export{blocks}{lookahead}{stride}{bool(ranks)}", steps=6, lr=5e-3,
+                              audio_encoder_layers=blocks, audio_encoder_lookahead=lookahead,
+                              audio_encoder_stride=stride, stack_factor=4 // stride, lora_rank_layers=ranks))
     result = trainer.run()
     out = result.output
     config = validate_adapter(out, base=read_base_model(world["student"]), max_lora_rank=16)
     assert config.trained is True
     assert config.audio_layer.encoder_layers == blocks and config.audio_layer.encoder_lookahead == lookahead
+    assert config.audio_layer.encoder_stride == stride and config.audio_layer.frames_per_token == 4
     if ranks:  # block 0 at rank 8 over lora_rank 4, at the same scale: PEFT's rank_pattern / alpha_pattern
         assert load_adapter(out).lora_rank == 8
         with safe_open(str(out / LORA_WEIGHTS), framework="pt") as f:
@@ -303,9 +307,11 @@ def test_layer_map_out_of_range_fails_early(world: dict[str, Path]) -> None:
         Trainer(_config(world, "bad2", layer_map="1:5"))
 
 
-def test_lookahead_without_blocks_fails_early(world: dict[str, Path]) -> None:
+def test_lookahead_or_stride_without_blocks_fails_early(world: dict[str, Path]) -> None:
     with pytest.raises(ConfigError, match="audio_encoder_lookahead .* needs audio_encoder_layers > 0"):
         Trainer(_config(world, "badlook", audio_encoder_lookahead=4))
+    with pytest.raises(ConfigError, match="audio_encoder_stride .* needs audio_encoder_layers > 0"):
+        Trainer(_config(world, "badstride", audio_encoder_stride=2))
 
 
 def test_lora_rank_layers_out_of_range_fails_early(world: dict[str, Path]) -> None:

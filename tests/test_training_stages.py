@@ -197,9 +197,9 @@ def test_short_context_teacher(world: dict[str, Path], tmp_path: Path) -> None:
     from adapters.audio import load_audio_file
 
     x = torch.from_numpy(load_audio_file(tmp_path / "s.wav").samples.copy())
-    full = teacher_targets(enc, [x], [0, 1], stack_factor=4, features=feats, input_frames=600)[0]
-    same = teacher_targets(enc, [x], [0, 1], stack_factor=4, features=feats, input_frames=600, context_frames=600)[0]
-    short = teacher_targets(enc, [x], [0, 1], stack_factor=4, features=feats, input_frames=600, context_frames=200)[0]
+    full = teacher_targets(enc, [x], [0, 1], frames_per_token=4, features=feats, input_frames=600)[0]
+    same = teacher_targets(enc, [x], [0, 1], frames_per_token=4, features=feats, input_frames=600, context_frames=600)[0]
+    short = teacher_targets(enc, [x], [0, 1], frames_per_token=4, features=feats, input_frames=600, context_frames=200)[0]
     torch.testing.assert_close(full, same)
     assert short.shape == full.shape and not torch.allclose(short, full)
     cos = torch.nn.functional.cosine_similarity(short.flatten(1), full.flatten(1), dim=-1)
@@ -226,7 +226,7 @@ def test_teacher_layers_are_each_blocks_own_output_on_every_call(world: dict[str
     for i, text in enumerate(["A short clip.", "A somewhat longer clip that needs a second window of context."]):
         speak(text, tmp_path / f"c{i}.wav")
         clips.append(torch.from_numpy(load_audio_file(tmp_path / f"c{i}.wav").samples.copy()))
-    runs = [teacher_targets(enc, clips, [0, 1], stack_factor=4, features=feats, input_frames=600, context_frames=200)
+    runs = [teacher_targets(enc, clips, [0, 1], frames_per_token=4, features=feats, input_frames=600, context_frames=200)
             for _ in range(2)]
     for first, again in zip(*runs):
         torch.testing.assert_close(first, again)  # a second call gives the same targets

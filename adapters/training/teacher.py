@@ -1,11 +1,11 @@
 """The frozen Whisper teacher: encoder hidden states at chosen layers, aligned to audio tokens.
 
 Whisper's encoder sees every clip padded to 30 s (it has fixed position embeddings) and emits
-one frame per two mel frames. The student has one audio token per ``2 * stack_factor`` mel
-frames, so the teacher's *valid* frames are average-pooled in groups of ``stack_factor`` (the
-last group over the frames it has): token i of the student is compared with exactly the span
-of audio it was built from. The teacher is frozen, so its targets are a pure function of
-(clip, teacher, layers, stack factor) and are cached per clip on disk.
+one frame per two mel frames. The student has one audio token per ``2 * frames_per_token`` mel
+frames (its blocks' stride times its stacking), so the teacher's *valid* frames are average-pooled in
+groups of ``frames_per_token`` (the last group over the frames it has): token i of the student is
+compared with exactly the span of audio it was built from. The teacher is frozen, so its targets are a
+pure function of (clip, teacher, layers, frames per token) and are cached per clip on disk.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from adapters.audio_layer import mean_pool
 from adapters.features import FeatureConfig, log_mel
 
 
@@ -66,15 +67,10 @@ def load_teacher_encoder(path: str | Path, device: str | torch.device = "cpu") -
 
 
 def pool_frames(hidden: torch.Tensor, valid: int, group: int) -> torch.Tensor:
-    """(T, d) teacher frames -> (ceil(valid / group), d) means over consecutive groups of valid frames."""
-    x = hidden[:valid]
-    n = -(-valid // group)
-    pad = n * group - valid
-    counts = torch.full((n,), float(group), device=x.device)
-    if pad:
-        x = torch.nn.functional.pad(x, (0, 0, 0, pad))
-        counts[-1] = group - pad
-    return x.reshape(n, group, -1).sum(1) / counts[:, None]
+    """(T, d) teacher frames -> (ceil(valid / group), d) means over consecutive groups of valid frames: one
+    target per student audio token when ``group`` is the student's ``frames_per_token``."""
+    pooled, _ = mean_pool(hidden[None, :valid], torch.tensor([valid], device=hidden.device), group)
+    return pooled[0]
 
 
 def lookahead_mask(frames: int, lookahead: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -121,10 +117,11 @@ def encoder_states(encoder: Any, features: torch.Tensor, layers: list[int],
 
 @torch.no_grad()
 def teacher_targets(
-    encoder: Any, samples: list[torch.Tensor], layers: list[int], *, stack_factor: int,
+    encoder: Any, samples: list[torch.Tensor], layers: list[int], *, frames_per_token: int,
     features: FeatureConfig, input_frames: int, context_frames: int | None = None,
 ) -> list[torch.Tensor]:
-    """Per clip: (len(layers), num_audio_tokens, width) pooled outputs of encoder blocks ``layers`` (0-based).
+    """Per clip: (len(layers), num_audio_tokens, width) outputs of encoder blocks ``layers`` (0-based), pooled
+    ``frames_per_token`` frames to a target (the student's ``AudioLayerConfig.frames_per_token``).
 
     ``context_frames``: pad each clip to a multiple of this many frames (clips of one length run
     together) instead of to ``input_frames``; a clip's targets never depend on its batch-mates.
@@ -144,7 +141,7 @@ def teacher_targets(
         hs = encoder_states(encoder, feats, layers)
         for b, (i, n_frames) in enumerate(zip(idx, frames.tolist())):
             valid = (int(n_frames) + 1) // 2  # Whisper's conv2 has stride 2, same as the student stem
-            result[i] = torch.stack([pool_frames(hs[layer][b], valid, stack_factor) for layer in layers]).cpu()
+            result[i] = torch.stack([pool_frames(hs[layer][b], valid, frames_per_token) for layer in layers]).cpu()
     return [r for r in result if r is not None]
 
 
@@ -190,11 +187,11 @@ class TargetStats:
 class TeacherCache:
     """Pooled teacher targets per clip as small safetensors files; keyed so a stale entry is never used."""
 
-    def __init__(self, root: Path, info: TeacherInfo, layers: list[int], stack_factor: int,
+    def __init__(self, root: Path, info: TeacherInfo, layers: list[int], frames_per_token: int,
                  features: FeatureConfig, context_frames: int | None = None) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
-        salt: list[Any] = [info.fingerprint, layers, stack_factor, features.model_dump()]
+        salt: list[Any] = [info.fingerprint, layers, frames_per_token, features.model_dump()]  # old keys: stack_factor
         salt.append("blocks-v2")  # targets made before encoder_states (identical early layers) are never reused
         if context_frames is not None:  # 30 s targets keep their old keys
             salt.append(context_frames)

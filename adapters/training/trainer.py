@@ -161,6 +161,9 @@ def check_config(config: TrainConfig) -> Setup:
     if config.audio_encoder_lookahead and (not config.audio_encoder_layers or config.init_from is not None):
         raise ConfigError("audio_encoder_lookahead sets how far a fresh audio layer's blocks see ahead: it needs "
                           "audio_encoder_layers > 0, and with init_from the adapter's audio layer keeps its own")
+    if config.audio_encoder_stride > 1 and (not config.audio_encoder_layers or config.init_from is not None):
+        raise ConfigError("audio_encoder_stride pools a fresh audio layer's frames for its blocks: it needs "
+                          "audio_encoder_layers > 0, and with init_from the adapter's audio layer keeps its own")
     if config.audio_encoder_layers:
         if config.audio_encoder_layers > teacher.num_layers:
             raise ConfigError(f"audio_encoder_layers={config.audio_encoder_layers} but the teacher has only "
@@ -172,7 +175,8 @@ def check_config(config: TrainConfig) -> Setup:
                                  stack_factor=config.stack_factor, hidden_size=base.hidden_size,
                                  encoder_layers=config.audio_encoder_layers, encoder_heads=teacher.heads,
                                  encoder_ffn_dim=teacher.ffn_dim if config.audio_encoder_layers else None,
-                                 encoder_lookahead=config.audio_encoder_lookahead)
+                                 encoder_lookahead=config.audio_encoder_lookahead,
+                                 encoder_stride=config.audio_encoder_stride)
     if config.init_from is not None:
         init = AuraConfig.model_validate_json((Path(config.init_from) / "aura_config.json").read_text())
         if init.audio_layer.hidden_size != base.hidden_size or init.base_model.hidden_size != base.hidden_size:
@@ -375,7 +379,7 @@ class Trainer:
 
     def teacher_cache(self) -> TeacherCache:
         c, s = self.config, self.setup
-        return TeacherCache(c.resolved_teacher_cache, s.teacher, self.teacher_layers, self.student.audio_layer.config.stack_factor,
+        return TeacherCache(c.resolved_teacher_cache, s.teacher, self.teacher_layers, self.student.audio_layer.config.frames_per_token,
                             s.features, c.teacher_context_frames)
 
     def teacher_targets_for(self, examples: list[Example], desc: str, indices: list[int] | None = None,
@@ -400,7 +404,7 @@ class Trainer:
             chunk = todo[start : start + chunk_size]
             samples = [torch.from_numpy(load_audio_file(examples[i].audio_path, sample_rate=s.features.sample_rate).samples.copy()) for i in chunk]
             for i, t in zip(chunk, teacher_targets(self.teacher_encoder, samples, self.teacher_layers,
-                                                   stack_factor=self.student.audio_layer.config.stack_factor,
+                                                   frames_per_token=self.student.audio_layer.config.frames_per_token,
                                                    features=s.features, input_frames=s.teacher.input_frames,
                                                    context_frames=c.teacher_context_frames)):
                 if t.shape[1] != examples[i].num_audio_tokens:
