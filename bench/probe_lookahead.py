@@ -8,8 +8,13 @@ are, and trains the same linear character-CTC probe as ``bench/probe_layers.py``
 held-out CER. The gap between k = 0 and ``full`` is what causality costs a Whisper-initialised block before any
 training; a small k that closes it says how much lookahead (k x 20 ms of latency) a realtime layer would need.
 
+``--stride 1,2,4`` also runs the blocks on the mean of 2 or 4 stem frames (the audio layer's ``encoder_stride``,
+which keeps two blocks inside the 5% FLOPs budget), at the same lookahead in milliseconds (k // stride block
+frames) and the same token rate (the probe pools 4 // stride block frames): what the cheaper rate costs the
+teacher's own blocks before any training.
+
     python -m bench.probe_lookahead --teacher $M/whisper-tiny.en --train-manifest T --heldout-manifest H \
-        --clips 500 --lookahead full,0,4,16 --blocks 0,1,3
+        --clips 500 --lookahead full,0,4,16 --blocks 0,1,3 [--stride 1,2,4]
 """
 
 from __future__ import annotations
@@ -41,32 +46,39 @@ def main() -> None:
     p.add_argument("--train-manifest", type=Path, required=True)
     p.add_argument("--heldout-manifest", type=Path, required=True)
     p.add_argument("--clips", type=int, default=500, help="training clips for the probes (transcribe rows)")
-    p.add_argument("--lookahead", default="full,0,4,16", help="frames (20 ms each) a frame may see ahead; full = all")
+    p.add_argument("--lookahead", default="full,0,4,16", help="stem frames (20 ms each) a frame may see ahead; full = all")
     p.add_argument("--blocks", default="0,1,3", help="teacher blocks to probe (0-based)")
-    p.add_argument("--stack-factor", type=int, default=4, help="pooling to the student's audio-token rate")
+    p.add_argument("--stack-factor", type=int, default=4, help="stem frames per student audio token")
+    p.add_argument("--stride", default="1", help="stem frames averaged before the blocks (each a separate run)")
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     blocks = [int(b) for b in a.blocks.split(",")]
-    modes = lookaheads(a.lookahead)
+    strides = [int(v) for v in a.stride.split(",") if v]
+    if any(a.stack_factor % st for st in strides):
+        p.error(f"every stride must divide --stack-factor {a.stack_factor}")
+    modes = [(st, None if k is None else k // st) for st in strides for k in lookaheads(a.lookahead)]
     encoder = load_teacher_encoder(a.teacher)
     features = FeatureConfig()
 
     def rows(path: Path, n: int) -> list:
         return [r for r in read_manifest_absolute(path) if r.task == "transcribe"][:n]
 
-    def states(manifest_rows: list) -> dict[tuple[int | None, int], list[tuple[torch.Tensor, str]]]:
-        out: dict[tuple[int | None, int], list[tuple[torch.Tensor, str]]] = {}
+    Key = tuple[int, int | None, int]  # stride, lookahead in block frames, block
+
+    def states(manifest_rows: list) -> dict[Key, list[tuple[torch.Tensor, str]]]:
+        out: dict[Key, list[tuple[torch.Tensor, str]]] = {}
         for row in manifest_rows:
             samples = torch.from_numpy(load_audio_file(row.audio).samples.copy())
             feats, frames = log_mel([samples], features)
             valid = (int(frames[0]) + 1) // 2
-            for k in modes:
+            for st, k in modes:
                 with torch.no_grad():
-                    hs = encoder_states(encoder, feats, blocks, lookahead=k)
+                    hs = encoder_states(encoder, feats, blocks, lookahead=k, stride=st)
                 for b in blocks:
-                    out.setdefault((k, b), []).append((pool_frames(hs[b][0], valid, a.stack_factor), row.text))
+                    pooled = pool_frames(hs[b][0], -(-valid // st), a.stack_factor // st)
+                    out.setdefault((st, k, b), []).append((pooled, row.text))
         return out
 
     t0 = time.time()
@@ -75,13 +87,15 @@ def main() -> None:
     print(f"teacher states of {len(train_rows)} train / {len(held_rows)} held-out clips, {len(modes)} masks: "
           f"{time.time() - t0:.0f} s", file=sys.stderr, flush=True)
     result: dict[str, dict[str, float]] = {}
-    for (k, b) in tr:
+    for (st, k, b) in tr:
         name = "full" if k is None else f"lookahead {k}"
+        if len(strides) > 1 or st > 1:
+            name = f"stride {st} {name}"
         cer = round(train_probe(tr[(k, b)], he[(k, b)], steps=a.steps, seed=0), 4)
         result.setdefault(name, {})[f"block {b}"] = cer
         print(f"{name:14s} block {b}: held-out CER {cer:.3f}", file=sys.stderr, flush=True)
     print(json.dumps({"teacher": str(a.teacher), "train_clips": len(train_rows), "heldout_clips": len(held_rows),
-                      "steps": a.steps, "stack_factor": a.stack_factor, "cer": result}))
+                      "steps": a.steps, "stack_factor": a.stack_factor, "strides": strides, "cer": result}))
 
 
 if __name__ == "__main__":

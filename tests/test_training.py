@@ -182,7 +182,7 @@ def test_audio_layer_blocks_start_as_the_teachers_first_block_seen_causally(worl
     """audio_encoder_layers copies the teacher's stem and first blocks; a causal block's output at
     frame i is then exactly the teacher's block on the audio up to frame i (its last position)."""
     from adapters.audio_layer import sinusoids
-    from adapters.training.teacher import lookahead_mask
+    from adapters.training.teacher import encoder_states, lookahead_mask
 
     trainer = Trainer(_config(world, "blocks", audio_encoder_layers=1))
     audio, teacher = trainer.student.audio_layer, trainer.teacher_encoder
@@ -210,6 +210,16 @@ def test_audio_layer_blocks_start_as_the_teachers_first_block_seen_causally(worl
         out = teacher.layers[0](x, lookahead_mask(frames, 3, x.dtype, x.device))
         torch.testing.assert_close(look.blocks[0](x, torch.tensor([frames])), out[0] if isinstance(out, tuple) else out,
                                    rtol=1e-4, atol=1e-4)
+        # with a stride, the blocks run on the mean of stem-frame pairs: the teacher's block the way
+        # bench/probe_lookahead.py --stride runs it (encoder_states), end to end from the clip's features
+        strided = Trainer(_config(world, "blocks_s2", audio_encoder_layers=1, audio_encoder_lookahead=3,
+                                  audio_encoder_stride=2, stack_factor=2)).student.audio_layer
+        seen: list[torch.Tensor] = []
+        strided.blocks[0].register_forward_hook(lambda _m, _i, o: seen.append(o))
+        strided(ex.features[None].float(), torch.tensor([ex.num_frames]))
+        want = encoder_states(teacher, ex.features[None, :, : ex.num_frames].float(), [0], lookahead=3, stride=2)[0]
+        assert seen[0].shape == want.shape and want.shape[1] == -(-((ex.num_frames + 1) // 2) // 2)
+        torch.testing.assert_close(seen[0], want, rtol=1e-4, atol=1e-4)
     with pytest.raises(ConfigError, match="only 2 blocks"):
         Trainer(_config(world, "blocks3", audio_encoder_layers=3))
     with pytest.raises(ConfigError, match="teacher's width"):

@@ -81,7 +81,7 @@ def lookahead_mask(frames: int, lookahead: int, dtype: torch.dtype, device: torc
 
 
 def encoder_states(encoder: Any, features: torch.Tensor, layers: list[int],
-                   lookahead: int | None = None) -> dict[int, torch.Tensor]:
+                   lookahead: int | None = None, stride: int = 1) -> dict[int, torch.Tensor]:
     """Outputs of Whisper encoder blocks ``layers`` (0-based) for (B, n_mels, T) log-mel input of any length.
 
     Whisper's own forward insists on 30 s inputs only because it adds its whole position table;
@@ -95,10 +95,16 @@ def encoder_states(encoder: Any, features: torch.Tensor, layers: list[int],
     ``lookahead``: None runs the blocks as Whisper was trained (every frame sees the whole input); k >= 0 lets
     frame i see only frames up to i + k, which measures what a streaming (causal, k = 0) audio layer of Whisper's
     blocks keeps of them (``bench/probe_lookahead.py``).
+
+    ``stride`` > 1 averages that many stem frames into one before the blocks, as the student's ``encoder_stride``
+    does (positions are then counted in block frames, as the student's are); ``lookahead`` counts block frames.
+    The batch's clips must then be unpadded (one clip, or equal lengths): the mean does not mask padding.
     """
     F = torch.nn.functional
     x = F.gelu(encoder.conv1(features))
     x = F.gelu(encoder.conv2(x)).permute(0, 2, 1)
+    if stride > 1:
+        x, _ = mean_pool(x, torch.full((x.shape[0],), x.shape[1], device=x.device), stride)
     positions = encoder.embed_positions.weight
     if x.shape[1] > positions.shape[0]:
         raise ValueError(f"{x.shape[1]} encoder frames exceed the teacher's {positions.shape[0]} positions")
