@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -217,6 +218,6 @@ class TeacherCache:
 
     def put(self, clip_key: str, value: torch.Tensor) -> None:
         p = self.path(clip_key)
-        tmp = p.with_name(p.name + ".tmp")
+        tmp = p.with_name(f"{p.name}.{os.getpid()}.tmp")  # runs sharing a cache may write the same clip at once
         save_file({"t": value.to(torch.float32).contiguous()}, str(tmp))
         tmp.replace(p)
