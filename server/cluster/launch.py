@@ -118,6 +118,30 @@ def start(settings: Settings) -> tuple[object, object]:
     return serve.get_deployment_handle("Ingress", app_name=APP_NAME), catalog
 
 
+def _delete_app(timeout_s: float) -> bool:
+    """Delete the app after the drain and wait for its replicas to stop, up to ``timeout_s``.
+
+    Why not ``serve.delete(APP_NAME)``: it gives up after a fixed 60 s and raises, while a replica that Serve was
+    still starting (one restarting after a crash, loading its engine) only stops when its graceful-shutdown period
+    (the drain timeout, 60 s by default) runs out, so the two raced and a clean drain exited 1 with a traceback. The
+    drain has already finished every stream, so a replica that outlives the wait holds none: the caller's
+    ``serve.shutdown()`` ends it and the exit stays 0.
+    """
+    import time
+
+    from ray import serve
+
+    serve.delete(APP_NAME, _blocking=False)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        app = serve.status().applications.get(APP_NAME)
+        if app is None or app.status == "NOT_STARTED":
+            return True
+        time.sleep(0.5)
+    log.warning("app not deleted in time; its replicas are shut down with Serve", extra={"timeout_s": timeout_s})
+    return False
+
+
 def run_cluster(settings: Settings) -> int:
     """Serve until SIGTERM/SIGINT, then drain and shut down; the process exit status."""
     from server.logs import setup_logging
@@ -136,7 +160,7 @@ def run_cluster(settings: Settings) -> int:
         log.info("SIGTERM: draining", extra={"drain_timeout_s": settings.drain_timeout_s})
         left = ingress.drain.remote(settings.drain_timeout_s).result(timeout_s=settings.drain_timeout_s + 10)
         log.info("drained", extra={"unfinished": left})
-        serve.delete(APP_NAME)
+        _delete_app(settings.drain_timeout_s + 30)
         del catalog
     finally:
         if ray.is_initialized():
