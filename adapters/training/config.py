@@ -60,8 +60,9 @@ class TrainConfig(BaseModel):
     stack_factor: int = Field(4, ge=1, le=32)
     conv_channels: int | None = Field(None, description="Default: the teacher's width, so its stem can initialise ours.")
     audio_encoder_layers: int = Field(
-        0, ge=0, le=MAX_ENCODER_LAYERS, description="Causal transformer blocks in the audio layer, initialised from the "
-        "teacher's first blocks (needs conv_channels = the teacher's width). 0 = the conv stem alone.")
+        0, ge=0, le=MAX_ENCODER_LAYERS, description="Transformer blocks in the audio layer (causal unless "
+        "audio_encoder_lookahead), initialised from the teacher's first blocks (needs conv_channels = the teacher's "
+        "width). 0 = the conv stem alone.")
     audio_encoder_stride: int = Field(
         1, ge=1, le=MAX_ENCODER_STRIDE, description="Stem frames averaged into one before those blocks (1 = Whisper's "
         "20 ms frames). Two blocks at stride 1 are 9.2% of a 10 s request's FLOPs, past the 5% budget; stride s divides "
