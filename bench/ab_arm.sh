@@ -25,14 +25,20 @@ mkdir -p "$RUN"
 ROWS=$AB/train_hearable_transcribe.jsonl
 if [[ ! -f "$ROWS" || "$C/train.jsonl" -nt "$ROWS" ]]; then
   # the clips the teacher hears (not espeak-ng), transcription rows only: `fm`'s rows of the log
-  "$PY" -m bench.qa_rows --manifest "$C/train.jsonl" --out "$ROWS.all" --wiki 0 --hearable >/dev/null
-  "$PY" - "$ROWS.all" "$ROWS" <<'EOF'
-import json, sys
-rows = [line for line in open(sys.argv[1]) if line.strip() and json.loads(line)["task"] == "transcribe"]
-open(sys.argv[2], "w").writelines(rows)
-print(f"{sys.argv[2]}: {len(rows)} hearable transcription rows")
+  # (written beside the corpus's manifest, where the rows' relative audio paths hold, then here with absolute ones)
+  "$PY" -m bench.qa_rows --manifest "$C/train.jsonl" --out "$C/.ab_rows.jsonl" --wiki 0 --hearable >/dev/null
+  "$PY" - "$C/.ab_rows.jsonl" "$ROWS" <<'EOF'
+import json, os, sys
+src, dst = sys.argv[1], sys.argv[2]
+base = os.path.dirname(os.path.abspath(src))
+rows = [json.loads(line) for line in open(src) if line.strip()]
+rows = [{**r, "audio": os.path.join(base, r["audio"])} for r in rows if r["task"] == "transcribe"]
+with open(dst + ".tmp", "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in rows)
+os.replace(dst + ".tmp", dst)
+print(f"{dst}: {len(rows)} hearable transcription rows")
 EOF
-  rm -f "$ROWS.all"
+  rm -f "$C/.ab_rows.jsonl"
 fi
 HELD=$C/heldout_resp.jsonl; [[ -f "$HELD" ]] || HELD=$C/heldout.jsonl
 "$PY" -m server.cli models demo --quiet
