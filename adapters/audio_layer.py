@@ -20,7 +20,7 @@ block 0 unmasked (``bench/probe_lookahead.py``), and 40 ms of lookahead wins bac
 So ``encoder_lookahead`` lets each frame attend k frames (k x 20 ms) ahead. No request waits for
 it: a clip's vectors are computed once the clip is whole (a realtime turn's at end of speech, as
 before); a realtime prefill while the user speaks re-sends the positions whose vectors moved, the
-last (blocks x k) frames' worth (the final request uses the offline vectors, so answers are the same).
+last (blocks x k) block frames' worth (the final request uses the offline vectors, so answers are the same).
 Keys past a clip's end are masked, so right padding stays invisible and batching cannot change
 an example's vectors either way.
 

@@ -72,7 +72,7 @@ class TrainConfig(BaseModel):
         0, ge=0, le=MAX_LOOKAHEAD, description="Block frames (20 ms x audio_encoder_stride each) those blocks may "
         "attend ahead; 0 = causal. Run "
         "causally, Whisper's blocks keep little of what they hold (bench/probe_lookahead.py). No request waits for it "
-        "(a clip's vectors are computed once it is whole); realtime prefill re-sends the last blocks x k frames' positions.")
+        "(a clip's vectors are computed once it is whole); realtime prefill re-sends the last blocks x k block frames' positions.")
     audio_encoder_lr_scale: float = Field(
         0.1, ge=0.0, le=1.0, description="Those blocks learn at lr x this (0 freezes them): at the LoRA's learning rate "
         "the pretrained blocks were wrecked within 100 steps (distillation stuck at 0.98 where the stem alone reached 0.76).")
