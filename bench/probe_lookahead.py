@@ -91,7 +91,7 @@ def main() -> None:
         name = "full" if k is None else f"lookahead {k}"
         if len(strides) > 1 or st > 1:
             name = f"stride {st} {name}"
-        cer = round(train_probe(tr[(k, b)], he[(k, b)], steps=a.steps, seed=0), 4)
+        cer = round(train_probe(tr[(st, k, b)], he[(st, k, b)], steps=a.steps, seed=0), 4)
         result.setdefault(name, {})[f"block {b}"] = cer
         print(f"{name:14s} block {b}: held-out CER {cer:.3f}", file=sys.stderr, flush=True)
     print(json.dumps({"teacher": str(a.teacher), "train_clips": len(train_rows), "heldout_clips": len(held_rows),
