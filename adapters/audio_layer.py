@@ -29,8 +29,8 @@ are 4.8% of a 3 s request's FLOPs but 9.2% of a 10 s one's and 13.5% of a 30 s o
 per second, the blocks 50 frames), past the issue's 5% budget. Averaging ``encoder_stride`` stem frames into one
 before the blocks divides their per-frame cost by the stride and their attention by its square; the stacking then
 takes ``stack_factor`` block frames, so a token spans ``encoder_stride x stack_factor`` stem frames
-(``frames_per_token``). The teacher's weights still initialise the blocks: a mean of neighbouring frames is
-a frame of the same kind, at half the rate.
+(``frames_per_token``). The teacher's weights still initialise the blocks, but Whisper never saw a mean of
+frames at positions of another rate: on the CPU A/B such blocks learned slower than at stride 1 (README finding 11).
 
 Batching must never change an example's output (a request's tokens may not depend on who it
 was batched with), so every stage masks what lies beyond each example's length exactly as the

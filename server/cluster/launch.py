@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 
 from server.config import Settings
@@ -118,7 +119,7 @@ def start(settings: Settings) -> tuple[object, object]:
     return serve.get_deployment_handle("Ingress", app_name=APP_NAME), catalog
 
 
-def _delete_app(timeout_s: float) -> bool:
+def _delete_app(timeout_s: float) -> None:
     """Delete the app after the drain and wait for its replicas to stop, up to ``timeout_s``.
 
     Why not ``serve.delete(APP_NAME)``: it gives up after a fixed 60 s and raises, while a replica that Serve was
@@ -127,8 +128,6 @@ def _delete_app(timeout_s: float) -> bool:
     drain has already finished every stream, so a replica that outlives the wait holds none: the caller's
     ``serve.shutdown()`` ends it and the exit stays 0.
     """
-    import time
-
     from ray import serve
 
     serve.delete(APP_NAME, _blocking=False)
@@ -136,10 +135,9 @@ def _delete_app(timeout_s: float) -> bool:
     while time.monotonic() < deadline:
         app = serve.status().applications.get(APP_NAME)
         if app is None or app.status == "NOT_STARTED":
-            return True
+            return
         time.sleep(0.5)
     log.warning("app not deleted in time; its replicas are shut down with Serve", extra={"timeout_s": timeout_s})
-    return False
 
 
 def run_cluster(settings: Settings) -> int:
