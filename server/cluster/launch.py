@@ -79,7 +79,7 @@ def deployment_options(settings: Settings) -> dict:
     return opts
 
 
-def start(settings: Settings) -> tuple[object, object]:
+def start(settings: Settings, stop: threading.Event | None = None) -> tuple[object, object]:
     """Connect to (or start) Ray, publish the startup adapters, run the Serve app; returns the
     ingress handle (for the drain) and the catalog actor's handle, which the caller must keep:
     the actor lives as long as a handle to it does."""
@@ -100,6 +100,9 @@ def start(settings: Settings) -> tuple[object, object]:
     else:
         ray.init(num_cpus=settings.ray_num_cpus or os.cpu_count(), object_store_memory=settings.ray_object_store_bytes,
                  include_dashboard=False, namespace=NAMESPACE, runtime_env=_runtime_env())
+    if stop is not None:  # ours replace ray.init's handlers before the app serves: a SIGTERM from then on drains
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
     catalog = ray.remote(AdapterCatalog).options(name=CATALOG_NAME, namespace=NAMESPACE, num_cpus=0,
                                                  get_if_exists=False).remote(default)
     ray.get([catalog.publish.remote(name, source, "", sha) for name, source, sha in adapters])
@@ -150,9 +153,7 @@ def run_cluster(settings: Settings) -> int:
     from ray import serve
 
     try:
-        ingress, catalog = start(settings)
-        for sig in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which installs its own handlers
-            signal.signal(sig, lambda *_: stop.set())
+        ingress, catalog = start(settings, stop)
         while not stop.wait(0.5):
             pass
         log.info("SIGTERM: draining", extra={"drain_timeout_s": settings.drain_timeout_s})
