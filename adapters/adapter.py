@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from safetensors.torch import load_file, save_file
 
 from adapters.atomic_dir import atomic_dir
-from adapters.audio_layer import AudioEmbedding, AudioLayerConfig, embedding_rms
+from adapters.audio_layer import AudioEmbedding, AudioLayerConfig, EncoderMerge, embedding_rms
 from adapters.bounded_json import JSONLimitError, JSONValue, check_shape, loads
 from adapters.base_model import BaseModelInfo, read_base_model
 from adapters.features import FeatureConfig
@@ -333,6 +333,7 @@ def init_adapter(
     rank_layers: dict[int, int] | None = None,
     encoder_lookahead: int = 0,
     encoder_stride: int = 1,
+    encoder_merge: EncoderMerge = "mean",
 ) -> Path:
     """Create a fresh (untrained) adapter for ``base_model``.
 
@@ -356,7 +357,8 @@ def init_adapter(
                     p.copy_(torch.randn(p.shape, generator=gen) * lora_init_std)
     layer_cfg = AudioLayerConfig(n_mels=features.n_mels, conv_channels=conv_channels, stack_factor=stack_factor,
                                  hidden_size=base.hidden_size, encoder_layers=encoder_layers, encoder_heads=encoder_heads,
-                                 encoder_lookahead=encoder_lookahead, encoder_stride=encoder_stride)
+                                 encoder_lookahead=encoder_lookahead, encoder_stride=encoder_stride,
+                                 encoder_merge=encoder_merge)
     layer = AudioEmbedding(layer_cfg)
     layer.match_output_scale(embedding_rms(model))
     config = AuraConfig(

@@ -31,6 +31,10 @@ before the blocks divides their per-frame cost by the stride and their attention
 takes ``stack_factor`` block frames, so a token spans ``encoder_stride x stack_factor`` stem frames
 (``frames_per_token``). The teacher's weights still initialise the blocks, but Whisper never saw a mean of
 frames at positions of another rate: on the CPU A/B such blocks learned slower than at stride 1 (README finding 11).
+A mean also forgets the order of the frames it merges (a 60 ms vowel-then-stop and stop-then-vowel average alike);
+``encoder_merge: linear`` lays the s frames side by side and maps them to one frame through a learned matrix that
+starts as the mean, so training can keep the order in directions the blocks read (~0.3 MFLOPs per merged frame at
+tiny's width and stride 2).
 
 Batching must never change an example's output (a request's tokens may not depend on who it
 was batched with), so every stage masks what lies beyond each example's length exactly as the
@@ -50,6 +54,7 @@ from torch import nn
 MAX_ENCODER_LAYERS = 12
 MAX_LOOKAHEAD = 250  # 5 s per block: realtime prefill re-sends the positions that far back, so keep it short
 MAX_ENCODER_STRIDE = 8
+EncoderMerge = Literal["mean", "linear"]  # how encoder_stride stem frames become one block frame
 # queries per attention call: bounds a long clip's attention scores to O(chunk x frames) memory
 ATTENTION_CHUNK = 512
 
@@ -73,6 +78,9 @@ class AudioLayerConfig(BaseModel):
     encoder_stride: int = Field(1, ge=1, le=MAX_ENCODER_STRIDE,
                                 description="Stem frames (20 ms) averaged into one before the blocks: 2 halves their "
                                             "cost; stack_factor then stacks block frames. Needs encoder_layers > 0.")
+    encoder_merge: EncoderMerge = Field(
+        "mean", description="How encoder_stride stem frames become one: 'mean' averages them; 'linear' maps them side by "
+                            "side through a learned matrix that starts as the mean. 'linear' needs encoder_stride > 1.")
 
     @property
     def ffn_dim(self) -> int:
@@ -90,6 +98,9 @@ class AudioLayerConfig(BaseModel):
         if self.encoder_stride > 1 and not self.encoder_layers:
             raise ValueError("audio_layer.encoder_stride pools frames for the blocks: it needs encoder_layers > 0 "
                              "(without blocks, stack_factor sets the token rate)")
+        if self.encoder_merge != "mean" and self.encoder_stride == 1:
+            raise ValueError(f"audio_layer.encoder_merge={self.encoder_merge!r} merges encoder_stride frames into one: "
+                             "it needs encoder_stride > 1")
         return self
 
     def flops(self, num_frames: int) -> int:
@@ -103,6 +114,8 @@ class AudioLayerConfig(BaseModel):
         t2 = (num_frames + 1) // 2
         total = 2 * num_frames * n_mels * c * 3 + 2 * t2 * c * c * 3
         tb = -(-t2 // self.encoder_stride)  # block frames
+        if self.encoder_merge == "linear":
+            total += 2 * tb * self.encoder_stride * c * c
         per_frame = 2 * (4 * c * c + 2 * c * self.ffn_dim)  # q, k, v, out + fc1, fc2
         k = min(self.encoder_lookahead, max(tb - 1, 0))
         seen = tb * (tb + 1) // 2 + k * tb - k * (k + 1) // 2  # keys of every query: 0 .. min(i + k, tb - 1)
@@ -192,6 +205,12 @@ class AudioEmbedding(nn.Module):
         c = config.conv_channels
         self.conv1 = nn.Conv1d(config.n_mels, c, kernel_size=3, padding=1)
         self.conv2 = nn.Conv1d(c, c, kernel_size=3, stride=2, padding=1)
+        # the learned merge (encoder_merge: linear) starts as the mean, so a fresh layer equals the mean-pooling one
+        self.merge = nn.Linear(c * config.encoder_stride, c) if config.encoder_merge == "linear" else None
+        if self.merge is not None:
+            with torch.no_grad():
+                self.merge.weight.copy_(torch.eye(c).repeat(1, config.encoder_stride) / config.encoder_stride)
+                self.merge.bias.zero_()
         self.blocks = nn.ModuleList(CausalBlock(c, config.encoder_heads, config.ffn_dim, config.encoder_lookahead)
                                     for _ in range(config.encoder_layers))
         self.norm = nn.LayerNorm(c * config.stack_factor)
@@ -212,7 +231,7 @@ class AudioEmbedding(nn.Module):
         lengths = stem_lengths
         if len(self.blocks):
             if self.config.encoder_stride > 1:
-                x, lengths = mean_pool(x, lengths, self.config.encoder_stride)
+                x, lengths = self._pool(x, lengths)
             x = x + sinusoids(x.shape[1], x.shape[2]).to(x.dtype).to(x.device)
             for block in self.blocks:
                 x = block(x, lengths)
@@ -226,6 +245,16 @@ class AudioEmbedding(nn.Module):
         token_lengths = -(-lengths // k)
         x = self.proj(self.norm(x))
         return x, token_lengths
+
+    def _pool(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """encoder_stride stem frames -> one block frame: their mean, or the learned merge of the frames side by side
+        (frames past a clip's end are zero here, so a clip's merged frames do not depend on its batch)."""
+        s = self.config.encoder_stride
+        if self.merge is None:
+            return mean_pool(x, lengths, s)
+        b, t, c = x.shape
+        x = F.pad(x, (0, 0, 0, (-t) % s))
+        return self.merge(x.reshape(b, -1, s * c)), -(-lengths // s)
 
     @torch.no_grad()
     def init_from_whisper(self, encoder: nn.Module) -> None:

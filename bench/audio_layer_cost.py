@@ -64,6 +64,8 @@ def main() -> None:
     parser.add_argument("--encoder-stride", type=int, nargs="+", default=None,
                         help="... with its blocks on the mean of this many stem frames (the stacking divided by it).")
     parser.add_argument("--lookahead", type=int, default=None, help="... with its blocks seeing this many frames ahead.")
+    parser.add_argument("--encoder-merge", choices=["mean", "linear"], default=None,
+                        help="... merging a stride's stem frames this way (linear: a learned matrix; default: the adapter's).")
     args = parser.parse_args()
 
     if args.model is None:
@@ -88,6 +90,7 @@ def main() -> None:
             layers.append(AudioLayerConfig.model_validate({
                 **own.model_dump(), "encoder_layers": n, "encoder_stride": stride,
                 "stack_factor": own.frames_per_token // stride,
+                "encoder_merge": (args.encoder_merge or own.encoder_merge) if stride > 1 else "mean",
                 "encoder_lookahead": (own.encoder_lookahead if args.lookahead is None else args.lookahead) if n else 0}))
     print(f"# {machine()}; base {base.architecture} {base_params / 1e6:.1f}M params, LoRA r={lora_rank} "
           f"{lora_params / 1e6:.2f}M; answer {args.response_tokens} tokens")
@@ -104,12 +107,15 @@ def main() -> None:
             llm = llm_flops(base, lora_rank, lora_modules, len(prompt.token_ids), args.response_tokens)
             shares.append(audio / (audio + llm))
             rows.append({"encoder_layers": layer.encoder_layers, "encoder_stride": layer.encoder_stride,
+                         "encoder_merge": layer.encoder_merge,
                          "encoder_lookahead": layer.encoder_lookahead, "seconds": seconds, "audio_gflops": audio / 1e9,
                          "llm_gflops": llm / 1e9, "prompt_tokens": len(prompt.token_ids), "share": shares[-1]})
         share_p = params / (params + base_params + lora_params)
         blocks = f"conv stem + {layer.encoder_layers} block(s)"
         if layer.encoder_layers:
             blocks += f" at {20 * layer.encoder_stride} ms, {layer.encoder_lookahead} ahead"
+            if layer.encoder_stride > 1:
+                blocks += f", {layer.encoder_merge} merge"
         print(f"| {blocks} | {params / 1e6:.2f}M | {share_p:.1%} | " + " | ".join(f"{s:.1%}" for s in shares) + " |")
     for row in rows:
         print(json.dumps(row))

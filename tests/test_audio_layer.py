@@ -10,21 +10,31 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import adapters.audio_layer as audio_layer
 from adapters.adapter import AuraConfig, BaseModelRef
-from adapters.audio_layer import AudioEmbedding, AudioLayerConfig
+from adapters.audio_layer import AudioEmbedding, AudioLayerConfig, EncoderMerge
 
 
-def _layer(blocks: int, seed: int = 0, lookahead: int = 0, stride: int = 1) -> AudioEmbedding:
-    """Four stem frames per token whatever the stride: the stride pools, the stacking takes the rest."""
+def _layer(blocks: int, seed: int = 0, lookahead: int = 0, stride: int = 1, merge: EncoderMerge = "mean",
+           trained_merge: bool = True) -> AudioEmbedding:
+    """Four stem frames per token whatever the stride: the stride pools, the stacking takes the rest. A linear merge
+    gets random weights unless ``trained_merge`` is False (fresh, it is the mean, which would hide its own bugs)."""
     torch.manual_seed(seed)
     cfg = AudioLayerConfig(n_mels=80, conv_channels=32, stack_factor=4 // stride, hidden_size=48,
-                           encoder_layers=blocks, encoder_heads=4, encoder_lookahead=lookahead, encoder_stride=stride)
-    return AudioEmbedding(cfg).eval()
+                           encoder_layers=blocks, encoder_heads=4, encoder_lookahead=lookahead, encoder_stride=stride,
+                           encoder_merge=merge)
+    layer = AudioEmbedding(cfg).eval()
+    if layer.merge is not None and trained_merge:
+        with torch.no_grad():
+            layer.merge.weight.add_(torch.randn_like(layer.merge.weight) * 0.2)
+            layer.merge.bias.normal_(0.0, 0.1)
+    return layer
 
 
-@pytest.mark.parametrize(("lookahead", "stride"), [(0, 1), (5, 1), (0, 2), (2, 2)])
+@pytest.mark.parametrize(("lookahead", "stride", "merge"), [(0, 1, "mean"), (5, 1, "mean"), (0, 2, "mean"),
+                                                             (2, 2, "mean"), (2, 2, "linear"), (1, 4, "linear")])
 @torch.inference_mode()
-def test_a_clip_gets_the_same_vectors_alone_in_a_batch_and_as_its_audio_grows(lookahead: int, stride: int) -> None:
-    layer = _layer(2, lookahead=lookahead, stride=stride)
+def test_a_clip_gets_the_same_vectors_alone_in_a_batch_and_as_its_audio_grows(lookahead: int, stride: int,
+                                                                              merge: EncoderMerge) -> None:
+    layer = _layer(2, lookahead=lookahead, stride=stride, merge=merge)
     g = torch.Generator().manual_seed(1)
     long = torch.randn(1, 80, 1301, generator=g)  # 651 stem frames: more than one attention chunk
     short = torch.randn(1, 80, 350, generator=g)
@@ -50,10 +60,11 @@ def test_a_clip_gets_the_same_vectors_alone_in_a_batch_and_as_its_audio_grows(lo
 
 
 @torch.inference_mode()
-@pytest.mark.parametrize(("lookahead", "stride"), [(0, 1), (5, 1), (3, 2)])
-def test_chunked_attention_equals_one_pass_and_is_causal(lookahead: int, stride: int,
+@pytest.mark.parametrize(("lookahead", "stride", "merge"), [(0, 1, "mean"), (5, 1, "mean"), (3, 2, "mean"),
+                                                             (3, 2, "linear")])
+def test_chunked_attention_equals_one_pass_and_is_causal(lookahead: int, stride: int, merge: EncoderMerge,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    layer = _layer(1, lookahead=lookahead, stride=stride)
+    layer = _layer(1, lookahead=lookahead, stride=stride, merge=merge)
     x = torch.randn(2, 80, 300)
     lengths = torch.tensor([300, 211])
     whole, _ = layer(x, lengths)
@@ -72,6 +83,9 @@ def test_declared_blocks_are_bounded() -> None:
         AudioLayerConfig(n_mels=80, conv_channels=64, hidden_size=48, encoder_layers=1, encoder_heads=6)
     with pytest.raises(ValidationError, match="encoder_stride pools frames for the blocks"):
         AudioLayerConfig(n_mels=80, conv_channels=64, hidden_size=48, encoder_stride=2)
+    with pytest.raises(ValidationError, match="encoder_merge='linear' .* needs encoder_stride > 1"):
+        AudioLayerConfig(n_mels=80, conv_channels=64, hidden_size=48, encoder_layers=1, encoder_heads=4,
+                         encoder_merge="linear")
     with pytest.raises(ValidationError):
         AudioLayerConfig(n_mels=80, conv_channels=64, hidden_size=48, encoder_layers=1,
                          encoder_stride=audio_layer.MAX_ENCODER_STRIDE + 1)
@@ -91,11 +105,13 @@ def _explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_
     return scores.masked_fill(~attn_mask, float("-inf")).softmax(-1) @ v
 
 
-@pytest.mark.parametrize(("blocks", "lookahead", "stride"), [(0, 0, 1), (2, 0, 1), (2, 7, 1), (2, 3, 2), (1, 0, 4)])
+@pytest.mark.parametrize(("blocks", "lookahead", "stride", "merge"),
+                         [(0, 0, 1, "mean"), (2, 0, 1, "mean"), (2, 7, 1, "mean"), (2, 3, 2, "mean"), (1, 0, 4, "mean"),
+                          (2, 3, 2, "linear"), (1, 0, 4, "linear")])
 @pytest.mark.parametrize("frames", [300, 1101])
-def test_reported_flops_are_the_flops_it_does(blocks: int, lookahead: int, stride: int, frames: int,
+def test_reported_flops_are_the_flops_it_does(blocks: int, lookahead: int, stride: int, merge: EncoderMerge, frames: int,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    layer = _layer(blocks, lookahead=lookahead, stride=stride)
+    layer = _layer(blocks, lookahead=lookahead, stride=stride, merge=merge)
     x, lengths = torch.randn(1, 80, frames), torch.tensor([frames])
     with torch.inference_mode():
         expected, _ = layer(x, lengths)
@@ -127,3 +143,21 @@ def test_a_stride_averages_each_clips_own_frames_and_divides_the_blocks_cost() -
     blocks_plain, blocks_strided = plain.config.flops(1000) - stem_only, strided.config.flops(1000) - stem_only
     # per-frame work halves, attention quarters (the projection shrinks too): between a quarter and a half
     assert 0.25 < blocks_strided / blocks_plain < 0.5
+
+
+@torch.inference_mode()
+def test_a_linear_merge_starts_as_the_mean_and_learns_the_order_a_mean_forgets() -> None:
+    """Fresh, encoder_merge: linear gives the mean layer's vectors (so a run starts where the mean arm does); with
+    learned weights, swapping the two stem frames of a pair moves the vectors, which a mean cannot see."""
+    mean, fresh = _layer(2, stride=2, lookahead=2), _layer(2, stride=2, lookahead=2, merge="linear", trained_merge=False)
+    missing, unexpected = fresh.load_state_dict(mean.state_dict(), strict=False)
+    assert missing == ["merge.weight", "merge.bias"] and not unexpected
+    frames = torch.randn(1, 80, 400)  # 200 stem frames: whole pairs
+    torch.testing.assert_close(fresh(frames, torch.tensor([400]))[0], mean(frames, torch.tensor([400]))[0],
+                               rtol=1e-5, atol=1e-5)
+    learned = _layer(2, stride=2, lookahead=2, merge="linear")
+    stem = torch.randn(1, 6, 32)
+    swapped = stem[:, [1, 0, 2, 3, 4, 5]]
+    merged, n = learned._pool(stem, torch.tensor([6]))
+    assert n.tolist() == [3] and (merged[0, 0] - learned._pool(swapped, torch.tensor([6]))[0][0, 0]).abs().max() > 1e-3
+    torch.testing.assert_close(mean._pool(stem, torch.tensor([6]))[0], mean._pool(swapped, torch.tensor([6]))[0])

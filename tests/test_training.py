@@ -17,7 +17,7 @@ from safetensors import safe_open
 from audio_helpers import speak
 from tiny_models import make_tiny_llama, save_smollm2_tokenizer
 
-from adapters.adapter import LORA_WEIGHTS, init_adapter, load_adapter
+from adapters.adapter import AUDIO_WEIGHTS, LORA_WEIGHTS, init_adapter, load_adapter
 from adapters.audio import load_audio_file
 from adapters.base_model import read_base_model
 from adapters.features import log_mel
@@ -117,11 +117,12 @@ def test_checkpoint_resume_matches_uninterrupted_run(world: dict[str, Path]) -> 
     assert straight.train_step(6)["loss"] == pytest.approx(resumed.train_step(6)["loss"], abs=1e-6)
 
 
-@pytest.mark.parametrize(("blocks", "lookahead", "stride", "ranks"),
-                         [(0, 0, 1, None), (1, 0, 1, None), (1, 2, 1, None), (1, 2, 2, None), (0, 0, 1, {0: 8})],
-                         ids=["stem", "block", "block_lookahead", "block_stride", "rank_layers"])
+@pytest.mark.parametrize(("blocks", "lookahead", "stride", "merge", "ranks"),
+                         [(0, 0, 1, "mean", None), (1, 0, 1, "mean", None), (1, 2, 1, "mean", None),
+                          (1, 2, 2, "mean", None), (1, 2, 2, "linear", None), (0, 0, 1, "mean", {0: 8})],
+                         ids=["stem", "block", "block_lookahead", "block_stride", "block_merge", "rank_layers"])
 def test_export_validates_and_reference_engine_reproduces_trainer_tokens(world: dict[str, Path], blocks: int,
-                                                                         lookahead: int, stride: int,
+                                                                         lookahead: int, stride: int, merge: str,
                                                                          ranks: dict[int, int] | None) -> None:
     from transformers import AutoTokenizer
 
@@ -129,15 +130,23 @@ def test_export_validates_and_reference_engine_reproduces_trainer_tokens(world: 
     from server.engine.reference import ReferenceEngine
 
     # at stride 2, stack_factor 2 keeps four stem frames per token, so the teacher's targets pool as before
-    trainer = Trainer(_config(world, f"export{blocks}{lookahead}{stride}{bool(ranks)}", steps=6, lr=5e-3,
+    trainer = Trainer(_config(world, f"export{blocks}{lookahead}{stride}{merge}{bool(ranks)}", steps=6, lr=5e-3,
                               audio_encoder_layers=blocks, audio_encoder_lookahead=lookahead,
-                              audio_encoder_stride=stride, stack_factor=4 // stride, lora_rank_layers=ranks))
+                              audio_encoder_stride=stride, audio_encoder_merge=merge, stack_factor=4 // stride,
+                              lora_rank_layers=ranks))
     result = trainer.run()
     out = result.output
     config = validate_adapter(out, base=read_base_model(world["student"]), max_lora_rank=16)
     assert config.trained is True
     assert config.audio_layer.encoder_layers == blocks and config.audio_layer.encoder_lookahead == lookahead
     assert config.audio_layer.encoder_stride == stride and config.audio_layer.frames_per_token == 4
+    assert config.audio_layer.encoder_merge == merge
+    if merge == "linear":  # the merge trained (gradient reaches it) and what trained is what was exported
+        with safe_open(str(out / AUDIO_WEIGHTS), framework="pt") as f:
+            exported = f.get_tensor("merge.weight")
+        mean = torch.eye(exported.shape[0]).repeat(1, stride) / stride
+        assert (exported - mean).abs().max() > 1e-4
+        torch.testing.assert_close(exported, trainer.student.audio_layer.merge.weight.detach().float())
     if ranks:  # block 0 at rank 8 over lora_rank 4, at the same scale: PEFT's rank_pattern / alpha_pattern
         assert load_adapter(out).lora_rank == 8
         with safe_open(str(out / LORA_WEIGHTS), framework="pt") as f:
@@ -322,6 +331,8 @@ def test_lookahead_or_stride_without_blocks_fails_early(world: dict[str, Path]) 
         Trainer(_config(world, "badlook", audio_encoder_lookahead=4))
     with pytest.raises(ConfigError, match="audio_encoder_stride .* needs audio_encoder_layers > 0"):
         Trainer(_config(world, "badstride", audio_encoder_stride=2))
+    with pytest.raises(ConfigError, match="audio_encoder_merge='linear' .* needs audio_encoder_stride > 1"):
+        Trainer(_config(world, "badmerge", audio_encoder_layers=1, audio_encoder_merge="linear"))
 
 
 def test_lora_rank_layers_out_of_range_fails_early(world: dict[str, Path]) -> None:

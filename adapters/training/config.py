@@ -17,14 +17,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
 
 from adapters.adapter import DEFAULT_TARGETS
-from adapters.audio_layer import MAX_ENCODER_LAYERS, MAX_ENCODER_STRIDE, MAX_LOOKAHEAD
+from adapters.audio_layer import MAX_ENCODER_LAYERS, MAX_ENCODER_STRIDE, MAX_LOOKAHEAD, EncoderMerge
 
 # settings added after runs were started: at these values they leave a run's fingerprint as it was
 NEW_SETTING_DEFAULTS: dict[str, object] = {"audio_encoder_layers": 0, "audio_encoder_lr_scale": 0.1,
                                             "char_ctc_weight": 0.0, "char_ctc_layer": 2, "spec_freq_warp": 0.0,
                                             "char_ctc_merges": None, "val_sentences": 0,
                                             "lora_rank_layers": None, "audio_encoder_lookahead": 0,
-                                            "audio_encoder_stride": 1}
+                                            "audio_encoder_stride": 1, "audio_encoder_merge": "mean"}
 DistillLoss = Literal["cosine", "mse", "none"]
 Precision = Literal["fp32", "bf16"]
 
@@ -68,6 +68,10 @@ class TrainConfig(BaseModel):
         "20 ms frames). Two blocks at stride 1 are 9.2% of a 10 s request's FLOPs, past the 5% budget; stride s divides "
         "their cost by ~s (python -m bench.audio_layer_cost --encoder-stride). The stacking then takes stack_factor "
         "block frames, so keep stride x stack_factor at 4 for the usual 12.5 tokens per second.")
+    audio_encoder_merge: EncoderMerge = Field(
+        "mean", description="How audio_encoder_stride stem frames become one: 'mean' averages them (and forgets their "
+        "order); 'linear' maps them side by side through a learned matrix that starts as the mean and learns at the full "
+        "lr. Needs audio_encoder_stride > 1.")
     audio_encoder_lookahead: int = Field(
         0, ge=0, le=MAX_LOOKAHEAD, description="Block frames (20 ms x audio_encoder_stride each) those blocks may "
         "attend ahead; 0 = causal. Run "

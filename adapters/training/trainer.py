@@ -164,6 +164,10 @@ def check_config(config: TrainConfig) -> Setup:
     if config.audio_encoder_stride > 1 and (not config.audio_encoder_layers or config.init_from is not None):
         raise ConfigError("audio_encoder_stride pools a fresh audio layer's frames for its blocks: it needs "
                           "audio_encoder_layers > 0, and with init_from the adapter's audio layer keeps its own")
+    if config.audio_encoder_merge != "mean" and (config.audio_encoder_stride == 1 or config.init_from is not None):
+        raise ConfigError(f"audio_encoder_merge={config.audio_encoder_merge!r} merges a fresh audio layer's "
+                          "audio_encoder_stride frames into one: it needs audio_encoder_stride > 1, and with init_from "
+                          "the adapter's audio layer keeps its own")
     if config.audio_encoder_layers:
         if config.audio_encoder_layers > teacher.num_layers:
             raise ConfigError(f"audio_encoder_layers={config.audio_encoder_layers} but the teacher has only "
@@ -176,7 +180,8 @@ def check_config(config: TrainConfig) -> Setup:
                                  encoder_layers=config.audio_encoder_layers, encoder_heads=teacher.heads,
                                  encoder_ffn_dim=teacher.ffn_dim if config.audio_encoder_layers else None,
                                  encoder_lookahead=config.audio_encoder_lookahead,
-                                 encoder_stride=config.audio_encoder_stride)
+                                 encoder_stride=config.audio_encoder_stride,
+                                 encoder_merge=config.audio_encoder_merge)
     if config.init_from is not None:
         init = AuraConfig.model_validate_json((Path(config.init_from) / "aura_config.json").read_text())
         if init.audio_layer.hidden_size != base.hidden_size or init.base_model.hidden_size != base.hidden_size:
