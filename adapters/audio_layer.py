@@ -33,8 +33,8 @@ takes ``stack_factor`` block frames, so a token spans ``encoder_stride x stack_f
 frames at positions of another rate: on the CPU A/B such blocks learned slower than at stride 1 (README finding 11).
 A mean also forgets the order of the frames it merges (a 60 ms vowel-then-stop and stop-then-vowel average alike);
 ``encoder_merge: linear`` lays the s frames side by side and maps them to one frame through a learned matrix that
-starts as the mean, so training can keep the order in directions the blocks read (~0.3 MFLOPs per merged frame at
-tiny's width and stride 2).
+starts as the mean, so training can keep the order in directions the blocks read (~0.3 MFLOPs per stem frame at
+tiny's width, whatever the stride).
 
 Batching must never change an example's output (a request's tokens may not depend on who it
 was batched with), so every stage masks what lies beyond each example's length exactly as the
