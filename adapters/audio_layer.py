@@ -49,7 +49,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer, model_validator
 from torch import nn
 
 MAX_ENCODER_LAYERS = 12
@@ -60,7 +60,19 @@ EncoderMerge = Literal["mean", "linear"]  # how encoder_stride stem frames becom
 ATTENTION_CHUNK = 512
 
 
+# keys added to the format after its first adapters, at the value that leaves a layer as those adapters' was
+LATER_KEYS_AT_DEFAULT: dict[str, object] = {"encoder_layers": 0, "encoder_heads": 6, "encoder_ffn_dim": None,
+                                            "encoder_lookahead": 0, "encoder_stride": 1, "encoder_merge": "mean"}
+
+
 class AudioLayerConfig(BaseModel):
+    """The audio layer's shape, as ``aura_config.json`` declares it.
+
+    Serialised, a key added after the format's first adapters is written only where it changes the layer: servers
+    refuse keys they do not know (extra="forbid", so a newer adapter is never misread), and an adapter that uses none of
+    the newer parts then still loads on an older server, as a rolling upgrade needs.
+    """
+
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     stem: Literal["whisper_conv"] = "whisper_conv"
@@ -82,6 +94,11 @@ class AudioLayerConfig(BaseModel):
     encoder_merge: EncoderMerge = Field(
         "mean", description="How encoder_stride stem frames become one: 'mean' averages them; 'linear' maps them side by "
                             "side through a learned matrix that starts as the mean. 'linear' needs encoder_stride > 1.")
+
+    @model_serializer(mode="wrap")
+    def _omit_later_defaults(self, handler: SerializerFunctionWrapHandler) -> dict[str, object]:
+        data: dict[str, object] = handler(self)
+        return {k: v for k, v in data.items() if k not in LATER_KEYS_AT_DEFAULT or v != LATER_KEYS_AT_DEFAULT[k]}
 
     @property
     def ffn_dim(self) -> int:

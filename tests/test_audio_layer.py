@@ -3,9 +3,12 @@ and chunking never change a clip's vectors; declared sizes are bounded; the FLOP
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 from torch.utils.flop_counter import FlopCounterMode
 
 import adapters.audio_layer as audio_layer
@@ -161,3 +164,33 @@ def test_a_linear_merge_starts_as_the_mean_and_learns_the_order_a_mean_forgets()
     merged, n = learned._pool(stem, torch.tensor([6]))
     assert n.tolist() == [3] and (merged[0, 0] - learned._pool(swapped, torch.tensor([6]))[0][0, 0]).abs().max() > 1e-3
     torch.testing.assert_close(mean._pool(stem, torch.tensor([6]))[0], mean._pool(swapped, torch.tensor([6]))[0])
+
+
+class _FirstFormatLayer(BaseModel):
+    """The audio layer as the format's first servers declared it (the shipped demo adapter's keys), forbidding the rest."""
+
+    model_config = ConfigDict(extra="forbid")
+    stem: str
+    n_mels: int
+    conv_channels: int
+    stack_factor: int
+    hidden_size: int
+
+
+def test_an_adapter_without_the_newer_parts_still_loads_on_an_older_server() -> None:
+    """Keys added later are written only where they change the layer: a plain layer's JSON is the first format's (an
+    older server loads it, as a rolling upgrade needs); a layer with blocks says so, and that server refuses it rather
+    than misread it. Either way the JSON reads back to the same layer."""
+    demo = json.loads((Path(__file__).parents[1] / "adapters" / "demo_adapter" / "aura_config.json").read_text())
+    plain = AudioLayerConfig(hidden_size=576)
+    assert json.loads(plain.model_dump_json()) == demo["audio_layer"]
+    _FirstFormatLayer.model_validate_json(plain.model_dump_json())
+    strided = AudioLayerConfig(hidden_size=576, encoder_layers=2, encoder_lookahead=2, encoder_stride=4, stack_factor=1,
+                               encoder_merge="linear")
+    written = json.loads(strided.model_dump_json())
+    assert {k: written[k] for k in audio_layer.LATER_KEYS_AT_DEFAULT if k in written} == {
+        "encoder_layers": 2, "encoder_lookahead": 2, "encoder_stride": 4, "encoder_merge": "linear"}
+    with pytest.raises(ValidationError, match="encoder_layers"):
+        _FirstFormatLayer.model_validate_json(strided.model_dump_json())
+    for layer in (plain, strided):
+        assert AudioLayerConfig.model_validate_json(layer.model_dump_json()) == layer
