@@ -223,7 +223,8 @@ class AudioEmbedding(nn.Module):
         c = config.conv_channels
         self.conv1 = nn.Conv1d(config.n_mels, c, kernel_size=3, padding=1)
         self.conv2 = nn.Conv1d(c, c, kernel_size=3, stride=2, padding=1)
-        # the learned merge (encoder_merge: linear) starts as the mean, so a fresh layer equals the mean-pooling one
+        # the learned merge (encoder_merge: linear) starts as the mean: a fresh layer equals the mean-pooling one on whole
+        # groups (a partial last group counts its missing frames as zeros, as the clip alone would at any batch)
         self.merge = nn.Linear(c * config.encoder_stride, c) if config.encoder_merge == "linear" else None
         if self.merge is not None:
             with torch.no_grad():
