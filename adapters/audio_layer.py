@@ -60,9 +60,9 @@ EncoderMerge = Literal["mean", "linear"]  # how encoder_stride stem frames becom
 ATTENTION_CHUNK = 512
 
 
-# keys added to the format after its first adapters, at the value that leaves a layer as those adapters' was
-LATER_KEYS_AT_DEFAULT: dict[str, object] = {"encoder_layers": 0, "encoder_heads": 6, "encoder_ffn_dim": None,
-                                            "encoder_lookahead": 0, "encoder_stride": 1, "encoder_merge": "mean"}
+# keys added to the format after its first adapters; at their field defaults they leave a layer as those adapters' was
+LATER_KEYS = frozenset({"encoder_layers", "encoder_heads", "encoder_ffn_dim", "encoder_lookahead", "encoder_stride",
+                        "encoder_merge"})
 
 
 class AudioLayerConfig(BaseModel):
@@ -98,7 +98,8 @@ class AudioLayerConfig(BaseModel):
     @model_serializer(mode="wrap")
     def _omit_later_defaults(self, handler: SerializerFunctionWrapHandler) -> dict[str, object]:
         data: dict[str, object] = handler(self)
-        return {k: v for k, v in data.items() if k not in LATER_KEYS_AT_DEFAULT or v != LATER_KEYS_AT_DEFAULT[k]}
+        fields = type(self).model_fields
+        return {k: v for k, v in data.items() if k not in LATER_KEYS or v != fields[k].default}
 
     @property
     def ffn_dim(self) -> int:

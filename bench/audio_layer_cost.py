@@ -24,11 +24,12 @@ import argparse
 import json
 import math
 from pathlib import Path
+from typing import get_args
 
 from transformers import AutoTokenizer
 
 from adapters.adapter import AUDIO_WEIGHTS, DEMO_ADAPTER_DIR, LORA_WEIGHTS, audio_layer_params, read_aura_config
-from adapters.audio_layer import AudioLayerConfig
+from adapters.audio_layer import AudioLayerConfig, EncoderMerge
 from adapters.base_model import BaseModelInfo, read_base_model
 from adapters.prompt import build_prompt, user_turn
 from adapters.validate import safetensors_header
@@ -64,7 +65,7 @@ def main() -> None:
     parser.add_argument("--encoder-stride", type=int, nargs="+", default=None,
                         help="... with its blocks on the mean of this many stem frames (the stacking divided by it).")
     parser.add_argument("--lookahead", type=int, default=None, help="... with its blocks seeing this many frames ahead.")
-    parser.add_argument("--encoder-merge", choices=["mean", "linear"], default=None,
+    parser.add_argument("--encoder-merge", choices=get_args(EncoderMerge), default=None,
                         help="... merging a stride's stem frames this way (linear: a learned matrix; default: the adapter's).")
     args = parser.parse_args()
 

@@ -19,6 +19,7 @@ from tiny_models import make_tiny_llama, save_smollm2_tokenizer
 
 from adapters.adapter import AUDIO_WEIGHTS, LORA_WEIGHTS, init_adapter, load_adapter
 from adapters.audio import load_audio_file
+from adapters.audio_layer import EncoderMerge
 from adapters.base_model import read_base_model
 from adapters.features import log_mel
 from adapters.prompt import build_prompt, user_turn
@@ -122,7 +123,7 @@ def test_checkpoint_resume_matches_uninterrupted_run(world: dict[str, Path]) -> 
                           (1, 2, 2, "mean", None), (1, 2, 2, "linear", None), (0, 0, 1, "mean", {0: 8})],
                          ids=["stem", "block", "block_lookahead", "block_stride", "block_merge", "rank_layers"])
 def test_export_validates_and_reference_engine_reproduces_trainer_tokens(world: dict[str, Path], blocks: int,
-                                                                         lookahead: int, stride: int, merge: str,
+                                                                         lookahead: int, stride: int, merge: EncoderMerge,
                                                                          ranks: dict[int, int] | None) -> None:
     from transformers import AutoTokenizer
 
