@@ -240,6 +240,12 @@ class AudioEmbedding(nn.Module):
         self, features: torch.Tensor, frame_lengths: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, n_mels, T) log-mel + (B,) valid frames -> (B, N, hidden) vectors + (B,) valid tokens."""
+        return self.tokens(*self.frames(features, frame_lengths))
+
+    def frames(self, features: torch.Tensor, frame_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, n_mels, T) log-mel + (B,) valid frames -> (B, T', C) frames before the stacking (the blocks' output,
+        or the stem's without blocks; zero past each clip's end) + (B,) valid frames. Training reads them too: the
+        audio-layer distillation (``audio_distill_weight``) aims the blocks' output at the teacher's deeper states."""
         frame_lengths = frame_lengths.to(features.device)
         mask = _length_mask(frame_lengths, features.shape[-1])[:, None, :]
         x = F.gelu(self.conv1(features * mask)) * mask
@@ -256,6 +262,11 @@ class AudioEmbedding(nn.Module):
             for block in self.blocks:
                 x = block(x, lengths)
             x = x * _length_mask(lengths, x.shape[1])[..., None]  # padding is zero again, as a clip alone would stack it
+        return x, lengths
+
+    def tokens(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``frames``' output -> (B, N, hidden) vectors + (B,) valid tokens: stack_factor frames per token, then
+        LayerNorm + Linear to the LLM's width."""
         k = self.config.stack_factor
         pad = (-x.shape[1]) % k
         if pad:

@@ -71,10 +71,16 @@ class TeacherReadout(nn.Module):
         return out
 
     def forward(self, features: torch.Tensor, frame_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.tokens(*self.frames(features, frame_lengths))
+
+    def frames(self, features: torch.Tensor, frame_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The audio layer's ``frames``: here the teacher's states, already one per token."""
         states = self.teacher_states(features, frame_lengths)
         lengths = torch.tensor([s.shape[0] for s in states], device=features.device)
-        padded = torch.nn.utils.rnn.pad_sequence(states, batch_first=True)
-        x = self.proj(self.norm(padded))
+        return torch.nn.utils.rnn.pad_sequence(states, batch_first=True), lengths
+
+    def tokens(self, states: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.proj(self.norm(states))
         mask = torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]
         return x * mask[..., None], lengths
 
@@ -87,6 +93,8 @@ def install(trainer: Trainer, layer: int | None = None) -> TeacherReadout:
     layer = last if layer is None else layer
     if not 0 <= layer <= last:
         raise ValueError(f"--teacher-layer {layer}: the teacher has blocks 0..{last}")
+    if trainer.audio_distill:
+        raise ValueError("audio_distill_weight distils into the audio layer, which the teacher replaces here; set it to 0")
     rms = embedding_rms(trainer.student.causal_lm)
     readout = TeacherReadout(encoder, layer, trainer.student.audio_layer.config, rms)
     trainer.student.audio_layer = readout.to(trainer.device)

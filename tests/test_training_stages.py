@@ -171,6 +171,85 @@ def test_stage_settings_that_cannot_work_fail_early(world: dict[str, Path]) -> N
         Trainer(_config(world, "bad4", max_layer=1, char_ctc_weight=1.0, char_ctc_layer=2))
 
 
+def _audio_distill_config(world: dict[str, Path], name: str, **kw: object) -> TrainConfig:
+    """One block at stride 2 (the strided student), only the audio-layer distillation on, towards teacher block 1."""
+    base: dict[str, object] = dict(max_layer=1, distill_weight=0.0, audio_distill_weight=1.0, audio_distill_layer=1,
+                                   audio_encoder_layers=1, audio_encoder_stride=2, stack_factor=2, audio_encoder_lookahead=2,
+                                   tasks="transcribe")
+    base.update(kw)
+    return _config(world, name, **base)
+
+
+def test_audio_distillation_compares_the_layers_frames_with_the_teachers_whole_clip_states(world: dict[str, Path]) -> None:
+    """The target of each of the audio layer's frames is the teacher's block run on the whole clip, pooled over the
+    same stride of stem frames; frames past a clip's end count for nothing, so a batch's loss is its clips' losses
+    weighted by their frames; the loss reaches the audio layer and its head and nothing in the LLM."""
+    from adapters.audio import load_audio_file
+    from adapters.features import log_mel
+
+    trainer = Trainer(_audio_distill_config(world, "adist"))
+    assert [s.name for s in trainer.specs] == ["frames"] and trainer.frame_spec.layers == (1,)
+    assert trainer.frame_spec.frames == 2
+    trainer.student.eval()
+    e = trainer.examples[0]
+    got = trainer.teacher_targets_for(trainer.examples, "t", [0], {}, trainer.frame_spec)[0]
+    samples = torch.from_numpy(load_audio_file(e.audio_path).samples.copy())
+    feats, frames = log_mel([samples], trainer.setup.features, pad_to_frames=trainer.setup.teacher.input_frames)
+    whole = encoder_states(trainer.teacher_encoder, feats, [1])[1][0]
+    valid = (int(frames[0]) + 1) // 2
+    pairs = torch.nn.functional.pad(whole[:valid], (0, 0, 0, valid % 2)).view(-1, 2, whole.shape[-1])
+    want = pairs.sum(1) / torch.tensor([2.0] * (valid // 2) + [1.0] * (valid % 2))[:, None]
+    torch.testing.assert_close(got[0], want, rtol=1e-4, atol=1e-4)
+    own, counts = trainer.student.audio_layer.frames(e.features[None], torch.tensor([e.num_frames]))
+    assert int(counts[0]) == got.shape[1] == own.shape[1]
+
+    with torch.no_grad():
+        alone = [float(trainer._losses([i], trainer.examples, {})["audio_distill"]) for i in (0, 1)]
+        both = float(trainer._losses([0, 1], trainer.examples, {})["audio_distill"])
+    n = [trainer.frame_spec.count(trainer.examples[i]) for i in (0, 1)]
+    assert n[0] != n[1]  # clips of different lengths: the shorter one is padded in the batch
+    assert both == pytest.approx((alone[0] * n[0] + alone[1] * n[1]) / sum(n), rel=1e-4)
+
+    terms = trainer._losses([0, 1], trainer.examples, {})
+    assert set(terms) == {"audio_distill", "loss"}
+    trainer.student.zero_grad()
+    terms["loss"].backward()
+    grads = {n: float(p.grad.abs().sum()) if p.grad is not None else 0.0
+             for n, p in trainer.student.named_parameters() if p.requires_grad}
+    for part in ("audio_layer.blocks.0.", "audio_layer.conv2.", "audio_head."):
+        assert sum(v for k, v in grads.items() if k.startswith(part)) > 0, part
+    assert sum(v for k, v in grads.items() if "lora_" in k) == 0
+
+
+def test_audio_distillation_learns_and_its_head_is_not_exported(world: dict[str, Path]) -> None:
+    from adapters.adapter import load_adapter
+    from adapters.validate import safetensors_header
+
+    trainer = Trainer(_audio_distill_config(world, "adist_learn", steps=30, lr=1e-2, audio_encoder_lr_scale=1.0,
+                                            distill_targets="centered", distill_stats_clips=4))
+    assert list(trainer.target_stats) == ["frames"]
+    before = trainer.evaluate()
+    trainer.train()
+    after = trainer.evaluate()
+    assert before is not None and after is not None
+    assert after["eval_audio_distill"] < 0.7 * before["eval_audio_distill"]
+    out = trainer.export()
+    exported = [k for f in sorted(Path(out).glob("*.safetensors")) for k in safetensors_header(f, f.name)]
+    assert exported and not [k for k in exported if "head" in k]
+    training = load_adapter(out).config.training
+    assert training["audio_distill"] == {"weight": 1.0, "teacher_layer": 1}
+    assert "audio_distill" in training["losses"]["final"]
+
+
+def test_audio_distillation_settings_that_cannot_work_fail_early(world: dict[str, Path]) -> None:
+    with pytest.raises(ConfigError, match="audio_distill_layer 2 is out of range"):
+        Trainer(_audio_distill_config(world, "adist_bad1", audio_distill_layer=2))
+    with pytest.raises(ConfigError, match="audio_distill_layer chooses"):
+        Trainer(_audio_distill_config(world, "adist_bad2", audio_distill_weight=0.0, ctc_weight=1.0))
+    with pytest.raises(ConfigError, match="distill_loss: none"):
+        Trainer(_audio_distill_config(world, "adist_bad3", distill_loss="none"))
+
+
 def test_grad_accumulation_gives_the_same_update(world: dict[str, Path]) -> None:
     """batch 4 in one pass vs 2 micro-batches of 2: the same parameters after two steps (fp32),
     within atol 1e-4 (lr 3e-3: a micro-batch left out moves parameters by ~1e-3; AdamW's
@@ -435,12 +514,12 @@ def test_trainer_centers_teacher_targets_when_asked(world: dict[str, Path]) -> N
     them: the same student on the same batch gives another loss with the raw targets."""
     raw = Trainer(_config(world, "raw_t", max_layer=1, tasks="transcribe"))
     cen = Trainer(_config(world, "cen_t", max_layer=1, tasks="transcribe", distill_targets="centered", distill_stats_clips=6))
-    assert raw.target_stats is None and cen.target_stats is not None
-    assert cen.target_stats.mean.shape[0] == 2  # one per distilled layer
+    assert raw.target_stats == {} and list(cen.target_stats) == ["tokens"]
+    assert cen.target_stats["tokens"].mean.shape[0] == 2  # one per distilled layer
     cen.student.eval()
     with torch.no_grad():
         centered = float(cen._losses([0, 1], cen.examples, {})["distill"])
-        stats, cen.target_stats = cen.target_stats, None
+        stats, cen.target_stats = cen.target_stats, {}
         uncentered = float(cen._losses([0, 1], cen.examples, {})["distill"])
     cen.target_stats = stats
     assert abs(centered - uncentered) > 1e-3

@@ -24,7 +24,8 @@ NEW_SETTING_DEFAULTS: dict[str, object] = {"audio_encoder_layers": 0, "audio_enc
                                             "char_ctc_weight": 0.0, "char_ctc_layer": 2, "spec_freq_warp": 0.0,
                                             "char_ctc_merges": None, "val_sentences": 0,
                                             "lora_rank_layers": None, "audio_encoder_lookahead": 0,
-                                            "audio_encoder_stride": 1, "audio_encoder_merge": "mean"}
+                                            "audio_encoder_stride": 1, "audio_encoder_merge": "mean",
+                                            "audio_distill_weight": 0.0, "audio_distill_layer": None}
 DistillLoss = Literal["cosine", "mse", "none"]
 Precision = Literal["fp32", "bf16"]
 
@@ -92,6 +93,16 @@ class TrainConfig(BaseModel):
         "each channel's spread, so the loss is about what was said (Whisper's positions explain 16-64% of its early "
         "blocks' variance, and a student that only counts positions gets cosine distance ~0.1 on raw targets).")
     distill_stats_clips: PositiveInt = Field(256, description="Training clips (a seeded sample) the centering statistics come from.")
+    audio_distill_weight: float = Field(
+        0.0, ge=0.0, description="Distil the teacher's deeper states into the audio layer itself: its frames before the "
+        "stacking (the blocks' output; 20 ms x audio_encoder_stride each) through a training-only head (RMSNorm + "
+        "Linear, dropped at export) against teacher block audio_distill_layer, run on the whole clip and pooled to the "
+        "same frames, with the distill_loss and distill_targets of the LLM's layers. Why: a strided block with a short "
+        "lookahead keeps less than Whisper's deeper blocks hold (bench/probe_lookahead.py), and the LLM-side losses "
+        "reach the audio layer only through the frozen LLM; this aims it at them directly (0 = off).")
+    audio_distill_layer: int | None = Field(
+        None, ge=0, description="Teacher block (0-based output) the audio layer's frames are distilled towards; "
+        "None = the teacher's last block.")
     teacher_context_frames: int | None = Field(
         None, ge=100, le=3000, description="Run the teacher on each clip padded to a multiple of this many mel frames "
         "(its position table cut to match) instead of Whisper's full 30 s: several times cheaper targets; None = 30 s.")

@@ -3,7 +3,7 @@
 Audio vectors replace the placeholder embeddings at the positions ``build_prompt`` reserved, the
 LLM runs with its ordinary causal mask, and forward hooks read the chosen decoder blocks'
 outputs at those positions for the heads (RMSNorm + Linear to the teacher's width, as in VoRA).
-The heads (and the character CTC head) exist only for training; the exported adapter is LoRA +
+The heads (the character CTC head and the audio layer's head too) exist only for training; the exported adapter is LoRA +
 audio layer, nothing else.
 """
 
@@ -61,6 +61,8 @@ class StudentOutput:
     audio_tokens: torch.Tensor  # (B,) valid audio positions
     ctc_logits: torch.Tensor | None = None  # (B, N, V) LM-head logits at audio positions
     char_logits: torch.Tensor | None = None  # (B, N * CHAR_SLOTS, 1 + units) character head logits
+    frame_pred: torch.Tensor | None = None  # (B, F, d_teacher) the audio head on the audio layer's frames
+    frame_mask: torch.Tensor | None = None  # (B, F) bool: valid frames
 
 
 def decoder_layers(causal_lm: Any) -> nn.ModuleList:
@@ -74,13 +76,14 @@ def decoder_layers(causal_lm: Any) -> nn.ModuleList:
 
 class AuraStudent(nn.Module):
     def __init__(self, peft_model: Any, audio_layer: AudioEmbedding, heads: dict[int, DistillHead],
-                 char_head: CharHead | None = None) -> None:
+                 char_head: CharHead | None = None, audio_head: DistillHead | None = None) -> None:
         super().__init__()
         self.peft_model = peft_model
         self.audio_layer = audio_layer
         self.heads = nn.ModuleDict({str(k): v for k, v in heads.items()})
         self.layer_ids = sorted(heads)
         self.char_head = char_head
+        self.audio_head = audio_head  # the audio layer's frames -> the teacher's width (audio_distill_weight)
 
     @property
     def causal_lm(self) -> Any:
@@ -103,12 +106,19 @@ class AuraStudent(nn.Module):
 
         One indexed write for the whole batch: a per-example loop costs a GPU two host syncs
         and a few launches per example (``bench/step_ops.py`` counts them)."""
+        embeds, n_tok, _ = self._embed(input_ids, features, frame_lengths, audio_starts)
+        return embeds, n_tok
+
+    def _embed(self, input_ids: torch.Tensor, features: torch.Tensor, frame_lengths: torch.Tensor,
+               audio_starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """``embed``, and the audio layer's frames before the stacking with their valid counts."""
         embeds = self.causal_lm.get_input_embeddings()(input_ids)
-        audio, n_tok = self.audio_layer(features, frame_lengths)
+        frames = self.audio_layer.frames(features, frame_lengths)
+        audio, n_tok = self.audio_layer.tokens(*frames)
         audio = audio.to(embeds.dtype)
         valid = torch.arange(audio.shape[1], device=n_tok.device)[None, :] < n_tok[:, None]  # (B, N)
         rows, cols = valid.nonzero(as_tuple=True)
-        return embeds.index_put((rows, audio_starts.to(cols.device)[rows] + cols), audio[rows, cols]), n_tok
+        return embeds.index_put((rows, audio_starts.to(cols.device)[rows] + cols), audio[rows, cols]), n_tok, frames
 
     def forward(self, batch: Batch, *, max_layer: int | None = None, ctc_layer: int | None = None,
                 char_layer: int | None = None) -> StudentOutput:
@@ -116,7 +126,8 @@ class AuraStudent(nn.Module):
         would read a half-finished residual stream); ``ctc_layer`` adds LM-head logits (after the
         final norm) of that block's output at the audio positions; ``char_layer`` adds the character
         head's logits of that block's output."""
-        embeds, n_tok = self.embed(batch.input_ids, batch.features, batch.frame_lengths, batch.audio_starts)
+        embeds, n_tok, (frames, frame_counts) = self._embed(batch.input_ids, batch.features, batch.frame_lengths,
+                                                            batch.audio_starts)
         captured: dict[int, torch.Tensor] = {}
         inner = self.causal_lm.model
         blocks = decoder_layers(self.causal_lm)
@@ -151,7 +162,12 @@ class AuraStudent(nn.Module):
             assert self.char_head is not None, "char_layer needs the student built with a char_head"
             char_logits = self.char_head(at_audio[char_layer])
         audio_hidden = {k: v for k, v in at_audio.items() if k in self.layer_ids}
-        return StudentOutput(logits, batch.labels[sel], audio_hidden, mask, n_tok, ctc_logits, char_logits)
+        frame_pred = frame_mask = None
+        if self.audio_head is not None:
+            frame_pred = self.audio_head(frames)
+            frame_mask = torch.arange(frames.shape[1], device=frames.device)[None, :] < frame_counts[:, None]
+        return StudentOutput(logits, batch.labels[sel], audio_hidden, mask, n_tok, ctc_logits, char_logits,
+                             frame_pred, frame_mask)
 
     @torch.inference_mode()
     def greedy(self, prompt_ids: list[int], audio_start: int, features: torch.Tensor, num_frames: int,

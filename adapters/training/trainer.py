@@ -47,7 +47,7 @@ BEST_FILE = "best.pt"  # the trainable weights of the step with the lowest valid
 # corpora up to this many rows keep their log-mels in memory; larger ones recompute them per batch
 # from the clips (bounded memory; the clips are what the prefetch thread reads ahead)
 FEATURES_IN_MEMORY_MAX_ROWS = 2000
-LOSS_TERMS = ("loss", "ce", "text_kd", "distill", "ctc", "char_ctc")  # what progress, logs and the adapter's provenance report
+LOSS_TERMS = ("loss", "ce", "text_kd", "distill", "audio_distill", "ctc", "char_ctc")  # what progress, logs and the adapter's provenance report
 
 
 class ConfigError(ValueError):
@@ -67,6 +67,23 @@ def default_layer_map(student_layers: int, teacher_layers: int) -> dict[int, int
         s = min(student_layers - 1, ((t + 1) * span) // teacher_layers - 1)
         mapping[max(s, 0)] = t
     return mapping
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """Which teacher states a run distills, and how many stem frames (20 ms) each target pools: the LLM's layers read
+    one target per audio token (``frames_per_token``), the audio layer's frames one per block frame (the stride)."""
+
+    name: str
+    layers: tuple[int, ...]
+    frames: int
+
+    def count(self, e: Example) -> int:
+        """Targets of one clip: its stem frames (conv stride 2), pooled ``frames`` to one, the last one partial."""
+        return -(-((e.num_frames + 1) // 2) // self.frames)
+
+
+TargetMemo = dict[int, dict[str, torch.Tensor]]  # example index -> TargetSpec.name -> its (n_layers, n, width) targets
 
 
 @dataclass
@@ -136,8 +153,19 @@ def check_config(config: TrainConfig) -> Setup:
         raise ConfigError("char_ctc_merges sets what the character head spells in; it needs char_ctc_weight > 0")
     if config.char_ctc_merges is not None and not (Path(config.student) / "tokenizer.json").is_file():
         raise ConfigError(f"char_ctc_merges needs the student's BPE tokenizer.json, not found in {config.student}")
-    if config.max_layer is not None and config.ctc_weight == 0 and config.char_ctc_weight == 0 and deepest is None:
-        raise ConfigError("a truncated stage (max_layer) trains nothing without distillation, ctc_weight or char_ctc_weight > 0")
+    if config.audio_distill_weight > 0:
+        if config.distill_loss == "none":
+            raise ConfigError("audio_distill_weight uses distill_loss (cosine or mse) on the audio layer's frames; "
+                              "distill_loss: none turns it off too")
+        if config.audio_distill_layer is not None and config.audio_distill_layer >= teacher.num_layers:
+            raise ConfigError(f"audio_distill_layer {config.audio_distill_layer} is out of range (the teacher has layers "
+                              f"0..{teacher.num_layers - 1})")
+    elif config.audio_distill_layer is not None:
+        raise ConfigError("audio_distill_layer chooses the audio layer's target; it needs audio_distill_weight > 0")
+    if (config.max_layer is not None and config.ctc_weight == 0 and config.char_ctc_weight == 0 and deepest is None
+            and config.audio_distill_weight == 0):
+        raise ConfigError("a truncated stage (max_layer) trains nothing without distillation, ctc_weight, "
+                          "char_ctc_weight or audio_distill_weight > 0")
     if config.batch_size % config.grad_accum:
         raise ConfigError(f"batch_size {config.batch_size} is not a multiple of grad_accum {config.grad_accum}")
     if config.lora_layers is not None:
@@ -228,7 +256,7 @@ class BatchReads:
 
     step: int
     samples: dict[Path, np.ndarray]  # clip path -> samples (clips whose features are not kept in memory)
-    targets: dict[int, torch.Tensor]  # example index -> cached teacher targets (misses are computed in the step)
+    targets: TargetMemo  # cached teacher targets (misses are computed in the step)
 
 
 class DataOrder:
@@ -284,6 +312,7 @@ class Trainer:
         self.work_dir = config.resolved_work_dir
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.distill = config.distill_loss != "none" and config.distill_weight > 0
+        self.audio_distill = config.audio_distill_weight > 0
         self.history: list[dict[str, Any]] = []
         self._build()
 
@@ -318,7 +347,8 @@ class Trainer:
         heads = {k: DistillHead(s.base.hidden_size, s.teacher.width) for k in s.layer_map} if self.distill else {}
         self.units: Units = CHAR_UNITS if c.char_ctc_merges is None else piece_units(c.student, c.char_ctc_merges)
         char_head = CharHead(s.base.hidden_size, self.units.size) if c.char_ctc_weight > 0 else None
-        self.student = AuraStudent(peft_model, audio, heads, char_head).to(self.device)
+        audio_head = DistillHead(audio.config.conv_channels, s.teacher.width) if self.audio_distill else None
+        self.student = AuraStudent(peft_model, audio, heads, char_head, audio_head).to(self.device)
         self.student.train()
         self.rebuild_optimizer()
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
@@ -334,15 +364,21 @@ class Trainer:
         self.val_examples = self._examples(s.val_rows, c.manifest) if s.val_rows else []
         self.best: dict[str, Any] | None = None  # {"step", "metric", "value"} of the weights in BEST_FILE
         self.teacher_layers = [s.layer_map[k] for k in sorted(s.layer_map)]
+        audio_cfg = self.student.audio_layer.config
+        self.token_spec = TargetSpec("tokens", tuple(self.teacher_layers), audio_cfg.frames_per_token)
+        last = s.teacher.num_layers - 1
+        self.frame_spec = TargetSpec("frames", (last if c.audio_distill_layer is None else c.audio_distill_layer,),
+                                     audio_cfg.encoder_stride)
+        self.specs = [spec for spec, on in ((self.token_spec, self.distill), (self.frame_spec, self.audio_distill)) if on]
         self.ctc_layer = ctc_layer_of(c, max(s.layer_map) if self.distill and s.layer_map else None) if c.ctc_weight > 0 else None
         self.char_layer = c.char_ctc_layer if c.char_ctc_weight > 0 else None
         # teacher targets are computed when a clip is first used (and cached on disk): a large
         # corpus starts training at once instead of after hours of teacher passes
-        self.targets: dict[int, torch.Tensor] = {}
-        self.eval_targets: dict[int, torch.Tensor] = {}
-        self.val_targets: dict[int, torch.Tensor] = {}
+        self.targets: TargetMemo = {}
+        self.eval_targets: TargetMemo = {}
+        self.val_targets: TargetMemo = {}
         self.order = DataOrder(len(self.examples), c.batch_size, c.seed)
-        self.target_stats = self._target_stats() if self.distill and c.distill_targets == "centered" else None
+        self.target_stats = {spec.name: self._target_stats(spec) for spec in self.specs} if c.distill_targets == "centered" else {}
         self.elapsed_s = 0.0
         # one batch ahead: the reads of step s+1 overlap step s (the order is a pure function of the step)
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="aura-prefetch") if c.prefetch else None
@@ -364,13 +400,13 @@ class Trainer:
             groups.append({"params": [p for p in self.params if id(p) in pretrained], "lr_scale": c.audio_encoder_lr_scale})
         self.optimizer = torch.optim.AdamW(groups, lr=c.lr, weight_decay=c.weight_decay)
 
-    def _target_stats(self) -> TargetStats:
+    def _target_stats(self, spec: TargetSpec) -> TargetStats:
         """Centering statistics from a seeded sample of training clips (their targets are cached, so a
         resumed run recomputes exactly the same statistics)."""
         c = self.config
         g = torch.Generator().manual_seed(c.seed)
         sample = torch.randperm(len(self.examples), generator=g)[: c.distill_stats_clips].tolist()
-        return TargetStats.estimate(self.teacher_targets_for(self.examples, "centering statistics", sample, {}))
+        return TargetStats.estimate(self.teacher_targets_for(self.examples, "centering statistics", sample, {}, spec))
 
     def _examples(self, rows: list[ManifestRow], manifest: Path | None) -> list[Example]:
         assert manifest is not None
@@ -382,59 +418,66 @@ class Trainer:
                               max_response_tokens=c.max_response_tokens, keep_features=keep, end_of_turn=self.end_of_turn,
                               text_prompt=self.text_kd, units=self.units) for i, r in enumerate(it)]
 
-    def teacher_cache(self) -> TeacherCache:
+    def teacher_cache(self, spec: TargetSpec | None = None) -> TeacherCache:
         c, s = self.config, self.setup
-        return TeacherCache(c.resolved_teacher_cache, s.teacher, self.teacher_layers, self.student.audio_layer.config.frames_per_token,
-                            s.features, c.teacher_context_frames)
+        spec = spec or self.token_spec
+        return TeacherCache(c.resolved_teacher_cache, s.teacher, list(spec.layers), spec.frames, s.features,
+                            c.teacher_context_frames)
 
     def teacher_targets_for(self, examples: list[Example], desc: str, indices: list[int] | None = None,
-                            memo: dict[int, torch.Tensor] | None = None) -> list[torch.Tensor]:
-        """Pooled teacher states for ``examples[indices]`` (all by default): memory, then disk cache,
-        then the teacher itself in small batches (written to the cache)."""
+                            memo: TargetMemo | None = None, spec: TargetSpec | None = None) -> list[torch.Tensor]:
+        """Pooled teacher states of ``spec`` (default: the LLM layers' targets) for ``examples[indices]`` (all by
+        default): memory, then disk cache, then the teacher itself in small batches (written to the cache)."""
         c, s = self.config, self.setup
+        spec = spec or self.token_spec
         memo = {} if memo is None else memo
         indices = list(range(len(examples))) if indices is None else indices
-        cache = self.teacher_cache()
+        cache = self.teacher_cache(spec)
         todo = []
         for i in dict.fromkeys(indices):
-            if i not in memo:
+            if spec.name not in memo.get(i, {}):
                 t = cache.get(examples[i].key)
                 if t is None:
                     todo.append(i)
                 else:
-                    memo[i] = t
+                    memo.setdefault(i, {})[spec.name] = t
         bar = tqdm(total=len(todo), desc=desc, file=sys.stderr, disable=not c.progress or len(todo) < 50, leave=False)
         chunk_size = 8 if self.device.type == "cpu" else 64  # bounded memory on a CPU; a GPU wants bigger passes
         for start in range(0, len(todo), chunk_size):
             chunk = todo[start : start + chunk_size]
             samples = [torch.from_numpy(load_audio_file(examples[i].audio_path, sample_rate=s.features.sample_rate).samples.copy()) for i in chunk]
-            for i, t in zip(chunk, teacher_targets(self.teacher_encoder, samples, self.teacher_layers,
-                                                   frames_per_token=self.student.audio_layer.config.frames_per_token,
-                                                   features=s.features, input_frames=s.teacher.input_frames,
+            for i, t in zip(chunk, teacher_targets(self.teacher_encoder, samples, list(spec.layers),
+                                                   frames_per_token=spec.frames, features=s.features,
+                                                   input_frames=s.teacher.input_frames,
                                                    context_frames=c.teacher_context_frames)):
-                if t.shape[1] != examples[i].num_audio_tokens:
-                    raise RuntimeError(f"{examples[i].audio_path}: teacher gives {t.shape[1]} tokens, the student {examples[i].num_audio_tokens}")
+                if t.shape[1] != spec.count(examples[i]):
+                    raise RuntimeError(f"{examples[i].audio_path}: teacher gives {t.shape[1]} {spec.name}, the student {spec.count(examples[i])}")
                 cache.put(examples[i].key, t)
-                memo[i] = t
+                memo.setdefault(i, {})[spec.name] = t
             bar.update(len(chunk))
         bar.close()
-        out = [memo[i] for i in indices]
+        out = [memo[i][spec.name] for i in indices]
         if len(memo) > 1024 and memo is self.targets:  # ~0.3 MB each: bound memory; the disk cache keeps them all
             for k in list(memo)[: len(memo) - 512]:
                 del memo[k]
         return out
 
     # ----------------------------------------------------------------- steps
-    def _losses(self, idx: list[int], examples: list[Example], memo: dict[int, torch.Tensor],
+    def _targets(self, examples: list[Example], idx: list[int], memo: TargetMemo, spec: TargetSpec) -> list[torch.Tensor]:
+        """``spec``'s teacher targets of ``examples[idx]``, centered where the run says so."""
+        targets = self.teacher_targets_for(examples, "teacher targets", idx, memo, spec)
+        stats = self.target_stats.get(spec.name)
+        return [stats.normalize(t) for t in targets] if stats is not None else targets
+
+    def _losses(self, idx: list[int], examples: list[Example], memo: TargetMemo,
                 keep_logits: bool = False, module: torch.nn.Module | None = None,
                 step: int | None = None, samples: dict[Path, np.ndarray] | None = None) -> dict[str, torch.Tensor]:
         """Loss terms of one (micro-)batch; ``keep_logits`` also returns the CTC logits/lengths (for WER).
         ``step`` marks a training batch: its inputs get this step's SpecAugment masks (if on);
         ``samples`` are clips read ahead (``BatchReads``)."""
         c = self.config
-        teach = self.teacher_targets_for(examples, "teacher targets", idx, memo) if self.distill else None
-        if teach is not None and self.target_stats is not None:
-            teach = [self.target_stats.normalize(t) for t in teach]
+        teach = self._targets(examples, idx, memo, self.token_spec) if self.distill else None
+        frame_teach = self._targets(examples, idx, memo, self.frame_spec) if self.audio_distill else None
         chosen = with_features_batch([examples[i] for i in idx], self.setup.features, self.device, samples)
         if step is not None and self.spec_augment.enabled:
             chosen = [replace(e, features=self.spec_augment(e.features, e.num_frames, mask_seed(c.seed, step, i)))
@@ -458,6 +501,13 @@ class Trainer:
                                           out.audio_mask, c.distill_loss) for j, s in enumerate(sorted(self.setup.layer_map))]
                 terms["distill"] = torch.stack(per_layer).mean()
                 loss = loss + c.distill_weight * terms["distill"]
+            if frame_teach is not None:
+                assert out.frame_pred is not None and out.frame_mask is not None
+                target = torch.zeros_like(out.frame_pred)
+                for b, t in enumerate(frame_teach):
+                    target[b, : t.shape[1]] = t[0].to(target.device, target.dtype)
+                terms["audio_distill"] = distill_loss(out.frame_pred, target, out.frame_mask, c.distill_loss)
+                loss = loss + c.audio_distill_weight * terms["audio_distill"]
             if self.ctc_layer is not None:
                 assert out.ctc_logits is not None
                 terms["ctc"] = ctc_loss(out.ctc_logits, out.audio_tokens, batch.transcripts, self.blank_id)
@@ -484,16 +534,17 @@ class Trainer:
 
     def _read_batch(self, step: int, idx: list[int]) -> BatchReads:
         """The disk reads of one batch (runs on the prefetch thread: touches no trainer state)."""
-        cache = self.teacher_cache() if self.distill else None
+        caches = [(spec.name, self.teacher_cache(spec)) for spec in self.specs]
         rate = self.setup.features.sample_rate
         samples: dict[Path, np.ndarray] = {}
-        targets: dict[int, torch.Tensor] = {}
+        targets: TargetMemo = {}
         for i in idx:
             e = self.examples[i]
             if e.features is None and e.audio_path not in samples:
                 samples[e.audio_path] = load_audio_file(e.audio_path, sample_rate=rate).samples
-            if cache is not None and (t := cache.get(e.key)) is not None:
-                targets[i] = t
+            for name, cache in caches:
+                if (t := cache.get(e.key)) is not None:
+                    targets.setdefault(i, {})[name] = t
         return BatchReads(step, samples, targets)
 
     def _reads_for(self, step: int) -> BatchReads | None:
@@ -512,8 +563,9 @@ class Trainer:
         idx = self.batch_indices(step)
         reads = self._reads_for(step)
         if reads is not None:
-            for i, t in reads.targets.items():
-                self.targets.setdefault(i, t)
+            for i, read in reads.targets.items():
+                for name, t in read.items():
+                    self.targets.setdefault(i, {}).setdefault(name, t)
         micro = len(idx) // self.config.grad_accum
         self.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, float] = {}
@@ -569,7 +621,7 @@ class Trainer:
         return self._mean_losses(self.val_examples, self.val_targets, "val")
 
     @torch.no_grad()
-    def _mean_losses(self, examples: list[Example], targets: dict[int, torch.Tensor], prefix: str) -> dict[str, float]:
+    def _mean_losses(self, examples: list[Example], targets: TargetMemo, prefix: str) -> dict[str, float]:
         """Mean loss terms over ``examples`` as ``<prefix>_<term>``, with the CTC heads' WER/CER where the stage has
         them. One task per batch, so the next-token loss is also reported per task: transcripts and the LLM's own
         answers differ by ~1 nat even when the audio is understood, and a mixed number cannot tell a better
@@ -823,7 +875,9 @@ class Trainer:
                         "width": s.teacher.width, "layers": s.teacher.num_layers},
             "layer_map": {str(k): v for k, v in s.layer_map.items()},
             "distill_loss": c.distill_loss if self.distill else "none", "distill_weight": c.distill_weight if self.distill else 0.0,
-            "distill_targets": c.distill_targets if self.distill else "raw",
+            "distill_targets": c.distill_targets if self.distill or self.audio_distill else "raw",
+            "audio_distill": ({"weight": c.audio_distill_weight, "teacher_layer": self.frame_spec.layers[0]}
+                              if self.audio_distill else None),
             "lora": {"rank": c.lora_rank, "alpha": c.lora_alpha, "targets": c.lora_targets, "layers": c.lora_layers,
                      "rank_layers": c.lora_rank_layers},
             "stem_init": getattr(self, "stem_init", "init_from"), "transcribe_prompt": c.transcribe_prompt,
