@@ -173,6 +173,7 @@ class Batch:
     teacher: torch.Tensor | None  # (B, n_layers, N, d_teacher) pooled teacher states, zero past audio_tokens
     transcripts: list[list[int]]  # CTC targets
     char_transcripts: list[list[int]] = field(default_factory=list)  # character CTC targets
+    frame_teacher: torch.Tensor | None = None  # (B, n_layers, F, d_teacher) the audio layer's targets, zero past each clip's
     text_input_ids: torch.Tensor | None = None  # (B, Lt) the text-in-place-of-audio prompts + answers (text_kd)
     text_attention_mask: torch.Tensor | None = None
     text_labels: torch.Tensor | None = None  # same answer tokens as ``labels``, at the text prompt's positions
@@ -227,8 +228,20 @@ def _pad_answers(prompts: list[list[int]], targets: list[list[int]], pad_id: int
     return input_ids, mask, labels
 
 
-def collate(examples: list[Example], pad_id: int, teacher: list[torch.Tensor] | None = None, *, text: bool = False) -> Batch:
-    """``text`` also batches each example's text-in-place-of-audio prompt (for text_kd)."""
+def _pad_targets(targets: list[torch.Tensor]) -> torch.Tensor:
+    """Per example (n_layers, n, d) teacher targets -> (B, n_layers, max n, d), zero past each example's n."""
+    n_layers, _, width = targets[0].shape
+    out = torch.zeros((len(targets), n_layers, max(t.shape[1] for t in targets), width))
+    for i, t in enumerate(targets):
+        out[i, :, : t.shape[1]] = t.float()
+    return out
+
+
+def collate(examples: list[Example], pad_id: int, teacher: list[torch.Tensor] | None = None, *, text: bool = False,
+            frame_teacher: list[torch.Tensor] | None = None) -> Batch:
+    """``text`` also batches each example's text-in-place-of-audio prompt (for text_kd); ``teacher`` and
+    ``frame_teacher`` are each example's targets for the LLM's layers (one per audio token) and for the audio layer's
+    frames."""
     b = len(examples)
     input_ids, mask, labels = _pad_answers([e.prompt_ids for e in examples], [e.target_ids for e in examples], pad_id)
     text_ids = text_mask = text_labels = None
@@ -241,18 +254,13 @@ def collate(examples: list[Example], pad_id: int, teacher: list[torch.Tensor] | 
     feats = torch.zeros((b, n_mels, frames), device=examples[0].features.device)  # type: ignore[union-attr]
     for i, e in enumerate(examples):
         feats[i, :, : e.num_frames] = e.features
-    teach = None
-    if teacher is not None:
-        n_tok = max(e.num_audio_tokens for e in examples)
-        n_layers, _, width = teacher[0].shape
-        teach = torch.zeros((b, n_layers, n_tok, width))
-        for i, t in enumerate(teacher):
-            teach[i, :, : t.shape[1]] = t.float()
     return Batch(
         input_ids=input_ids, attention_mask=mask, labels=labels, features=feats,
         frame_lengths=torch.tensor([e.num_frames for e in examples]),
         audio_starts=torch.tensor([e.audio_start for e in examples]),
-        audio_tokens=torch.tensor([e.num_audio_tokens for e in examples]), teacher=teach,
+        audio_tokens=torch.tensor([e.num_audio_tokens for e in examples]),
+        teacher=_pad_targets(teacher) if teacher is not None else None,
         transcripts=[e.transcript_ids for e in examples], char_transcripts=[e.transcript_chars for e in examples],
         text_input_ids=text_ids, text_attention_mask=text_mask, text_labels=text_labels,
+        frame_teacher=_pad_targets(frame_teacher) if frame_teacher is not None else None,
     )

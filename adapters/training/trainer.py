@@ -482,7 +482,7 @@ class Trainer:
         if step is not None and self.spec_augment.enabled:
             chosen = [replace(e, features=self.spec_augment(e.features, e.num_frames, mask_seed(c.seed, step, i)))
                       for e, i in zip(chosen, idx)]
-        batch = collate(chosen, self.pad_id, teach, text=self.text_kd).to(self.device)
+        batch = collate(chosen, self.pad_id, teach, text=self.text_kd, frame_teacher=frame_teach).to(self.device)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=c.precision == "bf16"):
             out = (module or self.student)(batch, max_layer=c.max_layer, ctc_layer=self.ctc_layer, char_layer=self.char_layer)
             terms: dict[str, torch.Tensor] = {}
@@ -501,12 +501,10 @@ class Trainer:
                                           out.audio_mask, c.distill_loss) for j, s in enumerate(sorted(self.setup.layer_map))]
                 terms["distill"] = torch.stack(per_layer).mean()
                 loss = loss + c.distill_weight * terms["distill"]
-            if frame_teach is not None:
+            if batch.frame_teacher is not None:
                 assert out.frame_pred is not None and out.frame_mask is not None
-                target = torch.zeros_like(out.frame_pred)
-                for b, t in enumerate(frame_teach):
-                    target[b, : t.shape[1]] = t[0].to(target.device, target.dtype)
-                terms["audio_distill"] = distill_loss(out.frame_pred, target, out.frame_mask, c.distill_loss)
+                terms["audio_distill"] = distill_loss(out.frame_pred, batch.frame_teacher[:, 0], out.frame_mask,
+                                                      c.distill_loss)
                 loss = loss + c.audio_distill_weight * terms["audio_distill"]
             if self.ctc_layer is not None:
                 assert out.ctc_logits is not None
