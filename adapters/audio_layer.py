@@ -130,9 +130,9 @@ class AudioLayerConfig(BaseModel):
         beside them.
         """
         c, n_mels = self.conv_channels, self.n_mels
-        t2 = (num_frames + 1) // 2
+        t2 = pooled_frames(num_frames, 1)
         total = 2 * num_frames * n_mels * c * 3 + 2 * t2 * c * c * 3
-        tb = -(-t2 // self.encoder_stride)  # block frames
+        tb = pooled_frames(num_frames, self.encoder_stride)  # block frames
         if self.encoder_merge == "linear":
             total += 2 * tb * self.encoder_stride * c * c
         per_frame = 2 * (4 * c * c + 2 * c * self.ffn_dim)  # q, k, v, out + fc1, fc2
@@ -146,10 +146,14 @@ class AudioLayerConfig(BaseModel):
     def num_tokens(self, num_frames: int) -> int:
         """Audio tokens for a clip of ``num_frames`` log-mel frames (conv stride 2, then the blocks' stride and
         the stacking: one token per ``frames_per_token`` stem frames, the last one partial)."""
-        if num_frames <= 0:
-            return 0
-        after_stem = (num_frames + 1) // 2
-        return -(-after_stem // self.frames_per_token)
+        return pooled_frames(num_frames, self.frames_per_token)
+
+
+def pooled_frames(num_frames: int, stem_frames: int) -> int:
+    """What a clip of ``num_frames`` log-mel frames becomes after the stem (conv stride 2) when every ``stem_frames``
+    stem frames are pooled to one, the last one partial: the layer's block frames (the stride), its tokens (stride x
+    stacking), and the trainer's teacher targets for either, which must line up with them one to one."""
+    return -(-((max(num_frames, 0) + 1) // 2) // stem_frames)
 
 
 def _length_mask(lengths: torch.Tensor, size: int) -> torch.Tensor:

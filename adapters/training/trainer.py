@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from adapters.adapter import AuraConfig, base_model_ref, load_adapter, new_lora_config, save_adapter, sha256_file
 from adapters.audio import load_audio_file
-from adapters.audio_layer import AudioEmbedding, AudioLayerConfig, embedding_rms
+from adapters.audio_layer import AudioEmbedding, AudioLayerConfig, embedding_rms, pooled_frames
 from adapters.base_model import BaseModelInfo, read_base_model
 from adapters.features import FeatureConfig
 from adapters.prompt import PromptLayout, end_of_turn_id
@@ -79,8 +79,8 @@ class TargetSpec:
     frames: int
 
     def count(self, e: Example) -> int:
-        """Targets of one clip: its stem frames (conv stride 2), pooled ``frames`` to one, the last one partial."""
-        return -(-((e.num_frames + 1) // 2) // self.frames)
+        """Targets of one clip: as many as the audio layer makes of it at this pooling."""
+        return pooled_frames(e.num_frames, self.frames)
 
 
 TargetMemo = dict[int, dict[str, torch.Tensor]]  # example index -> TargetSpec.name -> its (n_layers, n, width) targets
