@@ -18,7 +18,7 @@ RUN=${AB:-$AURA_HOME/runs/ab}/$NAME
 eval "run=($(cat "$RUN/command.txt"))"
 # drop `nice` and everything up to `server.cli train`: keep the interpreter and the trainer's flags
 while [[ ${#run[@]} -gt 0 && "${run[0]}" != *python* ]]; do run=("${run[@]:1}"); done
+[[ ${#run[@]} -ge 4 && "${run[*]:1:3}" == "-m server.cli train" ]] || { echo "ab_readout: $RUN/command.txt is not an aura train line" >&2; exit 2; }
 py=${run[0]} flags=("${run[@]:4}")
-[[ "${run[1]} ${run[2]} ${run[3]}" == "-m server.cli train" ]] || { echo "ab_readout: $RUN/command.txt is not an aura train line" >&2; exit 2; }
 flags+=(--threads "${THREADS:-1}")
 exec "$py" -m bench.char_readout --reader "$READER" "${flags[@]}" "$@"
