@@ -68,6 +68,27 @@ def test_ctc_ignores_positions_past_each_length() -> None:
     assert logits.grad[1, 5:].abs().max() == 0 and logits.grad[1, :5].abs().max() > 0
 
 
+def test_ctc_over_a_large_vocabulary_is_the_full_softmax_ctc_in_value_and_gradient() -> None:
+    """``ctc_loss`` runs a large vocabulary's CTC on the classes the transcripts use; it must give the loss and the
+    gradient of the CTC of the full log-softmax: with repeats (which need a blank between), an empty transcript,
+    a clip too short for its transcript (counts zero) and positions past a clip's length."""
+    torch.manual_seed(2)
+    vocab, blank = 3000, 2999
+    targets = [[5, 17, 17, 2048], [], [7, 8, 9, 10, 11, 12], [1234, 5, 1234]]
+    lengths = torch.tensor([12, 6, 5, 9])  # the third needs 6 positions: impossible
+    logits = (3 * torch.randn(4, 12, vocab)).requires_grad_()
+    ref_logits = logits.detach().clone().requires_grad_()
+    got = ctc_loss(logits, lengths, targets, blank)
+    flat = torch.tensor([t for seq in targets for t in seq])
+    want = torch.nn.functional.ctc_loss(torch.log_softmax(ref_logits, -1).transpose(0, 1), flat, lengths,
+                                        torch.tensor([len(t) for t in targets]), blank=blank, zero_infinity=True)
+    got.backward()
+    want.backward()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits.grad, ref_logits.grad, rtol=1e-4, atol=1e-6)  # of gradients up to 0.25
+    assert logits.grad[2].abs().max() == 0 and logits.grad[1, 6:].abs().max() == 0 and logits.grad[0].abs().max() > 0
+
+
 def _config(world: dict[str, Path], name: str, **kw: object) -> TrainConfig:
     base = dict(student=world["student"], teacher=world["teacher"], manifest=world["manifest"], eval_manifest=world["manifest"],
                 output=world["root"] / name / "adapter", teacher_cache=world["root"] / "tcache", lora_rank=4, steps=30,
@@ -96,6 +117,35 @@ def test_truncated_stage_runs_only_the_low_blocks_and_ctc_reaches_the_audio_laye
     high_lora = [p for n, p in trainer.student.named_parameters() if p.requires_grad and "lora_" in n and ".layers.3." in n]
     assert high_lora and all(p.grad is None or float(p.grad.abs().sum()) == 0 for p in high_lora)
     assert len(decoder_layers(trainer.student.causal_lm)) == 4  # the full model is back after the pass
+
+
+def test_truncated_stage_drops_the_positions_after_the_audio_and_reads_the_same_states(world: dict[str, Path]) -> None:
+    """A truncated stage runs its blocks only up to the batch's last audio position (the prompt's tail and the
+    transcript cannot reach audio positions through causal blocks); the audio-position states and CTC logits
+    must be those of the whole sequence, for every example of a batch of unequal clips."""
+    from adapters.training.data import collate, with_features_batch
+
+    trainer = Trainer(_config(world, "trunc_exact", max_layer=1, ctc_weight=1.0, char_ctc_weight=1.0, char_ctc_layer=0,
+                              tasks="transcribe", steps=1))
+    idx = sorted(range(len(trainer.examples)), key=lambda i: trainer.examples[i].num_audio_tokens)[:: max(1, len(trainer.examples) // 3)][:3]
+    chosen = with_features_batch([trainer.examples[i] for i in idx], trainer.setup.features)
+    assert len({e.num_audio_tokens for e in chosen}) > 1, "the batch needs clips of unequal length"
+    batch = collate(chosen, trainer.pad_id)
+    ends = [e.audio_start + e.num_audio_tokens for e in chosen]
+    widths: list[int] = []
+    hook = decoder_layers(trainer.student.causal_lm)[0].register_forward_hook(lambda m, i, o: widths.append(
+        (o[0] if isinstance(o, tuple) else o).shape[1]))
+    student = trainer.student.eval()
+    with torch.no_grad():
+        cut = student(batch, max_layer=1, ctc_layer=1, char_layer=0)
+        whole = student(batch, max_layer=None, ctc_layer=1, char_layer=0)
+    hook.remove()
+    assert widths == [max(ends), batch.input_ids.shape[1]] and max(ends) < batch.input_ids.shape[1]
+    torch.testing.assert_close(cut.ctc_logits, whole.ctc_logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(cut.char_logits, whole.char_logits, rtol=1e-4, atol=1e-4)
+    for layer in cut.audio_hidden:
+        torch.testing.assert_close(cut.audio_hidden[layer], whole.audio_hidden[layer], rtol=1e-4, atol=1e-4)
+    assert torch.equal(cut.audio_mask, whole.audio_mask)
 
 
 def test_character_targets_spell_the_transcript_and_decode_back() -> None:
@@ -697,3 +747,21 @@ def test_a_checkpoint_resumes_from_another_folder_but_never_on_other_data(world:
     with pytest.raises(ConfigError, match="different settings"):
         Trainer(_config(world, "moved_c", work_dir=work, student=moved / "student", teacher=moved / "teacher",
                         manifest=manifest, **kw)).train()
+
+
+def test_step_time_bench_times_real_steps_and_names_the_operators(world: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    """``bench/step_time.py`` runs the trainer's own steps of a configuration given as ``aura train`` flags and
+    reports seconds per step and the operators by self time (the LM-head CTC's matmul among them here)."""
+    from bench.step_time import main
+
+    flags = ["--student", str(world["student"]), "--teacher", str(world["teacher"]), "--manifest", str(world["manifest"]),
+             "--teacher-cache", str(world["root"] / "tcache"), "--max-layer", "1", "--ctc-weight", "1.0",
+             "--layer-map", "0:0,1:1", "--lora-rank", "4", "--batch-size", "2", "--threads", "1"]
+    assert main([*flags, "--warmup", "1", "--timed", "2", "--profiled", "1", "--top", "40"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["s_per_step"] > 0 and out["batch_size"] == 2 and out["max_layer"] == 1
+    width = json.loads((Path(world["student"]) / "config.json").read_text())["vocab_size"]  # the LM head's
+    assert any(o["op"] == "aten::mm" and str(width) in o["shapes"] for o in out["top_ops"])
+    assert 0 < sum(o["share"] for o in out["top_ops"]) <= 1.0 + 1e-6
+    with pytest.raises(SystemExit):
+        main([*flags, "--timed", "0"])

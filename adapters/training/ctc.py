@@ -109,11 +109,34 @@ def ctc_loss(logits: torch.Tensor, lengths: torch.Tensor, targets: list[list[int
 
     Normalised by target length (``reduction="mean"``) so long and short clips weigh alike;
     impossible alignments (a clip with fewer audio tokens than its transcript needs) count zero.
+
+    Over a large vocabulary (the LM head's 49k tokens) the loss runs on the K classes the batch's
+    transcripts use, plus the blank: a path only ever visits those, so with ``log p(k) = z_k - lse(z)``
+    the loss is the K-class CTC of ``log_softmax(z_K)`` plus, per valid position, ``lse(z) - lse(z_K)``.
+    That is the same loss and gradient (``tests/test_training_stages.py``) without the (N, B, V)
+    log-probabilities, their CTC gradient and the softmax backward over them: about a quarter of a
+    CPU stage-1 step, and 2 GB per such tensor on a batch-128 GPU step.
     """
-    logp = F.log_softmax(logits.float(), dim=-1).transpose(0, 1)  # (N, B, V)
-    flat = torch.tensor([t for seq in targets for t in seq], dtype=torch.long, device=logits.device)
-    target_lengths = torch.tensor([len(seq) for seq in targets], dtype=torch.long, device=logits.device)
-    return F.ctc_loss(logp, flat, lengths.to(torch.long), target_lengths, blank=blank, reduction="mean", zero_infinity=True)
+    z = logits.float()
+    device = z.device
+    flat = torch.tensor([t for seq in targets for t in seq], dtype=torch.long, device=device)
+    target_lengths = torch.tensor([len(seq) for seq in targets], dtype=torch.long, device=device)
+    lengths = lengths.to(device=device, dtype=torch.long)
+    classes = torch.unique(torch.cat([flat, torch.tensor([blank], device=device)]))  # sorted
+    if len(classes) * 2 > z.shape[-1]:  # a small alphabet (the character head): nothing to save
+        logp = F.log_softmax(z, dim=-1).transpose(0, 1)  # (N, B, V)
+        return F.ctc_loss(logp, flat, lengths, target_lengths, blank=blank, reduction="mean", zero_infinity=True)
+    sub = z.index_select(-1, classes).double()  # (B, N, K): small, and the two terms' gradients cancel in part
+    lse_sub = sub.logsumexp(-1)
+    logp = (sub - lse_sub[..., None]).transpose(0, 1)
+    per = F.ctc_loss(logp, torch.searchsorted(classes, flat), lengths, target_lengths,
+                     blank=int(torch.searchsorted(classes, torch.tensor(blank, device=device))),
+                     reduction="none", zero_infinity=True)
+    valid = torch.arange(z.shape[1], device=device)[None, :] < lengths[:, None]
+    rest = torch.where(valid, z.logsumexp(-1).double() - lse_sub, 0.0).sum(1)  # (B,): the other classes' share, in nats
+    feasible = torch.tensor([n >= len(seq) + sum(a == b for a, b in zip(seq, seq[1:])) for seq, n in
+                             zip(targets, lengths.tolist())], device=device)
+    return (torch.where(feasible, per + rest, 0.0) / target_lengths.clamp(min=1)).mean().float()
 
 
 def greedy_ctc(logits: torch.Tensor, lengths: torch.Tensor, blank: int) -> list[list[int]]:
