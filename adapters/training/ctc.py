@@ -114,8 +114,9 @@ def ctc_loss(logits: torch.Tensor, lengths: torch.Tensor, targets: list[list[int
     transcripts use, plus the blank: a path only ever visits those, so with ``log p(k) = z_k - lse(z)``
     the loss is the K-class CTC of ``log_softmax(z_K)`` plus, per valid position, ``lse(z) - lse(z_K)``.
     That is the same loss and gradient (``tests/test_training_stages.py``) without the (N, B, V)
-    log-probabilities, their CTC gradient and the softmax backward over them: about a quarter of a
-    CPU stage-1 step, and 2 GB per such tensor on a batch-128 GPU step.
+    log-probabilities, their CTC gradient and the softmax backward over them: a tenth of a CPU
+    stage-1 step (``bench/step_time.py``), and ~2.6 GB per such tensor on a batch-128 GPU step. The
+    K-class part runs in float64: it is small, and its gradient and the log-sum-exp term's cancel in part.
     """
     z = logits.float()
     device = z.device
@@ -126,7 +127,7 @@ def ctc_loss(logits: torch.Tensor, lengths: torch.Tensor, targets: list[list[int
     if len(classes) * 2 > z.shape[-1]:  # a small alphabet (the character head): nothing to save
         logp = F.log_softmax(z, dim=-1).transpose(0, 1)  # (N, B, V)
         return F.ctc_loss(logp, flat, lengths, target_lengths, blank=blank, reduction="mean", zero_infinity=True)
-    sub = z.index_select(-1, classes).double()  # (B, N, K): small, and the two terms' gradients cancel in part
+    sub = z.index_select(-1, classes).double()  # (B, N, K)
     lse_sub = sub.logsumexp(-1)
     logp = (sub - lse_sub[..., None]).transpose(0, 1)
     per = F.ctc_loss(logp, torch.searchsorted(classes, flat), lengths, target_lengths,

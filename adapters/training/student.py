@@ -132,7 +132,7 @@ class AuraStudent(nn.Module):
         if max_layer is not None:
             # A truncated stage reads only audio positions, and the blocks are causal: nothing after the last audio
             # token of the batch (the rest of the prompt, the transcript) can change them. Dropping those positions
-            # is exact and saves a third of the blocks' work on the CPU recipe (tests/test_training_stages.py).
+            # is exact and saves a quarter of the blocks' work on the CPU recipe (tests/test_training_stages.py).
             end = int((batch.audio_starts.to(n_tok.device) + n_tok).max())
             embeds, attention_mask = embeds[:, :end], attention_mask[:, :end]
         captured: dict[int, torch.Tensor] = {}
