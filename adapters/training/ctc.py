@@ -120,24 +120,25 @@ def ctc_loss(logits: torch.Tensor, lengths: torch.Tensor, targets: list[list[int
     """
     z = logits.float()
     device = z.device
-    flat = torch.tensor([t for seq in targets for t in seq], dtype=torch.long, device=device)
+    flat_list = [t for seq in targets for t in seq]
     target_lengths = torch.tensor([len(seq) for seq in targets], dtype=torch.long, device=device)
     lengths = lengths.to(device=device, dtype=torch.long)
-    classes = torch.unique(torch.cat([flat, torch.tensor([blank], device=device)]))  # sorted
+    classes = sorted(set(flat_list) | {blank})  # from the host-side targets: no device sync on a GPU
     if len(classes) * 2 > z.shape[-1]:  # a small alphabet (the character head): nothing to save
         logp = F.log_softmax(z, dim=-1).transpose(0, 1)  # (N, B, V)
+        flat = torch.tensor(flat_list, dtype=torch.long, device=device)
         return F.ctc_loss(logp, flat, lengths, target_lengths, blank=blank, reduction="mean", zero_infinity=True)
-    sub = z.index_select(-1, classes).double()  # (B, N, K)
+    index = {c: k for k, c in enumerate(classes)}
+    sub = z.index_select(-1, torch.tensor(classes, device=device)).double()  # (B, N, K)
     lse_sub = sub.logsumexp(-1)
     logp = (sub - lse_sub[..., None]).transpose(0, 1)
-    per = F.ctc_loss(logp, torch.searchsorted(classes, flat), lengths, target_lengths,
-                     blank=int(torch.searchsorted(classes, torch.tensor(blank, device=device))),
-                     reduction="none", zero_infinity=True)
+    per = F.ctc_loss(logp, torch.tensor([index[t] for t in flat_list], dtype=torch.long, device=device), lengths,
+                     target_lengths, blank=index[blank], reduction="none", zero_infinity=True)
     valid = torch.arange(z.shape[1], device=device)[None, :] < lengths[:, None]
     rest = torch.where(valid, z.logsumexp(-1).double() - lse_sub, 0.0).sum(1)  # (B,): the other classes' share, in nats
-    feasible = torch.tensor([n >= len(seq) + sum(a == b for a, b in zip(seq, seq[1:])) for seq, n in
-                             zip(targets, lengths.tolist())], device=device)
-    return (torch.where(feasible, per + rest, 0.0) / target_lengths.clamp(min=1)).mean().float()
+    # the positions a path needs: one per label, and a blank between repeated labels
+    needed = torch.tensor([len(seq) + sum(a == b for a, b in zip(seq, seq[1:])) for seq in targets], device=device)
+    return (torch.where(lengths >= needed, per + rest, 0.0) / target_lengths.clamp(min=1)).mean().float()
 
 
 def greedy_ctc(logits: torch.Tensor, lengths: torch.Tensor, blank: int) -> list[list[int]]:
