@@ -28,6 +28,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from adapters.training.config import add_config_flags, config_from_flags
 from adapters.training.trainer import ConfigError, Trainer
+from bench.common import machine
 
 
 def time_steps(trainer: Trainer, first: int, count: int) -> float:
@@ -58,9 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top", type=int, default=15, help="operators listed")
     add_config_flags(p)
     args = p.parse_args(argv)
-    for name in ("warmup", "timed", "profiled", "top"):
-        if not 0 <= getattr(args, name) <= 1000 or (name == "timed" and args.timed == 0):
-            p.error(f"--{name} must be between {1 if name == 'timed' else 0} and 1000")
+    for name, low in {"warmup": 0, "timed": 1, "profiled": 0, "top": 1}.items():
+        if not low <= getattr(args, name) <= 1000:
+            p.error(f"--{name} must be between {low} and 1000")
     with tempfile.TemporaryDirectory() as tmp:
         try:
             trainer = Trainer(config_from_flags(args, {
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         seconds = time_steps(trainer, args.warmup, args.timed)
         ops = top_operators(trainer, args.warmup + args.timed, args.profiled, args.top) if args.profiled else []
     out = {"s_per_step": round(seconds, 3), "examples_per_s": round(c.batch_size / seconds, 2), "batch_size": c.batch_size,
-           "threads": c.threads, "max_layer": c.max_layer, "torch": torch.__version__, "top_ops": ops}
+           "threads": c.threads, "max_layer": c.max_layer, "machine": machine(), "torch": torch.__version__, "top_ops": ops}
     print(json.dumps(out))
     print(f"{seconds:.2f} s/step at batch {c.batch_size}, {c.threads} thread(s)", file=sys.stderr)
     return 0
