@@ -5,6 +5,7 @@
 #   bench/train_demo_gpu.sh PAYLOAD_DIR OUT_DIR DEADLINE_UNIX_S
 #   RESUME=DIR_WITH_CKPT EXTRA="--init-from A ..." bench/train_demo_gpu.sh ...   # later sittings / other levers
 #   ORACLE=1 bench/train_demo_gpu.sh ...   # the same run with the teacher in the audio layer's place (a control)
+#   SETUP_ONLY=1 bench/train_demo_gpu.sh ...   # join, wheels, corpus, models into $WORK, no training (bench/gpu_arms.sh)
 #
 # Everything lands in OUT_DIR before DEADLINE (the lease's end): the log of every step, the
 # training log, the held-out curve and the adapter (tar, split in 15 MiB pieces). The training
@@ -29,7 +30,10 @@ say "start; $(( DEADLINE - $(date +%s) )) s to the deadline"
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')" || true
 "$PY" -m bench.gpu_payload join --payload "$P"   # files larger than one call's carry (the GGUF) came in pieces
 if [[ -z "${NO_WHEELS:-}" ]]; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$W/site" "$P"/whl/*.whl
+  # each setup step is skipped when its result is there: bench/gpu_arms.sh sets up once and links it into every arm
+  [[ -f "$W/site/.installed" ]] \
+    || { "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$W/site" "$P"/whl/*.whl \
+         && touch "$W/site/.installed"; }
   export PYTHONPATH=$PWD:$W/site
 else
   export PYTHONPATH=$PWD
@@ -38,8 +42,11 @@ fi
 # among the payload's wheels (2026-11-27: gguf, which the LLM conversion needs, was missing and cost a call)
 "$PY" -c "import gguf, pydantic, soundfile, av, peft, transformers" \
   || { say "a module is missing: add its wheel to the payload (bench/GPU_PLAN.md, step 1)"; exit 3; }
-say "unpacking the corpus"
-"$PY" -m bench.gpu_payload unpack --payload "$P" --out "$W"
+if [[ ! -f "$W/corpus/.unpacked" ]]; then
+  say "unpacking the corpus"
+  "$PY" -m bench.gpu_payload unpack --payload "$P" --out "$W" && touch "$W/corpus/.unpacked"
+fi
+if [[ ! -f "$W/models/.converted" ]]; then
 say "converting the LLM"
 "$PY" - "$P" "$W" <<'PYEOF'
 import shutil
@@ -57,7 +64,9 @@ for f in sorted((P / "llm_tokenizer").glob("*")):
 want, got = (P / "llm_digest.txt").read_text().strip(), weights_digest(out)
 print("llm weights digest", got, "== this repo's conversion" if got == want else f"DIFFERS from {want}")
 PYEOF
-cp -r "$P/teacher" "$W/models/whisper-tiny.en"
+rm -rf "$W/models/whisper-tiny.en" && cp -r "$P/teacher" "$W/models/whisper-tiny.en" && touch "$W/models/.converted"
+fi
+if [[ -n "${SETUP_ONLY:-}" ]]; then say "set up in $W"; exit 0; fi
 budget=$(( DEADLINE - $(date +%s) - RESERVE ))
 # A later sitting (RESUME=dir holding the ckpt-*.pt an earlier one packed) continues that run exactly:
 # the trainer's time budget counts all sittings together, so this one adds its own to what was spent.
