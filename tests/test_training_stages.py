@@ -386,6 +386,30 @@ def test_teacher_lookahead_limits_what_a_frame_sees(world: dict[str, Path]) -> N
     assert float((wide[0][0, i] - wide[1][0, i]).abs().max()) > 5e-5  # two frames more, and it does
 
 
+def test_teacher_states_of_a_padded_batch_are_each_clips_own_with_lengths(world: dict[str, Path]) -> None:
+    """``encoder_states(lengths=...)`` (the oracle's one batched pass): each clip's states up to its own end equal the
+    clip run alone, odd and even lengths and a lookahead mask included; without ``lengths`` the padding (here noise,
+    as a batch-mate's frames would be) changes them, so the masks are what make them equal."""
+    enc = load_teacher_encoder(world["teacher"])
+    torch.manual_seed(1)
+    n = [200, 131, 57]
+    x = torch.randn(len(n), FeatureConfig().n_mels, max(n))  # past each clip's end: noise, not zeros
+    lengths = torch.tensor(n)
+    for lookahead in (None, 2):
+        with torch.no_grad():
+            batched = encoder_states(enc, x, [0, 1], lookahead=lookahead, lengths=lengths)
+            plain = encoder_states(enc, x, [0, 1], lookahead=lookahead)
+            for b, k in enumerate(n):
+                alone = encoder_states(enc, x[b : b + 1, :, :k], [0, 1], lookahead=lookahead)
+                valid = (k + 1) // 2
+                for layer in (0, 1):
+                    torch.testing.assert_close(batched[layer][b, :valid], alone[layer][0], rtol=0, atol=2e-5)
+                    if k < max(n) and lookahead is None:
+                        assert float((plain[layer][b, :valid] - alone[layer][0]).abs().max()) > 1e-3
+    with pytest.raises(ValueError, match="stride"):
+        encoder_states(enc, x, [0], stride=2, lengths=lengths)
+
+
 def test_truncated_stage_resumes_exactly(world: dict[str, Path]) -> None:
     """A stage-1 run stopped after 3 steps and resumed equals one that ran 6 steps straight
     (lazy, cached teacher targets and the cumulative clock included)."""

@@ -82,7 +82,8 @@ def lookahead_mask(frames: int, lookahead: int, dtype: torch.dtype, device: torc
 
 
 def encoder_states(encoder: Any, features: torch.Tensor, layers: list[int],
-                   lookahead: int | None = None, stride: int = 1) -> dict[int, torch.Tensor]:
+                   lookahead: int | None = None, stride: int = 1,
+                   lengths: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
     """Outputs of Whisper encoder blocks ``layers`` (0-based) for (B, n_mels, T) log-mel input of any length.
 
     Whisper's own forward insists on 30 s inputs only because it adds its whole position table;
@@ -100,9 +101,23 @@ def encoder_states(encoder: Any, features: torch.Tensor, layers: list[int],
     ``stride`` > 1 averages that many stem frames into one before the blocks, as the student's ``encoder_stride``
     does (positions are then counted in block frames, as the student's are); ``lookahead`` counts block frames.
     The batch's clips must then be unpadded (one clip, or equal lengths): the mean does not mask padding.
+
+    ``lengths``: (B,) input frames of each clip of a padded batch. Each clip's first ``(n + 1) // 2`` states are then
+    the ones it gets run alone (what ``bench/oracle_readout.py`` needs, one batched pass instead of one per clip): its
+    input and the first conv's output past its end are zeroed, as the convs zero-pad a clip run alone, and no frame
+    attends past it. The states past a clip's end are not meaningful.
     """
     F = torch.nn.functional
+    keep = None
+    if lengths is not None:
+        if stride > 1:
+            raise ValueError("lengths with stride > 1: the stride's mean does not mask padding")
+        t = torch.arange(features.shape[-1], device=features.device)
+        keep = (t[None, :] < lengths.to(features.device)[:, None]).to(features.dtype)[:, None, :]
+        features = features * keep
     x = F.gelu(encoder.conv1(features))
+    if keep is not None:
+        x = x * keep.to(x.dtype)
     x = F.gelu(encoder.conv2(x)).permute(0, 2, 1)
     if stride > 1:
         x, _ = mean_pool(x, torch.full((x.shape[0],), x.shape[1], device=x.device), stride)
@@ -114,6 +129,11 @@ def encoder_states(encoder: Any, features: torch.Tensor, layers: list[int],
     last = len(encoder.layers) - 1
     out: dict[int, torch.Tensor] = {}
     mask = None if lookahead is None else lookahead_mask(x.shape[1], lookahead, x.dtype, x.device)
+    if lengths is not None:
+        beyond = torch.arange(x.shape[1], device=x.device)[None, :] >= ((lengths.to(x.device) + 1) // 2)[:, None]
+        keys = torch.zeros(beyond.shape, dtype=x.dtype, device=x.device).masked_fill(beyond, torch.finfo(x.dtype).min)
+        keys = keys[:, None, None, :]  # (B, 1, 1, T): no query attends to a frame past its clip
+        mask = keys if mask is None else (mask + keys).clamp(min=torch.finfo(x.dtype).min)
     for i, block in enumerate(encoder.layers[: max(wanted) + 1]):
         x = block(x, mask)
         x = x[0] if isinstance(x, tuple) else x
