@@ -5,15 +5,17 @@
 #   e.g. "oracle|ORACLE=1|--char-ctc-weight 1.0 --ctc-weight 0"  "enc1|-|--audio-encoder-layers 1 ..."
 #
 # Why: a training step of this recipe is bound by dispatch, not arithmetic (bench/step_ops.py: batch 128
-# costs 1.6x the operator calls of batch 64), so one run leaves most of an H200 idle, and a lease is
-# 15 minutes. Each arm is bench/train_demo_gpu.sh with its own work folder (checkpoints, teacher
+# costs 1.6x the operator calls of batch 64), so one run leaves much of a GPU idle, and a lease is 15
+# minutes: on 2026-11-28 three arms at batch 128 ran 2.6 steps/s together on one H200 (85.8 GB), where one
+# arm alone had run 2.03 on an H100 (bench/OPEN_VOCAB_LOG.md, stop 35). Each arm is bench/train_demo_gpu.sh with its own work folder (checkpoints, teacher
 # cache, adapter) linked to the shared corpus, models and wheels, the same deadline and
 # THREADS (default: the cores shared out). TRAIN_MANIFEST and the other variables pass through.
 #
 # OUT_DIR gets what a call can bring back (8 files, 62 MiB): logs.tar (every arm's device.log and
 # train_log.jsonl), then each arm's adapter pieces as NAME.adapter.tar.part-*, in the arms' order;
 # the rest (more adapter pieces, then the checkpoints as NAME.ckpt.tar.part-*) waits in
-# $WORK/rest for the next call: `mv $(ls -d /tmp/aura_gpu/rest/* | head -4) $OUT/`.
+# $WORK/rest for the next calls, at most four 15 MiB pieces a call: `mv /tmp/aura_gpu/rest/*adapter* $OUT/`,
+# then `mv $(ls -d /tmp/aura_gpu/rest/NAME.ckpt* | head -4) $OUT/` (bench/GPU_PLAN.md, step 2).
 set -euo pipefail
 P=$(realpath "$1"); OUT=$(realpath "$2"); DEADLINE=$3; shift 3
 B=${WORK:-/tmp/aura_gpu}
