@@ -275,6 +275,28 @@ def test_validation_holds_back_whole_sentences(world: dict[str, Path]) -> None:
         Trainer(_config(world, "val_all", val_sentences=4))
 
 
+def test_fit_examples_log_a_fixed_training_sample_beside_the_held_out_rows(world: dict[str, Path]) -> None:
+    """``fit_examples``: at every evaluation the loss terms of a seeded sample of the training rows, as ``fit_<term>``,
+    measured as the held-out rows are; bookkeeping, so the run's fingerprint does not change with it."""
+    t = Trainer(_config(world, "fit_log", fit_examples=2, steps=4, eval_every=2, lr=5e-3))
+    assert len(t.fit_examples) == 2 and all(any(f is e for e in t.examples) for f in t.fit_examples)
+    again = Trainer(_config(world, "fit_log_again", fit_examples=2))
+    assert [e.key for e in again.fit_examples] == [e.key for e in t.fit_examples]  # the seed's sample, every time
+    every = Trainer(_config(world, "fit_log_all", fit_examples=99))
+    assert [e.key for e in every.fit_examples] == [e.key for e in every.examples]  # never more than there are
+    assert _config(world, "x", fit_examples=2).fingerprint() == _config(world, "x").fingerprint()
+    t.train()
+    ev = t.final_evaluation(4)
+    logged = [h for h in t.history if "fit_ce" in h]
+    assert [h["step"] for h in logged] == [2, 4]  # step 2 during training, the last step by the final evaluation
+    assert ev is not None and not any(k.startswith("eval_") or k.startswith("val_") for k in ev)  # only fit here
+    t.student.eval()
+    with torch.no_grad():
+        own = [float(t._losses([i], t.fit_examples, {})["ce"]) for i in range(2)]
+    assert ev["fit_ce"] == pytest.approx(sum(own) / 2, abs=1e-4)  # the mean over the sample, example by example
+    assert ev["fit_ce"] != pytest.approx(logged[0]["fit_ce"], abs=1e-4)  # and it moves as the run trains
+
+
 def test_export_takes_the_best_validated_step_and_a_resume_keeps_the_record(world: dict[str, Path]) -> None:
     trainer = Trainer(_config(world, "val_pick", val_sentences=1, steps=6, eval_every=2, save_every=2, lr=5e-3))
     assert len(trainer.val_examples) == 1 and len(trainer.examples) == 3

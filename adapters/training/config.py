@@ -172,6 +172,10 @@ class TrainConfig(BaseModel):
                                "lowest validation next-token loss (the total loss in a stage without it), not the last. "
                                "0 = export the last step. The held-out set (eval_manifest) never chooses: it is what the "
                                "adapter is measured on.")
+    fit_examples: int = Field(0, ge=0, description="Training examples (a fixed sample drawn with the seed) whose loss "
+                              "terms are logged at every evaluation as fit_<term>, beside eval_ and val_: a read-out that "
+                              "learns its sentences by heart shows fit_ce_transcribe far below val_, one that under-fits "
+                              "shows them level (gpu_v3 and gpu_v4 needed bench/audio_use.py after the lease to tell).")
     wer_every: int = Field(0, ge=0, description="Held-out WER every N steps (greedy decoding, or best-path CTC in a "
                            "truncated stage); 0 = only eval losses.")
     wer_examples: PositiveInt = 24
@@ -227,7 +231,7 @@ class TrainConfig(BaseModel):
         """Hash of the settings that change the optimisation trajectory (not bookkeeping like
         log_every). Paths are left out: the trainer adds the identity of what they hold (its run
         fingerprint), so a run moved to another machine or folder still resumes."""
-        skip = {"log_every", "eval_every", "eval_examples", "save_every", "keep_checkpoints", "resume",
+        skip = {"log_every", "eval_every", "eval_examples", "fit_examples", "save_every", "keep_checkpoints", "resume",
                 "progress", "threads", "prefetch", "output", "work_dir", "teacher_cache", "steps", "time_budget_s", "wer_every", "wer_examples",
                 "eval_manifest", "student", "teacher", "manifest", "init_from"}
         data = {k: v for k, v in json.loads(self.model_dump_json()).items() if k not in skip}

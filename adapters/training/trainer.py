@@ -362,6 +362,10 @@ class Trainer:
         self.examples = self._examples(s.rows, c.manifest)
         self.eval_examples = self._examples(s.eval_rows[: c.eval_examples], c.eval_manifest) if s.eval_rows else []
         self.val_examples = self._examples(s.val_rows, c.manifest) if s.val_rows else []
+        # a fixed sample of what it trains on, measured as the held-out rows are (fit_examples): fit against val is
+        # memorising against under-fitting
+        fit = sorted(random.Random(c.seed).sample(range(len(self.examples)), min(c.fit_examples, len(self.examples))))
+        self.fit_examples = [self.examples[i] for i in fit]
         self.best: dict[str, Any] | None = None  # {"step", "metric", "value"} of the weights in BEST_FILE
         self.teacher_layers = [s.layer_map[k] for k in sorted(s.layer_map)]
         audio_cfg = self.student.audio_layer.config
@@ -377,6 +381,7 @@ class Trainer:
         self.targets: TargetMemo = {}
         self.eval_targets: TargetMemo = {}
         self.val_targets: TargetMemo = {}
+        self.fit_targets: TargetMemo = {}
         self.order = DataOrder(len(self.examples), c.batch_size, c.seed)
         self.target_stats = {spec.name: self._target_stats(spec) for spec in self.specs} if c.distill_targets == "centered" else {}
         self.elapsed_s = 0.0
@@ -902,9 +907,11 @@ class Trainer:
         return self.export()
 
     def _step_evaluation(self, step: int, *, wer: bool) -> dict[str, float] | None:
-        """Held-out losses and the validation losses of the weights of ``step``, which become the best step when their
-        validation loss is the lowest yet; None with neither held-out nor validation rows."""
+        """Held-out losses, the training sample's (``fit_examples``) and the validation losses of the weights of
+        ``step``, which become the best step when their validation loss is the lowest yet; None with none of the three."""
         ev = self.evaluate(wer=wer) or {}
+        if self.fit_examples:
+            ev.update(self._mean_losses(self.fit_examples, self.fit_targets, "fit"))
         val = self.validate()
         if val:
             ev.update(val)
