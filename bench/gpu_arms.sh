@@ -46,14 +46,11 @@ logs=(); for name in "${names[@]}"; do
 done
 tar -C "$B" -cf "$OUT/logs.tar" "${logs[@]}"
 queue=()
-for name in "${names[@]}"; do
-  for f in "$B/arms/$name/out"/adapter.tar.part-* "$B/arms/$name/rest"/adapter.tar.part-*; do
-    [[ -f "$f" ]] && { cp "$f" "$B/rest/$name.$(basename "$f")"; queue+=("$B/rest/$name.$(basename "$f")"); }
-  done
-done
-for name in "${names[@]}"; do
-  for f in "$B/arms/$name/out"/ckpt.tar.part-* "$B/arms/$name/rest"/ckpt.tar.part-*; do
-    [[ -f "$f" ]] && { cp "$f" "$B/rest/$name.$(basename "$f")"; queue+=("$B/rest/$name.$(basename "$f")"); }
+for kind in adapter ckpt; do
+  for name in "${names[@]}"; do
+    for f in "$B/arms/$name/out/$kind".tar.part-* "$B/arms/$name/rest/$kind".tar.part-*; do
+      [[ -f "$f" ]] && { cp "$f" "$B/rest/$name.$(basename "$f")"; queue+=("$B/rest/$name.$(basename "$f")"); }
+    done
   done
 done
 total=$(stat -c %s "$OUT/logs.tar"); kept=1

@@ -129,11 +129,10 @@ def encoder_states(encoder: Any, features: torch.Tensor, layers: list[int],
     last = len(encoder.layers) - 1
     out: dict[int, torch.Tensor] = {}
     mask = None if lookahead is None else lookahead_mask(x.shape[1], lookahead, x.dtype, x.device)
-    if lengths is not None:
+    if lengths is not None:  # no query attends to a frame past its clip: (B, 1, 1 or T, T)
         beyond = torch.arange(x.shape[1], device=x.device)[None, :] >= ((lengths.to(x.device) + 1) // 2)[:, None]
-        keys = torch.zeros(beyond.shape, dtype=x.dtype, device=x.device).masked_fill(beyond, torch.finfo(x.dtype).min)
-        keys = keys[:, None, None, :]  # (B, 1, 1, T): no query attends to a frame past its clip
-        mask = keys if mask is None else (mask + keys).clamp(min=torch.finfo(x.dtype).min)
+        allowed = mask if mask is not None else torch.zeros((), dtype=x.dtype, device=x.device)
+        mask = torch.where(beyond[:, None, None, :], torch.finfo(x.dtype).min, allowed)
     for i, block in enumerate(encoder.layers[: max(wanted) + 1]):
         x = block(x, mask)
         x = x[0] if isinstance(x, tuple) else x
